@@ -1,0 +1,87 @@
+"""The command line. Thin: it parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional
+
+from .errors import BitFitError
+
+# subcommand name -> (help, function(argv) -> int). Other modules register theirs here.
+COMMANDS: dict[str, tuple[str, Callable[[list], int]]] = {}
+
+
+def command(name: str, help: str):
+    def deco(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+
+    return deco
+
+
+@command("info", "show which biases BitFit would train in a model, by role and layer")
+def info_main(argv: list) -> int:
+    from . import apply, report
+    from .models import load_model
+
+    p = argparse.ArgumentParser(prog="bitfit info", description="Show what BitFit trains in a model.")
+    p.add_argument("model", help="local model folder, Hub name, or 'minilm' (the packaged MiniLM-L6)")
+    p.add_argument("--preset", default="all", help="bias preset (all, paper-subset, attention, ffn, layernorm, none)")
+    p.add_argument("--task-head", type=int, default=None, metavar="N",
+                   help="load with a sequence-classification head of N labels")
+    p.add_argument("--add-missing", action="store_true", help="add zero biases where the model has none")
+    p.add_argument("--layers", default=None, help="restrict to layers, e.g. '-2:'")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    task = "classification" if args.task_head else "base"
+    model = load_model(args.model, num_labels=args.task_head, task=task)
+    apply(model, preset=args.preset, add_missing=args.add_missing, layers=args.layers)
+    rep = report(model)
+    print(rep.to_json() if args.json else rep.to_markdown())
+    return 0
+
+
+def _load_plugins() -> None:
+    # Modules that add subcommands; missing optional ones are skipped.
+    import importlib
+
+    for mod in ("bitfit.commands",):
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:  # pragma: no cover
+            if exc.name != mod:
+                raise
+
+
+def main(argv: Optional[list] = None) -> int:
+    _load_plugins()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: bitfit COMMAND [options]\n\ncommands:")
+        for name, (help_, _) in COMMANDS.items():
+            print(f"  {name:10s} {help_}")
+        print("\nRun 'bitfit COMMAND --help' for a command's options.")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"bitfit {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"bitfit: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][1](rest) or 0
+    except BitFitError as exc:
+        print(f"bitfit {name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bitfit {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

