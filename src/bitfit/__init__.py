@@ -1,5 +1,8 @@
 """bitfit: fine-tune only the bias terms of any Hugging Face transformer (BitFit, arXiv 2106.10199)."""
 
+import importlib
+
+from . import models
 from .config import PRESETS, ROLES, BitFitConfig
 from .errors import AlreadyPreparedError, ArtifactError, BitFitConfigError, BitFitError, DataError
 from .prepare import apply, get_state
@@ -7,6 +10,22 @@ from .report import Report, report
 from .roles import discover
 
 __version__ = "0.1.0"
+
+# Heavier parts load on first use: name -> module that defines it.
+_LAZY = {
+    "save": "artifact",
+    "load": "artifact",
+    "merge": "artifact",
+    "unmerge": "artifact",
+    "BiasBank": "bank",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'bitfit' has no attribute {name!r}")
+
 
 __all__ = [
     "apply",
@@ -17,9 +36,11 @@ __all__ = [
     "ROLES",
     "discover",
     "get_state",
+    "models",
     "BitFitError",
     "BitFitConfigError",
     "AlreadyPreparedError",
     "ArtifactError",
     "DataError",
+    *_LAZY,
 ]
