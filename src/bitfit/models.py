@@ -58,9 +58,10 @@ def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", 
     }[task]
     if task == "classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # a new head replaces a saved one of another size
     try:
         return cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         if Path(path).exists():
             raise BitFitError(f"could not load model folder {path!r}: {exc}") from None
         raise _wrap_load_error(name, exc) from None

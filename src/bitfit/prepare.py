@@ -97,12 +97,10 @@ def add_bias(model: nn.Module, slot: BiasSlot, dtype: Optional[torch.dtype] = No
     if slot.kind in ("linear", "conv1d", "layernorm", "conv"):
         module.bias = param
         return param
-    if slot.kind == "norm":
-        if "bias" in module._parameters or hasattr(module, "bias"):
-            try:
-                delattr(module, "bias")
-            except AttributeError:
-                pass
+    if slot.kind == "norm":  # RMSNorm / T5LayerNorm: forward ignores .bias; a hook adds it
+        if getattr(module, "bias", None) is not None:
+            raise BitFitError(f"{slot.module_name} already has a bias attribute; cannot add one")
+        module.__dict__.pop("bias", None)
         module.register_parameter("bias", param)
         return param
     raise BitFitError(f"cannot add a bias to {slot.module_name} ({type(module).__name__})")
