@@ -116,3 +116,28 @@ def test_added_biases_train_and_rest_stays(tmp_path):
     assert changed == trainable
     assert bitfit.report(model).zero_grad == []
     assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+
+
+def test_accelerate_loop_changes_only_selected():
+    from accelerate import Accelerator
+
+    model = make("gpt2")
+    bitfit.apply(model, preset="paper-subset")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = effective_params(model)
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    wrapped, opt = acc.prepare(model, opt)
+    assert bitfit.get_state(wrapped) is bitfit.get_state(model)
+    wrapped.train()
+    batch = inputs_for("gpt2", batch=4)
+    for _ in range(3):
+        loss = wrapped(**batch, labels=torch.tensor([0, 1, 1, 0])).loss
+        acc.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    after = effective_params(acc.unwrap_model(wrapped))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # c_attn's underlying tensor is trainable; through the mask only its query slice moves
+    fused = {n.replace(".parametrizations.bias.original", ".bias") for n in trainable}
+    assert changed == fused
