@@ -22,8 +22,11 @@ def make(family: str, seed: int = 0, **overrides):
     """A tiny randomly initialised model of ``family`` (eval mode, float32)."""
     import torch
 
+    import copy
+
     config, cls = FAM[family]
-    config = config.__class__(**{**config.to_dict(), **overrides}) if overrides else config
+    # a fresh config per model: merge() sets switches such as attention_bias on the model's config
+    config = config.__class__(**{**config.to_dict(), **overrides}) if overrides else copy.deepcopy(config)
     torch.manual_seed(seed)
     model = cls(config)
     model.eval()

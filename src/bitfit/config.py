@@ -173,6 +173,14 @@ class BitFitConfig:
             "norms stay float32. None keeps the model's dtype."
         },
     )
+    lean: bool = field(
+        default=True,
+        metadata={
+            "help": "Memory-lean training mode: dropout keeps bool masks and attention (BERT-style families) runs "
+            "as one fused softmax-dropout-matmul that keeps only q/k/v and the softmax output. Same gradients "
+            "as the stock modules; False restores them. Eval-mode outputs are identical either way."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or self.preset not in PRESETS:
@@ -202,7 +210,7 @@ class BitFitConfig:
             raise BitFitConfigError(f"layers must be a slice string, an int or a list of ints, got {self.layers!r}")
         if isinstance(self.layers, str):
             parse_layers(self.layers, 1000)  # syntax check only; ranges are checked against the model
-        for name in ("add_missing", "train_head", "skip_zero_grad"):
+        for name in ("add_missing", "train_head", "skip_zero_grad", "lean"):
             if not isinstance(getattr(self, name), bool):
                 raise BitFitConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.frozen_dtype is not None:

@@ -51,6 +51,7 @@ class BitFitState:
     added: list = field(default_factory=list)  # slot names whose bias was added (zero-initialised)
     partial: dict = field(default_factory=dict)  # slot name -> LongTensor of trained indices
     hooks: dict = field(default_factory=dict)  # slot name -> hook handle (norm biases)
+    base: dict = field(default_factory=dict)  # trained slot / head param -> copy of its value at apply (save, unmerge)
 
     def trained_slots(self) -> list[BiasSlot]:
         return [s for s in self.model_map.slots if s.name in self.selection.chosen]
@@ -138,6 +139,7 @@ def apply(
     *,
     skip_zero_grad: bool = False,
     frozen_dtype: Optional[str] = None,
+    lean: bool = True,
 ) -> nn.Module:
     """Turn ``model`` into a BitFit model in place and return it.
 
@@ -152,7 +154,7 @@ def apply(
         dict(
             preset=preset, roles=roles, include=include, exclude=exclude, layers=layers,
             add_missing=add_missing, train_head=train_head, skip_zero_grad=skip_zero_grad,
-            frozen_dtype=frozen_dtype,
+            frozen_dtype=frozen_dtype, lean=lean,
         ),
     )
     target = unwrap(model)
@@ -179,6 +181,8 @@ def apply(
                 state.hooks[slot.name] = add_norm_hook(target, slot)
             state.added.append(slot.name)
         module = _get_module(target, slot.module_name)
+        if slot.name not in state.added:
+            state.base[slot.name] = module.bias.detach().clone()
         idx = slot.indices(roles)
         if idx is not None:
             mask = torch.zeros(slot.size, dtype=torch.bool, device=module.bias.device)
@@ -190,12 +194,12 @@ def apply(
     params = dict(target.named_parameters())
     for name in sel.head_params:
         params[name].requires_grad_(True)
+        state.base[name] = params[name].detach().clone()
 
     object.__setattr__(target, STATE_ATTR, state)
-    if cfg.frozen_dtype is not None:
-        from .lean import cast_frozen
+    from .lean import finish_apply  # frozen_dtype (bf16 base) and the memory-lean training mode
 
-        cast_frozen(target, cfg.frozen_dtype)
+    finish_apply(target, cfg)
     return model
 
 

@@ -29,6 +29,7 @@ class Report:
     skipped_zero_grad: list = field(default_factory=list)
     generic: bool = False
     prepared: bool = True
+    modes: list = field(default_factory=list)  # frozen dtype / lean training mode in effect (bitfit.lean)
 
     @property
     def fraction(self) -> float:
@@ -50,6 +51,7 @@ class Report:
             "skipped_zero_grad": self.skipped_zero_grad,
             "generic_mapping": self.generic,
             "prepared": self.prepared,
+            "modes": self.modes,
         }
 
     def to_json(self) -> str:
@@ -75,7 +77,10 @@ class Report:
                 "adding the same constant to every score of a row changes nothing (skip_zero_grad=True leaves them out)"
             )
         if self.skipped_zero_grad:
-            notes.append(f"left out as zero-gradient: {len(self.skipped_zero_grad)} key biases")
+            notes.append(
+                f"skip_zero_grad: {len(self.skipped_zero_grad)} key biases (b_k) left out of training; their "
+                "gradient is exactly zero under softmax attention"
+            )
         if self.added:
             notes.append(f"{len(self.added)} zero-initialised biases were added (add_missing)")
         if self.other:
@@ -83,6 +88,7 @@ class Report:
                 f"generic mapping: {len(self.other)} biases got role 'other': " + ", ".join(self.other[:8])
                 + (" ..." if len(self.other) > 8 else "")
             )
+        notes += list(self.modes)
         if not self.prepared:
             notes.append("this model is not a BitFit model yet: counts show what requires_grad says now")
         if notes:
@@ -149,4 +155,12 @@ def report(model: nn.Module) -> Report:
         skipped_zero_grad=list(state.selection.skipped_zero_grad) if state else [],
         generic=model_map.generic,
         prepared=state is not None,
+        modes=_modes(target),
     )
+
+
+def _modes(target) -> list:
+    from .lean import get_lean
+
+    lean = get_lean(target)
+    return lean.describe() if lean is not None else []

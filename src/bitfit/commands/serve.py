@@ -1,0 +1,92 @@
+"""`bitfit serve`: an HTTP JSON service for many BitFit tasks over one frozen base."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import command
+from ..errors import BitFitError
+
+
+def _task_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=ARTIFACT_FOLDER, got {value!r}")
+    return name, path
+
+
+@command("serve", "serve BitFit tasks over one base model as an HTTP JSON API (batched across tasks)")
+def main(argv: list) -> int:
+    p = argparse.ArgumentParser(
+        prog="bitfit serve",
+        description="Serve BitFit task artifacts over one frozen base model: POST /v1/predict, GET /v1/tasks, "
+        "GET /health. Requests for different tasks arriving together run as one batch.",
+    )
+    p.add_argument("--model", required=True, help="the base model: local folder, Hub name, or 'minilm'; "
+                   "its tokenizer is loaded from the same place")
+    p.add_argument("--task", action="append", type=_task_arg, required=True, metavar="NAME=PATH",
+                   help="a task name and its artifact folder (saved with bitfit.save); repeat for more tasks")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="most rows in one bank call (default 64)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long to collect requests into one batch (default 5 ms)")
+    p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default 64)")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="longest input in tokens; longer ones are refused with 413 (default 512, capped by the model)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "group", "gather"],
+                   help="how the bank mixes tasks in a batch (default: auto, chosen per batch)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+
+    names = [n for n, _ in args.task]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BitFitError(f"task name(s) given twice: {', '.join(dup)}; give each --task a distinct NAME")
+    for opt in ("max_batch", "max_inputs", "max_length"):
+        if getattr(args, opt) < 1:
+            raise BitFitError(f"--{opt.replace('_', '-')} must be at least 1")
+    if not 0 < args.port < 65536:
+        raise BitFitError(f"--port must be between 1 and 65535, got {args.port}")
+
+    import torch
+
+    from ..artifact import read_artifact
+    from ..bank import BiasBank
+    from ..models import load_model, load_tokenizer
+    from ..serve import create_app, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    artifacts = {}
+    for name, path in args.task:
+        art = read_artifact(path)  # clean error for a missing or damaged folder, before loading the model
+        arch = art.meta.get("base_model", {}).get("architecture") or ""
+        if not arch.endswith("ForSequenceClassification"):
+            raise BitFitError(
+                f"task {name!r} ({path}) was saved from a {arch or 'model without a task head'}; bitfit serve "
+                "serves sequence-classification tasks (AutoModelForSequenceClassification)"
+            )
+        artifacts[name] = art
+    import transformers
+
+    tokenizer = load_tokenizer(args.model)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the base's own head is never used: no "newly initialized" noise
+    try:
+        base = load_model(args.model, task="classification").eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    bank = BiasBank(base, artifacts, strategy=args.strategy)
+    limit = getattr(base.config, "max_position_embeddings", None)
+    max_length = args.max_length
+    if isinstance(limit, int) and limit > 0 and max_length > limit:
+        print(f"bitfit serve: --max-length {max_length} is more than the model's {limit} positions; using {limit}")
+        max_length = limit
+    app = create_app(bank, tokenizer, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                     max_inputs=args.max_inputs, max_length=max_length)
+    print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model} on "
+          f"http://{args.host}:{args.port}", flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,485 @@
+"""Lean BitFit training: a low-precision frozen base and less saved activation.
+
+BitFit's frozen weights need no gradient, no optimizer state and no more precision than
+inference needs. Two independent switches, both set by :func:`bitfit.apply`:
+
+``frozen_dtype="bfloat16"`` (or ``"float16"``)
+    The frozen weights of Linear / Embedding / Conv1D / Conv layers are stored in that dtype;
+    every trained tensor and every norm parameter is float32, so an optimizer only ever sees
+    float32. The model's forward runs under ``torch.autocast`` in that dtype (CPU or GPU), which
+    casts each op's inputs consistently, so mixed-dtype pitfalls (a bf16 weight with a float32
+    bias or input) cannot occur; trained float32 tensors are cast inside the graph and their
+    gradients arrive in float32. Floating outputs (logits, hidden states) are returned as
+    float32.
+
+``lean=True`` (the default)
+    In training mode, two memory-lean replacements of stock pieces, exact in float32:
+
+    - *lean dropout*: ``nn.Dropout`` modules keep their mask as ``bool`` (1 byte a value)
+      instead of CPU dropout's float noise tensor (4 bytes); the mask is drawn exactly as
+      torch draws it, so under a fixed seed the result is bit-identical to stock dropout.
+    - *fused attention*: softmax -> dropout -> matmul in one autograd function that keeps only
+      q, k, v and the softmax output, with the dropout mask folded into that output's sign bit
+      (softmax outputs are >= 0), instead of the softmax output, the noise tensor and their
+      product. Used by families whose attention goes through transformers' attention interface
+      with the standard eager semantics (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, MiniLM,
+      DistilBERT, ViT, OPT, BART, LLaMA/Qwen2/Mistral when their attention dropout is active).
+      Elsewhere (and in eval mode, without dropout, on GPU where SDPA's fused kernels are already
+      lean, or for grouped-query/sliding-window/soft-capped attention) the stock function runs.
+
+``set_lean(model, False)`` (or ``apply(..., lean=False)``) restores the stock path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BitFitConfigError, BitFitError
+
+LEAN_ATTR = "_bitfit_lean"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# modeling modules whose eager attention is the standard matmul*scaling (+mask) -> softmax ->
+# dropout -> matmul that the fused function reproduces exactly
+_FUSED_FAMILIES = {
+    "bert", "roberta", "xlm_roberta", "camembert", "electra", "distilbert", "vit", "opt", "bart",
+    "mbart", "llama", "qwen2", "mistral", "data2vec", "deit",
+}
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "head_mask")
+
+
+def _to_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(name, name)
+    if name not in _DTYPES:
+        raise BitFitConfigError(f"frozen_dtype={dtype!r} is not supported; use one of bfloat16, float16, float32")
+    return _DTYPES[name]
+
+
+@dataclass
+class LeanState:
+    """What this module did to a model (kept at ``model._bitfit_lean``)."""
+
+    frozen_dtype: Optional[torch.dtype] = None
+    lean: bool = False
+    dropouts: list = field(default_factory=list)  # module names swapped to LeanDropout
+    attention: bool = False  # fused attention applies to this family
+    attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
+    cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
+
+    def describe(self) -> list:
+        out = []
+        if self.frozen_dtype is not None:
+            out.append(
+                f"frozen weights stored and run in {str(self.frozen_dtype).replace('torch.', '')} "
+                f"({self.cast} tensors; trained tensors and norms float32, forward under autocast)"
+            )
+        if self.lean:
+            parts = []
+            if self.dropouts:
+                parts.append(f"lean dropout ({len(self.dropouts)} modules, bool masks)")
+            if self.attention:
+                parts.append("fused softmax-dropout-matmul attention")
+            out.append("lean training mode: " + (", ".join(parts) if parts else "nothing applies to this family"))
+        return out
+
+
+def get_lean(model: nn.Module) -> Optional[LeanState]:
+    from .prepare import unwrap
+
+    return getattr(unwrap(model), LEAN_ATTR, None)
+
+
+# ------------------------------------------------------------------ frozen dtype
+
+
+def _weight_modules():
+    kinds = [nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds.append(Conv1D)
+    except Exception:  # pragma: no cover
+        pass
+    return tuple(kinds)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or (
+        "norm" in type(module).__name__.lower()
+    )
+
+
+def cast_frozen(model: nn.Module, dtype="bfloat16") -> int:
+    """Store the frozen weights of ``model``'s Linear/Embedding/Conv layers in ``dtype``.
+
+    Every trainable parameter and every norm parameter becomes float32 (also when the base was
+    loaded in bf16). The model's forward then runs under autocast in ``dtype``. Returns the
+    number of weight tensors cast. Called by ``bitfit.apply(..., frozen_dtype=...)``.
+    """
+    from .prepare import unwrap
+
+    target = unwrap(model)
+    dt = _to_dtype(dtype)
+    lean = _lean_state(target)
+    weight_kinds = _weight_modules()
+    seen = set()
+    n = 0
+    for module in target.modules():
+        if _is_norm(module):
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            continue
+        if isinstance(module, weight_kinds):
+            w = module._parameters.get("weight")
+            if w is None or id(w) in seen:
+                continue
+            seen.add(id(w))
+            if not w.requires_grad and w.is_floating_point() and dt != torch.float32:
+                if w.dtype != dt:
+                    w.data = w.data.to(dt)
+                n += 1
+    for p in target.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    lean.frozen_dtype = None if dt == torch.float32 else dt
+    lean.cast = n
+    _install_forward(target)
+    return n
+
+
+# ------------------------------------------------------------------ lean dropout
+
+
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    # The draw torch's CPU dropout makes (empty_like(input).bernoulli_(1 - p)) made straight into a
+    # bool tensor: CPU bernoulli_ consumes the generator the same way for every dtype, so under a
+    # fixed seed this is the stock path's mask exactly (the tests check it).
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+
+
+def _scale(p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    # stock: noise.div_(1 - p), computed in the tensor's dtype
+    return torch.ones((), dtype=dtype, device=device).div_(1 - p)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * noise with noise = scale where kept, 0 where dropped; saves only the bool drop mask."""
+
+    @staticmethod
+    def forward(ctx, x, drop, scale):
+        ctx.save_for_backward(drop, scale)
+        return x.mul(scale).masked_fill_(drop, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        drop, scale = ctx.saved_tensors
+        return grad.mul(scale.to(grad.dtype)).masked_fill_(drop, 0), None, None
+
+
+def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Dropout that saves a bool mask for backward (CPU); stock ``F.dropout`` elsewhere."""
+    if not training or p == 0.0 or x.numel() == 0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0 or not torch.is_grad_enabled() or not x.requires_grad:
+        return F.dropout(x, p, training)
+    return _MaskedScale.apply(x, _keep_mask(x, p).logical_not_(), _scale(p, x.dtype, x.device))
+
+
+class LeanDropout(nn.Dropout):
+    """``nn.Dropout`` with the same draws whose backward keeps a bool mask, not a float tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return F.dropout(x, self.p, self.training, True)
+        return lean_dropout(x, self.p, self.training)
+
+
+# ------------------------------------------------------------------ fused attention
+
+
+class _FusedAttention(torch.autograd.Function):
+    """softmax(q k^T * scaling + mask) -> dropout -> @ v, saving q, k, v and one signed softmax."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scaling, p, causal):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if causal:
+            L, S = scores.shape[-2:]
+            tri = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
+            scores = scores.masked_fill(~tri, torch.finfo(scores.dtype).min)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        probs = torch.softmax(scores, dim=-1)  # low precision: CPU kernels accumulate in float32
+        del scores
+        if p > 0.0:
+            keep = _keep_mask(probs, p)
+            scale = _scale(p, probs.dtype, probs.device)
+            signed = torch.where(keep, probs, probs.neg())  # sign bit = dropped (softmax >= 0)
+            del keep
+            dropped = signed.relu().mul_(scale)  # = probs * noise of stock dropout
+        else:
+            scale = None
+            dropped = probs
+            signed = probs
+        out = torch.matmul(dropped, v)
+        ctx.save_for_backward(q, k, v, signed)
+        ctx.scaling = scaling
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, signed = ctx.saved_tensors
+        scale = ctx.scale
+        if scale is not None:
+            drop = torch.signbit(signed)
+            probs = signed.abs()
+            dropped = signed.relu().mul_(scale)
+        else:
+            drop, probs, dropped = None, signed, signed
+        grad = grad.to(v.dtype)
+        gv = torch.matmul(dropped.transpose(-1, -2), grad) if ctx.needs_input_grad[2] else None
+        del dropped
+        gq = gk = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gp = torch.matmul(grad, v.transpose(-1, -2))
+            if drop is not None:
+                gp = gp.mul_(scale).masked_fill_(drop, 0)
+            gs = torch._softmax_backward_data(gp, probs, -1, probs.dtype)
+            gs = gs.mul_(ctx.scaling)
+            if ctx.needs_input_grad[0]:
+                gq = torch.matmul(gs, k)
+            if ctx.needs_input_grad[1]:
+                gk = torch.matmul(gs.transpose(-1, -2), q)
+        return gq, gk, gv, None, None, None, None
+
+
+def _family(module: nn.Module) -> str:
+    mod = type(module).__module__
+    return mod.rsplit(".", 1)[-1].removeprefix("modeling_")
+
+
+def _stock_attention(module, impl):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if impl in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+
+
+_LEAN_PREFIX = "bitfit_lean:"
+
+
+def _fused_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention-interface function: fused path in CPU training, the model's own function otherwise."""
+    impl = module.config._attn_implementation
+    orig = impl[len(_LEAN_PREFIX):] if impl and impl.startswith(_LEAN_PREFIX) else impl
+    usable = (
+        module.training
+        and dropout > 0.0
+        and query.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and query.shape[1] == key.shape[1]
+        and _family(module) in _FUSED_FAMILIES
+        and not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
+    )
+    if not usable:
+        return _stock_attention(module, orig)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+    is_causal = kwargs.get("is_causal")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = orig == "sdpa" and mask is None and query.shape[2] > 1 and bool(is_causal)
+    dtype = query.dtype
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+    with torch.autocast(query.device.type, enabled=False):
+        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+        out = _FusedAttention.apply(q, k, v, mask, float(scaling), float(dropout), causal)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register(orig: str) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    name = _LEAN_PREFIX + orig
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _fused_attention_forward)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[orig]
+    if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name) is not mask_fn:
+        type(ALL_MASK_ATTENTION_FUNCTIONS).register(name, mask_fn)
+    return name
+
+
+def _attention_applies(model: nn.Module) -> Optional[str]:
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("eager", "sdpa"):
+        return None
+    for module in model.modules():
+        if getattr(module, "config", None) is config and _family(module) in _FUSED_FAMILIES and (
+            "Attention" in type(module).__name__
+        ):
+            if hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS"):
+                return impl
+    return None
+
+
+# ------------------------------------------------------------------ the forward wrapper
+
+
+class _Forward:
+    """Instance-level ``forward`` of a lean model: autocast and/or the fused attention switch.
+
+    A plain object (not a closure) so ``copy.deepcopy`` and pickling carry it to the copy.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        try:
+            self.__signature__ = inspect.signature(type(module).forward.__get__(module))
+        except (TypeError, ValueError):  # pragma: no cover
+            pass
+        self.__doc__ = type(module).forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        lean = getattr(module, LEAN_ATTR, None)
+        forward = type(module).forward
+        if lean is None:
+            return forward(module, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if lean.frozen_dtype is not None:
+                device = next(module.parameters()).device.type
+                stack.enter_context(torch.autocast(device, dtype=lean.frozen_dtype))
+            if lean.lean and lean.attention and module.training:
+                config = module.config
+                saved = config._attn_implementation_internal
+                if saved in ("eager", "sdpa"):
+                    config._attn_implementation_internal = _register(saved)
+                    stack.callback(setattr, config, "_attn_implementation_internal", saved)
+            out = forward(module, *args, **kwargs)
+        if lean.frozen_dtype is not None:
+            out = _to_float32(out)
+        return out
+
+
+def _to_float32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return type(out)(_to_float32(o) for o in out)
+    if isinstance(out, dict):  # ModelOutput
+        for key in list(out.keys()):
+            val = out[key]
+            new = _to_float32(val)
+            if new is not val:
+                out[key] = new
+        return out
+    return out
+
+
+def _install_forward(target: nn.Module) -> None:
+    if not isinstance(target.__dict__.get("forward"), _Forward):
+        if "forward" in target.__dict__:
+            raise BitFitError(
+                "this model's forward was already replaced on the instance; apply bitfit before wrapping it"
+            )
+        target.forward = _Forward(target)
+
+
+def _lean_state(target: nn.Module) -> LeanState:
+    state = getattr(target, LEAN_ATTR, None)
+    if state is None:
+        state = LeanState()
+        object.__setattr__(target, LEAN_ATTR, state)
+    return state
+
+
+# ------------------------------------------------------------------ switches
+
+
+def set_lean(model: nn.Module, on: bool = True) -> LeanState:
+    """Turn the memory-lean training mode on or off (off = stock modules, bit for bit)."""
+    from .prepare import get_state, unwrap
+
+    target = unwrap(model)
+    lean = _lean_state(target)
+    if on:
+        names = []
+        for name, module in target.named_modules():
+            if type(module) is nn.Dropout:
+                module.__class__ = LeanDropout
+                names.append(name)
+            elif type(module) is LeanDropout:
+                names.append(name)
+        lean.dropouts = names
+        impl = _attention_applies(target)
+        lean.attention = impl is not None
+        lean.attn_impl = impl
+        lean.lean = True
+        _install_forward(target)
+    else:
+        for module in target.modules():
+            if type(module) is LeanDropout:
+                module.__class__ = nn.Dropout
+        lean.lean, lean.dropouts, lean.attention = False, [], False
+    state = get_state(target)
+    if state is not None and hasattr(state.config, "lean"):
+        state.config.lean = bool(on)
+    return lean
+
+
+def finish_apply(target: nn.Module, cfg) -> None:
+    """Called at the end of ``bitfit.apply``: frozen dtype and lean mode as the config says."""
+    if cfg.frozen_dtype is not None:
+        cast_frozen(target, cfg.frozen_dtype)
+    if getattr(cfg, "lean", False):
+        set_lean(target, True)
+
+
+def saved_activation_bytes(fn, params=()):
+    """``(bytes, fn())``: bytes of the distinct storages autograd saves while ``fn()`` runs.
+
+    Storages of ``params`` (the model's weights, which backward reads but nobody allocates for
+    it) are not counted.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip and ptr not in seen:
+                seen[ptr] = t.untyped_storage().nbytes()
+        except Exception:  # pragma: no cover
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result

@@ -1,0 +1,316 @@
+"""bf16 frozen base and the memory-lean training mode (bitfit.lean)."""
+
+import copy
+
+import pytest
+import torch
+from families import inputs_for, make
+from torch import nn
+
+import bitfit
+from bitfit.errors import BitFitConfigError
+from bitfit.lean import LeanDropout, get_lean, lean_dropout, saved_activation_bytes, set_lean
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = nn.Linear
+
+WEIGHTED = (nn.Linear, nn.Embedding, Conv1D)
+
+
+def _labels(family, batch):
+    if family == "llama":
+        return batch["input_ids"]
+    return torch.tensor([0, 1, 1, 0])
+
+
+def _effective(model):
+    """name -> tensor as the forward sees it (parametrized fused biases resolved)."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if ".parametrizations." not in n}
+    for mname, module in model.named_modules():
+        if hasattr(module, "parametrizations") and "bias" in module.parametrizations:
+            out[f"{mname}.bias"] = module.bias.detach().clone()
+    return out
+
+
+def assert_grads_match(g0, g1):
+    """Every trainable tensor's gradient equal to 1e-5 of the model's gradient scale (largest entry),
+    and to 1e-4 relative (norm) for tensors with a non-negligible gradient (b_k's is zero by construction)."""
+    assert g0.keys() == g1.keys()
+    scale = max(g.abs().max() for g in g0.values())
+    for name in g0:
+        err = (g0[name] - g1[name]).abs().max()
+        assert err <= 1e-5 * scale, (name, err, scale)
+        if g0[name].abs().max() > 1e-3 * scale:
+            assert (g0[name] - g1[name]).norm() <= 1e-4 * g0[name].norm(), name
+
+
+# ------------------------------------------------------------------ bf16 frozen base
+
+BF16_CASES = [("bert", {}), ("gpt2", {"preset": "paper-subset"}), ("llama", {"add_missing": True})]
+
+
+@pytest.mark.parametrize("family,options", BF16_CASES)
+def test_bf16_dtypes_outputs_and_grads(family, options):
+    ref = make(family)
+    model = make(family)
+    bitfit.apply(model, frozen_dtype="bfloat16", **options)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    n_bf16 = 0
+    for mname, module in model.named_modules():
+        if isinstance(module, WEIGHTED) and not module.weight.requires_grad:
+            assert module.weight.dtype == torch.bfloat16, mname
+            n_bf16 += 1
+        if "norm" in type(module).__name__.lower():
+            assert all(p.dtype == torch.float32 for p in module.parameters(recurse=False)), mname
+    assert n_bf16 == get_lean(model).cast > 0
+
+    batch = inputs_for(family)
+    with torch.no_grad():
+        want = ref(**batch).logits
+        got = model(**batch).logits
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.03 * want.abs().max() + 1e-3
+    assert not torch.equal(got, want)  # really ran in bf16
+
+    model.train()
+    batch = inputs_for(family, batch=4)
+    loss = model(**batch, labels=_labels(family, batch)).loss
+    assert loss.dtype == torch.float32
+    loss.backward()
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("family,options", BF16_CASES)
+def test_bf16_training_moves_only_selected(family, options):
+    model = make(family)
+    bitfit.apply(model, frozen_dtype="bfloat16", **options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])
+    before = _effective(model)
+    model.train()
+    batch = inputs_for(family, batch=4)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=_labels(family, batch)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    after = _effective(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    trained_names = {n.replace(".parametrizations.bias.original", ".bias") for n in trainable}
+    assert changed == trained_names
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_base_loaded_in_bf16():
+    model = make("bert").to(torch.bfloat16)
+    bitfit.apply(model, frozen_dtype="bf16")
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert model.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    model.train()
+    batch = inputs_for("bert", batch=4)
+    model(**batch, labels=_labels("bert", batch)).loss.backward()
+    assert model.bert.encoder.layer[0].attention.self.query.bias.grad.dtype == torch.float32
+
+
+def test_bf16_model_deepcopies_and_keeps_signature():
+    import inspect
+
+    model = make("bert")
+    bitfit.apply(model, frozen_dtype="bfloat16")
+    assert "input_ids" in inspect.signature(model.forward).parameters  # Trainer's column filter reads it
+    twin = copy.deepcopy(model)
+    batch = inputs_for("bert")
+    with torch.no_grad():
+        twin.classifier.bias.add_(1.0)
+        a, b = model(**batch).logits, twin(**batch).logits
+    assert torch.allclose(b - a, torch.ones_like(a), atol=1e-2)  # the copy runs its own weights
+
+
+def test_frozen_dtype_validation():
+    with pytest.raises(BitFitConfigError, match="frozen_dtype"):
+        bitfit.BitFitConfig(frozen_dtype="int8")
+    with pytest.raises(BitFitConfigError, match="lean"):
+        bitfit.BitFitConfig(lean="yes")
+    assert bitfit.BitFitConfig(frozen_dtype="bf16").frozen_dtype == "bfloat16"
+    assert bitfit.BitFitConfig().lean is True
+
+
+# ------------------------------------------------------------------ lean mode: same gradients as stock
+
+
+def _grads(family, lean, attn, seed=11):
+    model = make(family, attn_implementation=attn, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3) \
+        if family in ("bert", "roberta", "electra", "vit") else make(family, attn_implementation=attn)
+    bitfit.apply(model, lean=lean)
+    model.train()
+    batch = inputs_for(family, batch=4, seq=9)
+    if "attention_mask" in batch:
+        batch["attention_mask"][0, -3:] = 0  # padding: the mask path is exercised
+    torch.manual_seed(seed)
+    loss = model(**batch, labels=_labels(family, batch)).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model, loss.detach(), grads
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert", "vit"])
+def test_lean_gradients_match_stock(family, attn):
+    stock, loss0, g0 = _grads(family, False, attn)
+    lean, loss1, g1 = _grads(family, True, attn)
+    state = get_lean(lean)
+    assert state.attention and state.dropouts
+    assert not any(type(m) is LeanDropout for m in stock.modules())
+    assert lean.config._attn_implementation == attn  # restored after the forward
+    assert torch.equal(loss0, loss1)  # same dropout draws: the same forward
+    assert len(g0) > 10
+    assert_grads_match(g0, g1)
+
+
+def test_lean_fallback_family_keeps_stock_attention():
+    stock, loss0, g0 = _grads("gpt2", False, "eager")
+    lean, loss1, g1 = _grads("gpt2", True, "eager")
+    state = get_lean(lean)
+    assert not state.attention and len(state.dropouts) > 0  # dropout is lean, attention is stock
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_lean_saves_less_and_eval_is_identical():
+    def saved(lean):
+        model = make("bert", attn_implementation="eager", max_position_embeddings=128)
+        bitfit.apply(model, lean=lean)
+        model.train()
+        batch = inputs_for("bert", batch=4, seq=64)
+        n, loss = saved_activation_bytes(lambda: model(**batch, labels=_labels("bert", batch)).loss,
+                                         params=list(model.parameters()))
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            logits = model(**inputs_for("bert")).logits
+        return n, logits
+
+    n_stock, out_stock = saved(False)
+    n_lean, out_lean = saved(True)
+    assert n_lean < 0.8 * n_stock, (n_lean, n_stock)
+    assert torch.equal(out_stock, out_lean)
+
+
+def test_set_lean_switches_back_and_forth():
+    model = make("bert")
+    bitfit.apply(model)
+    assert bitfit.get_state(model).config.lean is True
+    assert sum(type(m) is LeanDropout for m in model.modules()) == 8
+    set_lean(model, False)
+    assert not any(type(m) is LeanDropout for m in model.modules())
+    assert bitfit.get_state(model).config.lean is False
+    assert not get_lean(model).attention
+    set_lean(model, True)
+    assert get_lean(model).attention
+    assert any("lean training mode" in m for m in bitfit.report(model).modes)
+
+
+def test_lean_dropout_function_matches_torch():
+    x = torch.randn(5, 300, requires_grad=True)
+    torch.manual_seed(3)
+    y0 = torch.nn.functional.dropout(x, 0.25, True)
+    (g0,) = torch.autograd.grad(y0.square().sum(), x)
+    torch.manual_seed(3)
+    y1 = lean_dropout(x, 0.25, True)
+    (g1,) = torch.autograd.grad(y1.square().sum(), x)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert lean_dropout(x, 0.25, training=False) is x
+    # what backward keeps: a bool mask (1 byte a value), not a float noise tensor
+    n, _ = saved_activation_bytes(lambda: lean_dropout(x, 0.25, True), params=[x])
+    assert n <= x.numel() + 64
+
+
+def test_skip_zero_grad_is_reported():
+    model = make("bert")
+    bitfit.apply(model, skip_zero_grad=True)
+    rep = bitfit.report(model)
+    assert rep.by_role["key"]["trainable"] == 0
+    assert len(rep.skipped_zero_grad) == 2
+    assert "b_k" in rep.to_markdown() and "skip_zero_grad" in rep.to_markdown()
+
+
+def test_bf16_lean_together_trains():
+    model = make("bert", attn_implementation="sdpa")
+    bitfit.apply(model, frozen_dtype="bfloat16")
+    state = get_lean(model)
+    assert state.attention and state.frozen_dtype == torch.bfloat16
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = inputs_for("bert", batch=4)
+    labels = _labels("bert", batch)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            return model(**batch, labels=labels).loss.item()
+
+    first = eval_loss()
+    torch.manual_seed(0)
+    for _ in range(15):
+        model.train()
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert eval_loss() < first - 0.05
+
+
+def test_artifact_roundtrip_onto_bf16_base(tmp_path):
+    artifact = pytest.importorskip("bitfit.artifact")
+    trained = make("bert")
+    bitfit.apply(trained, frozen_dtype="bfloat16")
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    artifact.save(trained, tmp_path / "a")
+    for base_dtype in ("float32", "bfloat16"):
+        base = make("bert")
+        if base_dtype == "bfloat16":
+            bitfit.apply(base, frozen_dtype="bfloat16")
+        loaded = artifact.load(base, tmp_path / "a")
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                q = dict(loaded.named_parameters())[name]
+                assert q.dtype == torch.float32 and torch.equal(q, p), name
+
+
+@pytest.mark.slow
+def test_lean_gradients_match_stock_on_minilm(minilm_dir):
+    import transformers as T
+
+    def grads(lean):
+        torch.manual_seed(0)  # the new classification head
+        model = T.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+        bitfit.apply(model, lean=lean)
+        model.train()
+        tok = T.AutoTokenizer.from_pretrained(minilm_dir)
+        batch = tok(["a cheerful, moving film", "dull and far too long for its own good"],
+                    padding=True, return_tensors="pt")
+        torch.manual_seed(0)
+        model(**batch, labels=torch.tensor([1, 0])).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    assert_grads_match(grads(False), grads(True))
+
+
+def test_attention_switch_is_restored_when_forward_fails():
+    model = make("bert", attn_implementation="sdpa")
+    bitfit.apply(model)
+    model.train()
+    with pytest.raises(Exception):
+        model(input_ids=torch.tensor([[1, 2, 999]]))  # token id beyond the vocabulary
+    assert model.config._attn_implementation == "sdpa"
+    assert "bitfit_lean" not in model.config.to_json_string()
