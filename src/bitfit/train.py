@@ -1,0 +1,906 @@
+"""Training, evaluation and prediction with transformers.Trainer: GLUE, the user's own files, and
+causal-LM instruction tuning.
+
+Programmatic entry points (also used by ``bitfit compare``)::
+
+    from bitfit.train import ModelArguments, DataArguments, run_train, build_training_arguments
+    m = ModelArguments(model="minilm")
+    d = DataArguments(task="rte", data_dir="../shared/data/glue")
+    metrics = run_train(m, d, {"output_dir": "runs/rte"})   # dict = overrides on BitFit defaults
+
+``run_train(model_args, data_args, training_args, prepare=None)`` takes either a full
+``TrainingArguments`` or a dict of overrides over :func:`build_training_arguments` (whose defaults
+depend on the method, the task and the training-set size).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import BitFitConfigError, BitFitError, DataError
+
+# Defaults of each method (issue 5's `compare` uses them). BitFit: the paper's learning rate 1e-3;
+# the randomly initialised head gets its own (higher) learning rate, see HEAD_LR_FACTOR.
+METHOD_LR = {"bitfit": 1e-3, "full": 2e-5, "lora": 5e-4, "rand": 1e-3, "frozen": 1e-3, "head": 1e-3}
+HEAD_LR_FACTOR = 5.0  # head lr = factor x bias lr for BitFit (not for full fine-tuning)
+TARGET_UPDATES = 3000  # auto epochs: enough epochs for about this many optimizer steps ...
+MIN_EPOCHS, MAX_EPOCHS = 3, 20  # ... within these bounds
+INSTRUCT_TASKS = ("instruct", "causal-lm", "alpaca")
+
+
+# ----------------------------------------------------------------------------- arguments
+@dataclass
+class ModelArguments:
+    """Which model, and which of its biases train."""
+
+    model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Base model: a local folder, a Hub name, 'minilm' (the packaged MiniLM-L6), or a .gguf "
+                  "file. Optional for eval/predict/generate when the adapter folder records it."},
+    )
+    adapter: Optional[str] = field(
+        default=None, metadata={"help": "(eval/predict/generate) the folder a `bitfit train` run wrote."}
+    )
+    preset: str = field(default="all", metadata={"help": "Bias preset: all, paper-subset, attention, ffn, "
+                                                 "layernorm, none (head only)."})
+    roles: Optional[str] = field(default=None, metadata={"help": "Comma list of roles replacing the preset's."})
+    include: Optional[str] = field(default=None, metadata={"help": "Comma list of roles/regexes to add."})
+    exclude: Optional[str] = field(default=None, metadata={"help": "Comma list of roles/regexes to remove."})
+    layers: Optional[str] = field(default=None, metadata={"help": "Restrict to layers, e.g. '-2:' or '0,5'."})
+    add_missing: bool = field(
+        default=False,
+        metadata={"help": "Add zero biases where the model has none (LLaMA-style). Enabled automatically when "
+                  "the selection finds no existing bias at all."},
+    )
+    train_head: bool = field(default=True, metadata={"help": "Train the task head (--no-train-head to freeze it)."})
+    skip_zero_grad: bool = field(default=False, metadata={"help": "Leave out b_k (no gradient by construction)."})
+    frozen_dtype: Optional[str] = field(
+        default=None, metadata={"help": "Keep frozen weights in bfloat16/float16 to save memory."}
+    )
+    head_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Learning rate of the task head (default: {HEAD_LR_FACTOR:g} x --learning_rate for "
+                  "BitFit, since the head starts from random values)."},
+    )
+    gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside --model's folder."})
+
+
+@dataclass
+class DataArguments:
+    """Which data, and how it is cut and tokenized."""
+
+    task: Optional[str] = field(
+        default=None,
+        metadata={"help": "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), 'instruct' for causal-LM "
+                  "instruction tuning, or omit with --train-file for your own classification data."},
+    )
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder in the GLUE layout (<dir>/RTE/train.tsv ...); default $BITFIT_GLUE_DIR, "
+                  "else the Hub via datasets."},
+    )
+    train_file: Optional[str] = field(default=None, metadata={"help": "Own training data: .csv .tsv .jsonl .parquet"})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Own validation data (same format)."})
+    test_file: Optional[str] = field(default=None, metadata={"help": "Own test data (for predict)."})
+    text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: text/sentence/...)."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column, for pairs."})
+    label_column: str = field(default="label", metadata={"help": "Label column; float labels mean regression."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    train_size: Optional[int] = field(
+        default=None, metadata={"help": "Train on a fixed random subset of N rows (chosen with --seed)."}
+    )
+    eval_size: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on the first N dev rows only (quick checks; not official)."}
+    )
+
+    @property
+    def is_instruct(self) -> bool:
+        return (self.task or "").lower() in INSTRUCT_TASKS
+
+
+# ----------------------------------------------------------------------------- task info
+@dataclass
+class TaskInfo:
+    """What a run needs to know about its task; stored in the run folder (task.json)."""
+
+    kind: str  # "glue", "files", "instruct"
+    task: Optional[str]
+    label_names: list
+    regression: bool
+    metrics: list  # metric names (GLUE), or [] for defaults
+    primary: str  # metric the best checkpoint is chosen by
+    text_column: Optional[str] = None
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    max_seq_length: int = 128
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else len(self.label_names)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def task_info(data_args: DataArguments, train=None) -> TaskInfo:
+    from .data import glue, metrics
+
+    if data_args.is_instruct:
+        return TaskInfo("instruct", "instruct", [], False, ["loss"], "loss", max_seq_length=data_args.max_seq_length)
+    if data_args.task and not data_args.train_file:
+        t = glue.get_task(data_args.task)
+        return TaskInfo("glue", t.name, list(t.label_names), t.is_regression, list(t.metrics),
+                        metrics.primary_metric(t.name) if t.name != "mnli" else "matched_accuracy",
+                        max_seq_length=data_args.max_seq_length)
+    if not data_args.train_file:
+        raise DataError("no data: give --task (a GLUE task or 'instruct') or --train-file (your own data)")
+    label_names, regression = train
+    primary = "pearson" if regression else "accuracy"
+    return TaskInfo("files", data_args.task, label_names, regression, [], primary, data_args.text_column,
+                    data_args.text_pair_column, data_args.label_column, data_args.max_seq_length)
+
+
+# ----------------------------------------------------------------------------- data
+class EncodedDataset(torch.utils.data.Dataset):
+    """Pre-tokenized rows (dict of lists) with optional labels."""
+
+    def __init__(self, encodings: dict, labels=None, index=None):
+        self.enc = encodings
+        self.labels = labels
+        self.index = index
+        self.n = len(next(iter(encodings.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        item = {k: v[i] for k, v in self.enc.items()}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def encode(tokenizer, data, max_length: int) -> EncodedDataset:
+    enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length)
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return EncodedDataset(enc, data.labels, data.index)
+
+
+def encode_instructions(tokenizer, rows: list, max_length: int) -> EncodedDataset:
+    from .data.instruct import encode_example
+
+    ex = [encode_example(tokenizer, r, max_length) for r in rows]
+    keep = [e for e in ex if any(x != -100 for x in e["labels"])]
+    if not keep:
+        raise DataError(f"every instruction example is longer than --max-seq-length {max_length} tokens before its "
+                        "response starts; raise --max-seq-length")
+    if len(keep) < len(ex):
+        print(f"bitfit: {len(ex) - len(keep)} instruction examples dropped: their prompt fills --max-seq-length",
+              file=sys.stderr)
+    ex = keep
+    return EncodedDataset({"input_ids": [e["input_ids"] for e in ex],
+                           "attention_mask": [e["attention_mask"] for e in ex]},
+                          [e["labels"] for e in ex])
+
+
+def subset(data, n: Optional[int], seed: int):
+    """A fixed random subset of ``n`` rows (the same for the same seed), in the original order."""
+    if n is None or n >= len(data):
+        return data
+    if n <= 0:
+        raise DataError(f"--train-size must be positive, got {n}")
+    rows = sorted(random.Random(seed).sample(range(len(data)), n))
+    return data.select(rows) if hasattr(data, "select") else [data[i] for i in rows]
+
+
+def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 42, info: Optional[TaskInfo] = None):
+    """(TaskInfo, {split: [parts]}) with raw data (TextData, or instruction rows)."""
+    from .data import files, glue
+    from .data.instruct import load_instructions
+
+    out: dict = {}
+    if data_args.is_instruct:
+        for split in splits:
+            path = {"train": data_args.train_file, "dev": data_args.validation_file, "test": data_args.test_file}[split]
+            if path is None:
+                if split == "train":
+                    raise DataError("--task instruct needs --train-file (JSONL with instruction, input, output)")
+                continue
+            out[split] = [load_instructions(path)]
+        info = info or task_info(data_args)
+    elif data_args.task and not data_args.train_file and (info is None or info.kind == "glue"):
+        info = info or task_info(data_args)
+        for split in splits:
+            out[split] = glue.load_glue(info.task, split, data_args.data_dir)
+    else:
+        files_by_split = {"train": data_args.train_file, "dev": data_args.validation_file, "test": data_args.test_file}
+        if info is None:
+            if not data_args.train_file:
+                raise DataError("no data: give --task (a GLUE task or 'instruct') or --train-file (your own data)")
+            train, names, regression = files.load_train_file(data_args.train_file, data_args.text_column,
+                                                             data_args.text_pair_column, data_args.label_column)
+            info = task_info(data_args, (names, regression))
+            info.text_column = info.text_column or files.guess_text_column(files.read_table(data_args.train_file),
+                                                                           data_args.train_file)
+            if "train" in splits:
+                out["train"] = [train]
+        for split in splits:
+            if split in out:
+                continue
+            path = files_by_split[split]
+            if path is None:
+                if split == "train":
+                    raise DataError("--train-file is required for your own data")
+                continue
+            out[split] = [files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
+                                          info.label_names or None, info.regression, labeled=split != "test")]
+    if "train" in out:
+        out["train"] = [subset(out["train"][0], data_args.train_size, seed)]
+    if data_args.eval_size and "dev" in out:
+        out["dev"] = [d.select(range(min(len(d), data_args.eval_size))) if hasattr(d, "select")
+                      else d[: data_args.eval_size] for d in out["dev"]]
+    return info, out
+
+
+# ----------------------------------------------------------------------------- model
+def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
+    """(model, tokenizer) for the task: causal LM, or sequence classification with the task's labels."""
+    from . import models
+
+    name = model_args.model
+    if not name:
+        raise BitFitError("--model is required (a local folder, a Hub name, or 'minilm')")
+    kwargs: dict = {}
+    gguf = model_args.gguf_file
+    if name.endswith(".gguf") and os.path.isfile(os.path.expanduser(name)):
+        p = Path(os.path.expanduser(name))
+        name, gguf = str(p.parent), p.name
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    tok_kwargs = dict(kwargs)
+    if gguf:
+        import transformers
+
+        cls = transformers.AutoModelForCausalLM if info is None or info.kind == "instruct" else \
+            transformers.AutoModelForSequenceClassification
+        try:
+            model = cls.from_pretrained(name, **kwargs) if cls is transformers.AutoModelForCausalLM else \
+                cls.from_pretrained(name, num_labels=info.num_labels, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, **tok_kwargs)
+        except (OSError, ValueError) as exc:
+            raise BitFitError(f"could not load GGUF model {gguf!r} from {name!r}: {exc}") from None
+    else:
+        tokenizer = models.load_tokenizer(name)
+        if info is None or info.kind == "instruct":
+            model = models.load_model(name, task="causal-lm")
+        else:
+            if info.regression:
+                kwargs.update(problem_type="regression")
+            else:
+                kwargs.update(id2label=dict(enumerate(info.label_names)),
+                              label2id={n: i for i, n in enumerate(info.label_names)})
+            model = models.load_model(name, num_labels=info.num_labels, task="classification", **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _split(value: Optional[str]):
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None):
+    from .config import BitFitConfig
+
+    layers = model_args.layers
+    if isinstance(layers, str) and ":" not in layers and "," not in layers:
+        try:
+            layers = int(layers)
+        except ValueError:
+            pass
+    return BitFitConfig(
+        preset=model_args.preset, roles=_split(model_args.roles), include=_split(model_args.include),
+        exclude=_split(model_args.exclude), layers=layers,
+        add_missing=model_args.add_missing if add_missing is None else add_missing,
+        train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
+        frozen_dtype=model_args.frozen_dtype,
+    )
+
+
+def apply_bitfit(model, model_args: ModelArguments):
+    """bitfit.apply with the model arguments; add_missing is switched on automatically (with a
+    message) when the selection finds no existing bias at all, e.g. on LLaMA-style models."""
+    import bitfit
+
+    from .select import resolve
+
+    cfg = bitfit_config(model_args)
+    if not cfg.add_missing and cfg.preset != "none":
+        sel = resolve(bitfit.discover(model), cfg)
+        if not sel.chosen and sel.missing:
+            print("bitfit: this model has no bias in the selection; adding zero-initialised biases "
+                  "(add_missing=True)", file=sys.stderr)
+            cfg = bitfit_config(model_args, add_missing=True)
+    return bitfit.apply(model, config=cfg)
+
+
+# ----------------------------------------------------------------------------- training arguments
+def auto_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for about TARGET_UPDATES optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS]: small tasks get
+    more epochs (BitFit with a fresh head converges slowly; the paper trains 16+ epochs)."""
+    steps = max(1, math.ceil(n_train / max(1, batch_size)))
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_UPDATES / steps))))
+
+
+def training_defaults(method: str = "bitfit", primary: Optional[str] = None, n_train: Optional[int] = None,
+                      batch_size: int = 32) -> dict:
+    """The TrainingArguments defaults of a method (what `bitfit train` sets unless given explicitly)."""
+    if method not in METHOD_LR:
+        raise BitFitConfigError(f"unknown method {method!r}; choose one of {', '.join(METHOD_LR)}")
+    greater = primary is None or not primary.endswith("loss")
+    d = dict(
+        learning_rate=METHOD_LR[method],
+        weight_decay=0.0 if method != "full" else 0.01,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=64,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=10,
+        load_best_model_at_end=True,
+        metric_for_best_model=primary or "loss",
+        greater_is_better=greater,
+        save_total_limit=1,
+        report_to="none",
+        seed=42,
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if n_train is not None:
+        d["num_train_epochs"] = auto_epochs(n_train, batch_size) if method != "full" else 3
+    return d
+
+
+def build_training_arguments(output_dir: str, method: str = "bitfit", task: Optional[str] = None,
+                             n_train: Optional[int] = None, **overrides):
+    """TrainingArguments with ``method``'s defaults (bitfit: lr 1e-3, no weight decay, linear schedule
+    with 10% warm-up, eval and save every epoch, best checkpoint by the task's metric, auto epochs from
+    ``n_train``; full: lr 2e-5, 3 epochs; lora: lr 5e-4), overridden by ``overrides``."""
+    from transformers import TrainingArguments
+
+    primary = None
+    if task:
+        primary = "loss" if task.lower() in INSTRUCT_TASKS else _glue_primary(task)
+    bs = overrides.get("per_device_train_batch_size", 32)
+    kwargs = training_defaults(method, primary, n_train, bs)
+    kwargs.update(overrides)
+    kwargs["output_dir"] = output_dir
+    return TrainingArguments(**kwargs)
+
+
+def _glue_primary(task: str) -> Optional[str]:
+    from .data import glue, metrics
+
+    try:
+        t = glue.get_task(task)
+    except DataError:
+        return None
+    return "matched_accuracy" if t.name == "mnli" else metrics.primary_metric(t.name)
+
+
+# ----------------------------------------------------------------------------- metrics
+def make_compute_metrics(info: TaskInfo):
+    from .data import metrics as M
+
+    def compute(eval_pred):
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        labels = eval_pred.label_ids
+        preds = np.squeeze(logits, -1) if info.regression else np.argmax(logits, axis=-1)
+        if info.kind == "glue":
+            return M.compute(info.metrics, preds, labels)
+        if info.regression:
+            return M.regression_metrics(preds, labels)
+        return M.classification_metrics(preds, labels, len(info.label_names))
+
+    return compute
+
+
+# ----------------------------------------------------------------------------- trainer
+def _trainer_class():
+    from transformers import Trainer
+
+    class BitFitTrainer(Trainer):
+        """Trainer that (for BitFit models) gives the head its own learning rate, writes only the
+        trained tensors to checkpoints, and loads them back without warning about frozen keys."""
+
+        head_learning_rate: Optional[float] = None
+
+        def _bitfit(self):
+            from .prepare import get_state
+
+            return get_state(self.model)
+
+        def create_optimizer(self, model=None):
+            state = self._bitfit()
+            if self.optimizer is not None or state is None or self.head_learning_rate is None:
+                return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+            opt_model = self.model if model is None else model
+            head = set(state.selection.head_params)
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict = {}
+            for n, p in opt_model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                key = (n in head, n in decay)
+                groups.setdefault(key, []).append(p)
+            param_groups = []
+            for (is_head, is_decay), params in groups.items():
+                g = {"params": params, "weight_decay": self.args.weight_decay if is_decay else 0.0}
+                if is_head:
+                    g["lr"] = self.head_learning_rate
+                param_groups.append(g)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls(param_groups, **kwargs)
+            return self.optimizer
+
+        def _save(self, output_dir=None, state_dict=None):
+            if self._bitfit() is None:
+                return super()._save(output_dir, state_dict)
+            import safetensors.torch
+
+            output_dir = output_dir or self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            tmp = os.path.join(output_dir, "model.safetensors.tmp")
+            safetensors.torch.save_file(trained, tmp, metadata={"format": "pt", "bitfit": "trained-only"})
+            os.replace(tmp, os.path.join(output_dir, "model.safetensors"))
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _issue_warnings_after_load(self, load_result):
+            if self._bitfit() is None:
+                return super()._issue_warnings_after_load(load_result)
+            trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            missing = [k for k in load_result.missing_keys if k in trained]
+            if missing or load_result.unexpected_keys:
+                raise BitFitError(f"checkpoint does not fit this model: missing trained tensors {missing[:5]}, "
+                                  f"unexpected {list(load_result.unexpected_keys)[:5]}")
+
+    return BitFitTrainer
+
+
+# ----------------------------------------------------------------------------- run
+def _versions() -> dict:
+    import transformers
+
+    import bitfit
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "bitfit": bitfit.__version__, "platform": platform.platform()}
+    for mod in ("datasets", "accelerate", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def _write_json(path: Union[str, Path], obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def eval_history(log_history: list) -> list:
+    """Per-epoch evaluation entries of a Trainer log (for learning curves)."""
+    return [dict(e) for e in log_history if any(k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
+                                                  for k in e)]
+
+
+def _best_entry(trainer, history: list) -> Optional[dict]:
+    st, args = trainer.state, trainer.args
+    if not (args.load_best_model_at_end and st.best_model_checkpoint and st.best_global_step):
+        return None
+    for e in history:
+        if e.get("step") == st.best_global_step:
+            return {k: v for k, v in e.items() if k not in ("step",)}
+    return None
+
+
+def save_trained(model, output_dir: str, info: Optional[TaskInfo] = None, base_name: Optional[str] = None) -> str:
+    """Write the trained model to ``output_dir``: bitfit.save for BitFit models, else save_pretrained."""
+    from .prepare import get_state, unwrap
+
+    model = unwrap(model)
+    if get_state(model) is not None:
+        import bitfit
+
+        bitfit.save(model, output_dir, label_names=(info.label_names or None) if info else None,
+                    base_name=base_name)
+        return "bitfit"
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(output_dir)
+        return "save_pretrained"
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                                os.path.join(output_dir, "model.safetensors"))
+    return "state_dict"
+
+
+def run_train(model_args: ModelArguments, data_args: DataArguments, training_args=None,
+              prepare: Optional[Callable] = None, *, method: str = "bitfit", argv: Optional[list] = None) -> dict:
+    """Load, prepare, train, evaluate and save; return the metrics.
+
+    training_args: a ``TrainingArguments``, or a dict of overrides on :func:`build_training_arguments`'s
+    defaults for ``method`` (epochs then follow the training-set size). ``prepare(model) -> model``
+    replaces ``bitfit.apply`` (e.g. full fine-tuning or a peft wrapper; it does its own freezing).
+    """
+    import transformers
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from .data.instruct import InstructionCollator
+    from .prepare import get_state, unwrap
+
+    seed = training_args.seed if isinstance(training_args, TrainingArguments) else \
+        (training_args or {}).get("seed", 42)
+    info, splits = load_splits(data_args, ("train", "dev"), seed=seed)
+    n_train = len(splits["train"][0])
+    has_dev = "dev" in splits
+    if not isinstance(training_args, TrainingArguments):
+        over = dict(training_args or {})
+        if "output_dir" not in over:
+            raise BitFitError("training arguments need an output_dir (--output-dir)")
+        if not has_dev:
+            over.setdefault("eval_strategy", "no")
+            over.setdefault("load_best_model_at_end", False)
+        bs = over.get("per_device_train_batch_size", 32)
+        defaults = training_defaults(method, info.primary, n_train, bs)
+        defaults.update(over)
+        training_args = TrainingArguments(**defaults)
+    transformers.set_seed(training_args.seed)
+
+    model, tokenizer = load_base(model_args, info)
+    if prepare is not None:
+        model = prepare(model)
+    else:
+        apply_bitfit(model, model_args)
+    if info.kind == "instruct":
+        train_ds = encode_instructions(tokenizer, splits["train"][0], info.max_seq_length)
+        dev_parts = [encode_instructions(tokenizer, d, info.max_seq_length) for d in splits.get("dev", [])]
+        collator = InstructionCollator(tokenizer)
+        compute_metrics = None
+    else:
+        train_ds = encode(tokenizer, splits["train"][0], info.max_seq_length)
+        dev_parts = [encode(tokenizer, d, info.max_seq_length) for d in splits.get("dev", [])]
+        collator = DataCollatorWithPadding(tokenizer)
+        compute_metrics = make_compute_metrics(info)
+    eval_ds = None
+    if dev_parts:
+        eval_ds = dev_parts[0] if len(dev_parts) == 1 else dict(zip(("matched", "mismatched"), dev_parts))
+
+    Trainer = _trainer_class()
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator, compute_metrics=compute_metrics)
+    is_bitfit = get_state(model) is not None
+    if is_bitfit and method in ("bitfit", "rand", "frozen", "head"):
+        trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
+    elif model_args.head_learning_rate:
+        trainer.head_learning_rate = model_args.head_learning_rate
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise BitFitError(f"--resume_from_checkpoint: no checkpoint-* folder in {training_args.output_dir}")
+    elif resume and not os.path.isdir(resume):
+        raise BitFitError(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    wall = time.time() - t0
+    metrics: dict[str, Any] = dict(result.metrics)
+    metrics["train_loss"] = result.training_loss
+    history = eval_history(trainer.state.log_history)
+    if eval_ds is not None:
+        best = _best_entry(trainer, history)
+        # the best checkpoint's dev scores are already logged (same weights, deterministic eval): reuse them
+        metrics.update(best if best is not None else trainer.evaluate())
+        if info.kind == "instruct" and "eval_loss" in metrics:
+            metrics["eval_perplexity"] = float(math.exp(min(50.0, metrics["eval_loss"])))
+    steps = max(1, trainer.state.global_step)
+    metrics.update(
+        trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(1, total),
+        global_steps=trainer.state.global_step, step_time_s=metrics.get("train_runtime", wall) / steps,
+        peak_memory_mb=peak_memory_mb(), wall_time_s=wall, n_train=n_train, task=info.task, method=method,
+        best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric,
+        eval_history=history,
+    )
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, model_args.model)
+        _write_json(out / "metrics.json", metrics)
+        _write_json(out / "log_history.json", trainer.state.log_history)
+        _write_json(out / "task.json", {**info.to_dict(), "base_model": model_args.model,
+                                        "gguf_file": model_args.gguf_file,
+                                        "data_dir": os.path.abspath(data_args.data_dir) if data_args.data_dir else None})
+        _write_json(out / "command.json", {
+            "argv": list(argv) if argv is not None else None,
+            "command": ("bitfit train " + " ".join(_quote(a) for a in argv)) if argv is not None else None,
+            "model_args": dataclasses.asdict(model_args), "data_args": dataclasses.asdict(data_args),
+            "training_args": training_args.to_dict(), "method": method, "versions": _versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
+        })
+    return metrics
+
+
+def _quote(a: str) -> str:
+    import shlex
+
+    return shlex.quote(str(a))
+
+
+# ----------------------------------------------------------------------------- CLI parsing
+def parse_train_args(argv: list):
+    """Parse `bitfit train` arguments: our dataclasses plus every TrainingArguments flag, with BitFit's
+    defaults for the flags the user did not give (they depend on the task and the training-set size)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False)
+    model_args, data_args, rest = first.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="bitfit train",
+                              allow_abbrev=False)
+    # task-dependent defaults need the task (and the number of training rows for the epochs)
+    info, n_train = None, None
+    try:
+        info = task_info(data_args) if (data_args.task and not data_args.train_file) or data_args.is_instruct else None
+    except DataError:
+        info = None
+    primary = info.primary if info else None
+    if "--help" in argv or "-h" in argv:
+        parser.set_defaults(**training_defaults("bitfit", primary))
+        parser.parse_args_into_dataclasses(argv)  # prints help and exits
+    bs = _peek_int(argv, "per_device_train_batch_size", 32)
+    explicit_epochs = _given(argv, "num_train_epochs") or _given(argv, "max_steps")
+    if not explicit_epochs:
+        n_train = count_train_rows(data_args, _peek_int(argv, "seed", 42))
+        if info is None:  # own files: primary metric depends on the label type
+            info, _ = load_splits(data_args, ("train",), seed=_peek_int(argv, "seed", 42))
+            primary = info.primary
+    elif info is None and data_args.train_file:
+        info, _ = load_splits(data_args, ("train",), seed=_peek_int(argv, "seed", 42))
+        primary = info.primary
+    defaults = training_defaults("bitfit", primary, n_train, bs)
+    if not data_args.validation_file and data_args.train_file and not data_args.is_instruct:
+        defaults.update(eval_strategy="no", load_best_model_at_end=False)
+    if data_args.is_instruct and not data_args.validation_file:
+        defaults.update(eval_strategy="no", load_best_model_at_end=False)
+    parser.set_defaults(**defaults)
+    if not _given(argv, "output_dir"):
+        raise BitFitError("--output-dir is required (the folder the trained artifact and logs go to)")
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as exc:  # TrainingArguments' own checks
+        raise BitFitConfigError(f"invalid training arguments: {exc}") from None
+    return model_args, data_args, training_args
+
+
+def _given(argv: list, name: str) -> bool:
+    forms = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in forms for a in argv)
+
+
+def _peek_int(argv: list, name: str, default: int) -> int:
+    forms = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, a in enumerate(argv):
+        key, _, val = a.partition("=")
+        if key in forms:
+            try:
+                return int(val if val else argv[i + 1])
+            except (ValueError, IndexError):
+                return default
+    return default
+
+
+def count_train_rows(data_args: DataArguments, seed: int = 42) -> int:
+    _, splits = load_splits(data_args, ("train",), seed=seed)
+    return len(splits["train"][0])
+
+
+# ----------------------------------------------------------------------------- eval / predict
+def load_run(adapter: str) -> tuple[dict, Optional[TaskInfo]]:
+    p = Path(os.path.expanduser(adapter))
+    if not p.is_dir():
+        raise BitFitError(f"--adapter {adapter}: no such folder (give the output folder of `bitfit train`)")
+    meta = {}
+    if (p / "task.json").exists():
+        meta = json.loads((p / "task.json").read_text())
+    return meta, (TaskInfo.from_dict(meta) if meta else None)
+
+
+def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] = None):
+    """(model, tokenizer, TaskInfo) of a finished run: the base model (from --model or the run's record)
+    with the run's artifact loaded by bitfit.load."""
+    import bitfit
+
+    meta, info = load_run(model_args.adapter)
+    if not model_args.model:
+        model_args = dataclasses.replace(model_args, model=meta.get("base_model"), gguf_file=meta.get("gguf_file"))
+        if not model_args.model:
+            raise BitFitError(f"--model is required: {model_args.adapter} does not record its base model")
+    if info is None:
+        if data_args is None or not (data_args.task or data_args.train_file):
+            raise BitFitError(f"{model_args.adapter} has no task.json; pass --task")
+        if data_args.task and data_args.task.lower() not in INSTRUCT_TASKS and not data_args.train_file:
+            info = task_info(data_args)
+        elif data_args.is_instruct:
+            info = task_info(data_args)
+        else:
+            names = _artifact_label_names(model_args.adapter)
+            info = task_info(data_args, (names or [], not names))
+    if data_args is not None:
+        if not data_args.data_dir and meta.get("data_dir") and not os.environ.get("BITFIT_GLUE_DIR"):
+            data_args.data_dir = meta["data_dir"]  # the GLUE folder the run was trained from
+
+    model, tokenizer = load_base(model_args, info)
+    model = bitfit.load(model, model_args.adapter)
+    model.eval()
+    return model, tokenizer, info
+
+
+def _artifact_label_names(adapter: str):
+    cfg = Path(adapter) / "bitfit_config.json"
+    if cfg.exists():
+        data = json.loads(cfg.read_text())
+        return data.get("label_names") or (data.get("task") or {}).get("label_names")
+    return None
+
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, data, info: TaskInfo, batch_size: int = 64) -> np.ndarray:
+    from tqdm.auto import tqdm
+    from transformers import DataCollatorWithPadding
+
+    ds = encode(tokenizer, data, info.max_seq_length)
+    ds.labels = None
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+    device = next(model.parameters()).device
+    out = []
+    for batch in tqdm(loader, desc="predict", leave=False, disable=len(loader) < 5):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(out, axis=0)
+
+
+def to_predictions(logits: np.ndarray, info: TaskInfo) -> np.ndarray:
+    return np.squeeze(logits, -1) if info.regression else np.argmax(logits, axis=-1)
+
+
+def evaluate_run(model_args: ModelArguments, data_args: DataArguments, split: str = "dev",
+                 batch_size: int = 64) -> dict:
+    """The official metric(s) of a trained run on ``split`` (default: the dev split)."""
+    model, tokenizer, info = load_trained(model_args, data_args)
+    if info.kind == "instruct":
+        raise BitFitError("eval of instruction-tuned models: use `bitfit generate`, or train with "
+                          "--validation-file to get eval_loss")
+    if info.kind == "files" and not data_args.validation_file and not data_args.train_file:
+        raise DataError("pass --validation-file to evaluate on your own data")
+    if info.kind == "files" and data_args.validation_file:
+        from .data import files
+
+        parts = [files.load_file(data_args.validation_file, info.text_column, info.text_pair_column,
+                                 info.label_column, info.label_names or None, info.regression)]
+    else:
+        _, splits = load_splits(data_args if data_args.task else dataclasses.replace(data_args, task=info.task),
+                                (split,), info=info)
+        parts = splits[split]
+    names = ["matched", "mismatched"] if len(parts) == 2 else [None]
+    metrics: dict = {}
+    compute = make_compute_metrics(info)
+    for name, part in zip(names, parts):
+        logits = predict_logits(model, tokenizer, part, info, batch_size)
+
+        class P:  # EvalPrediction-like
+            predictions, label_ids = logits, np.asarray(part.labels)
+
+        prefix = f"eval_{name}_" if name else "eval_"
+        metrics.update({prefix + k: v for k, v in compute(P).items()})
+        metrics[prefix + "samples"] = len(part)
+    return metrics
+
+
+def predict_run(model_args: ModelArguments, data_args: DataArguments, split: str, output: str,
+                batch_size: int = 64) -> list:
+    """Predict ``split``; for a GLUE test split write the leaderboard file(s) (``RTE.tsv`` ...), else a TSV
+    of index, prediction (label names for classification)."""
+    from .data import glue
+
+    model, tokenizer, info = load_trained(model_args, data_args)
+    if info.kind == "files":
+        from .data import files
+
+        path = data_args.test_file if split == "test" else data_args.validation_file
+        if not path:
+            raise DataError(f"pass --{'test' if split == 'test' else 'validation'}-file with your data to predict")
+        parts = [files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
+                                 info.label_names or None, info.regression, labeled=False)]
+    else:
+        _, splits = load_splits(data_args if data_args.task else dataclasses.replace(data_args, task=info.task),
+                                (split,), info=info)
+        parts = splits[split]
+    written = []
+    out = Path(output)
+    for i, part in enumerate(parts):
+        preds = to_predictions(predict_logits(model, tokenizer, part, info, batch_size), info)
+        if info.kind == "glue":
+            task = glue.get_task(info.task)
+            if len(parts) > 1 or out.is_dir() or output.endswith(os.sep):
+                out.mkdir(parents=True, exist_ok=True)
+                path = out / task.leaderboard[i]
+            else:
+                path = out
+            written.append(glue.write_leaderboard(info.task, list(preds), str(path), part.index))
+        else:
+            tmp = f"{out}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("index\tprediction\n")
+                for idx, p in zip(part.index, preds):
+                    fh.write(f"{idx}\t{p:.6g}\n" if info.regression else f"{idx}\t{info.label_names[int(p)]}\n")
+            os.replace(tmp, out)
+            written.append(str(out))
+    return written
+
+
+def generate(model_args: ModelArguments, prompt: str, input: Optional[str] = None, max_new_tokens: int = 128,
+             raw: bool = False, do_sample: bool = False, temperature: float = 1.0) -> str:
+    """The response of an instruction-tuned run to ``prompt`` (Alpaca template unless ``raw``)."""
+    from .data.instruct import format_prompt
+
+    model, tokenizer, _ = load_trained(model_args, DataArguments(task="instruct"))
+    text = prompt if raw else format_prompt(prompt, input)
+    enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+    if do_sample:
+        kwargs["temperature"] = temperature
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
