@@ -1,0 +1,409 @@
+"""The methods BitFit is compared against, each a function that prepares a loaded model.
+
+Every function takes a freshly loaded model (with its task head), freezes/wraps it and
+returns the model to train. The count of trainable scalars is exact and is what
+:func:`trainable_count` returns; tests check each one against the model's config dims.
+
+Methods (``METHODS``; see :func:`parse_method` for the ``name/key=value`` spec syntax):
+
+- ``bitfit`` (any preset, ``bitfit/preset=ffn``), ``paper-subset`` (b_q + b_m2), ``frozen``
+  (head only: BitFit preset ``none``), ``full`` (everything trains);
+- ``lora`` (peft; r=8, alpha=16, peft's default targets = query/value on BERT-like models),
+  ``beft``, ``ln_tuning``, ``ia3``: peft's own bias/scale/norm-only methods, where the
+  installed peft has them;
+- ``rand``: the paper's random-parameter baseline: exactly as many trainable scalars as BitFit
+  ``all`` has biases, drawn uniformly among all entries of the stack's weight matrices, trained
+  as a sparse delta (gather/index_add in a forward hook: no dense weight gradient, optimizer
+  state of exactly that size);
+- ``bitfit+last-N`` (all biases, plus every parameter of the last N layers) and
+  ``bitfit+lora`` (all biases plus LoRA).
+
+The task head trains in every method (peft methods through ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import BitFitConfigError, BitFitError
+from .roles import _LAYER_RE, discover, head_module_names
+
+try:  # GPT-2 style Conv1D: weight is [in, out]
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+
+# ------------------------------------------------------------------------------ counting
+def trainable_count(model: nn.Module) -> int:
+    """Trainable scalars (each parameter object counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def total_count(model: nn.Module) -> int:
+    """All scalars of the model as it runs (rand's sparse deltas and peft adapters included)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def base_count(model: nn.Module) -> int:
+    """Scalars of the base model, without adapters/deltas/peft copies: the denominator of the %."""
+    n = 0
+    for name, p in model.named_parameters():
+        if any(t in name for t in ("lora_", "beft_", "ia3_", "bitfit_rand", "modules_to_save", "ln_tuning_layers")):
+            continue
+        n += p.numel()
+    return n
+
+
+def bias_param_count(model: nn.Module) -> int:
+    """How many scalars BitFit preset 'all' trains in the body (every existing bias; head excluded)."""
+    return sum(s.size for s in discover(model).slots if s.exists)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    return head_module_names(model)[0]
+
+
+# ------------------------------------------------------------------------------ BitFit family
+def bitfit(model: nn.Module, preset: str = "all", **options) -> nn.Module:
+    """BitFit through :func:`bitfit.apply` (any preset or option it takes)."""
+    from .prepare import apply
+
+    return apply(model, preset=preset, **options)
+
+
+def paper_subset(model: nn.Module) -> nn.Module:
+    """The paper's subset: b_q and b_m2 (plus the head)."""
+    return bitfit(model, preset="paper-subset")
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """The paper's frozen baseline: only the task head trains."""
+    return bitfit(model, preset="none")
+
+
+def full(model: nn.Module) -> nn.Module:
+    """Full fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _layer_of(name: str, stacks) -> Optional[tuple[Optional[str], int]]:
+    m = _LAYER_RE.search(name)
+    if not m:
+        return None
+    s = re.search(r"(?:^|\.)(encoder|decoder)(?:\.|$)", name[: m.start() + 1])
+    stack = s.group(1) if s and s.group(1) in stacks else None
+    return stack, int(m.group(1))
+
+
+def bitfit_last_n(model: nn.Module, n: int = 1, preset: str = "all") -> nn.Module:
+    """All biases (BitFit ``preset``) plus every parameter of the last ``n`` layers of each stack."""
+    from .prepare import get_state
+
+    n = int(n)
+    bitfit(model, preset=preset)
+    n_layers = get_state(model).model_map.n_layers
+    if not n_layers:
+        raise BitFitError("bitfit+last-N needs a model with a numbered layer stack; this one has none")
+    for stack, count in n_layers.items():
+        if not 1 <= n <= count:
+            raise BitFitConfigError(f"bitfit+last-{n}: the model has {count} layers; choose N between 1 and {count}")
+    head = tuple(f"{h}." for h in _head_names(model))
+    for name, p in model.named_parameters():
+        if name.startswith(head):
+            continue
+        where = _layer_of(name, n_layers)
+        if where is not None and where[1] >= n_layers.get(where[0], 0) - n:
+            p.requires_grad_(True)
+    return model
+
+
+# ------------------------------------------------------------------------------ peft methods
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise BitFitError("this method needs the 'peft' library: pip install peft") from None
+    return peft
+
+
+def _wrap_peft(model: nn.Module, config) -> nn.Module:
+    peft = _peft()
+    heads = _head_names(model)
+    if heads:
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | set(heads))
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        config.task_type = peft.TaskType.SEQ_CLS
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise BitFitConfigError(
+            f"peft could not wrap this {getattr(model.config, 'model_type', type(model).__name__)} model "
+            f"({str(exc).splitlines()[0]}); pass targets=... (module names) explicitly"
+        ) from None
+
+
+def _targets(targets):
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        targets = [t for t in re.split(r"[+ ]", targets) if t]
+    return list(targets)
+
+
+def lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=None, dropout: float = 0.1) -> nn.Module:
+    """LoRA through peft. Default targets: query and value (peft's own default for the family)."""
+    peft = _peft()
+    targets = _targets(targets)
+    if targets is None and getattr(model.config, "model_type", None) in ("bert", "roberta", "electra", "xlm-roberta"):
+        targets = ["query", "value"]
+    cfg = peft.LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout), target_modules=targets)
+    return _wrap_peft(model, cfg)
+
+
+def _needs(name: str, cls: str):
+    peft = _peft()
+    if not hasattr(peft, cls):
+        raise BitFitError(f"method {name!r} needs peft.{cls}, which the installed peft {peft.__version__} lacks")
+    return getattr(peft, cls)
+
+
+def beft(model: nn.Module, targets=None) -> nn.Module:
+    """peft's BEFT: a trainable bias vector added after the target Linears (peft's default: value)."""
+    return _wrap_peft(model, _needs("beft", "BeftConfig")(target_modules=_targets(targets)))
+
+
+def ln_tuning(model: nn.Module, targets=None) -> nn.Module:
+    """peft's LN tuning: every LayerNorm/RMSNorm of the stack trains (weight and bias)."""
+    targets = _targets(targets)
+    if targets is None:
+        norms = [s.module_name for s in discover(model).slots if s.kind in ("layernorm", "norm")]
+        if not norms:
+            raise BitFitConfigError("ln_tuning: this model has no normalisation layer; pass targets=...")
+        targets = sorted({n.rsplit(".", 1)[-1] for n in norms})
+    return _wrap_peft(model, _needs("ln_tuning", "LNTuningConfig")(target_modules=targets))
+
+
+def ia3(model: nn.Module, targets=None, feedforward=None) -> nn.Module:
+    """peft's (IA)^3: learned scaling vectors (peft's default targets for the family)."""
+    cfg = _needs("ia3", "IA3Config")(target_modules=_targets(targets), feedforward_modules=_targets(feedforward))
+    return _wrap_peft(model, cfg)
+
+
+def bitfit_lora(model: nn.Module, r: int = 8, alpha: int = 16, targets=None, dropout: float = 0.1,
+                preset: str = "all") -> nn.Module:
+    """Biases (those of BitFit ``preset``) plus LoRA; the head trains once (peft's copy of it).
+
+    The model gets no BitFit state (peft owns the wrapper); the biases are unfrozen directly.
+    """
+    from .config import BitFitConfig
+    from .select import resolve
+
+    mm = discover(model)
+    sel = resolve(mm, BitFitConfig(preset=preset))
+    biases = []
+    for s in mm.slots:
+        roles = sel.chosen.get(s.name)
+        if roles:
+            if s.indices(roles) is not None:
+                raise BitFitConfigError(f"bitfit+lora: preset {preset!r} selects part of a fused bias ({s.name}); "
+                                        "use preset=all")
+            biases.append(model.get_submodule(s.module_name).bias)
+    wrapped = lora(model, r=r, alpha=alpha, targets=targets, dropout=dropout)
+    for p in biases:
+        p.requires_grad_(True)
+    return wrapped
+
+
+# ------------------------------------------------------------------------------ rand
+class RandDelta(nn.Module):
+    """A sparse trainable delta on a weight matrix: ``W_eff[rows[i], cols[i]] = W[...] + delta[i]``.
+
+    Applied by a forward hook as ``y[..., rows] += x[..., cols] * delta`` (a gather and an
+    index_add): the frozen weight gets no gradient, ``delta``'s gradient is a gather too, and the
+    optimizer keeps state for ``len(delta)`` scalars only.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, dtype=torch.float32, device=None):
+        super().__init__()
+        self.register_buffer("rows", rows.to(device=device, dtype=torch.long))
+        self.register_buffer("cols", cols.to(device=device, dtype=torch.long))
+        self.delta = nn.Parameter(torch.zeros(len(rows), dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"entries={len(self.delta)}"
+
+
+def _rand_hook(module: nn.Module, inputs, output):
+    rd: RandDelta = module.bitfit_rand
+    x = inputs[0]
+    contrib = x.index_select(-1, rd.cols) * rd.delta.to(x.dtype)
+    return output.index_add(-1, rd.rows, contrib.to(output.dtype))
+
+
+def _weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The stack's weight matrices: Linear / Conv1D modules of the body (head and LM head excluded)."""
+    heads, lm = head_module_names(model)
+    skip = tuple(f"{h}." for h in heads + lm)
+    out = []
+    for name, m in model.named_modules():
+        if not name or name in heads or name in lm or name.startswith(skip):
+            continue
+        if isinstance(m, nn.Linear) or (Conv1D and isinstance(m, Conv1D)):
+            out.append((name, m))
+    return out
+
+
+def rand(model: nn.Module, count: Optional[int] = None, seed: int = 0) -> nn.Module:
+    """The paper's random-parameter baseline.
+
+    ``count`` (default: exactly the number of bias scalars BitFit ``all`` trains on this model)
+    entries are drawn uniformly without replacement among all entries of the stack's weight
+    matrices (every Linear/Conv1D of the body: attention, FFN, pooler; embeddings and the head
+    are not in the pool) and trained as sparse deltas; the task head trains as in BitFit.
+    """
+    n = bias_param_count(model) if count is None else int(count)
+    mods = _weight_modules(model)
+    sizes = torch.tensor([m.weight.numel() for _, m in mods], dtype=torch.long)
+    pool = int(sizes.sum())
+    if not 0 < n <= pool:
+        raise BitFitConfigError(f"rand: cannot choose {n} entries among the {pool} weight-matrix entries")
+    g = torch.Generator().manual_seed(int(seed))
+    chosen = torch.sort(torch.randperm(pool, generator=g)[:n]).values
+    offsets = torch.cumsum(sizes, 0)
+    which = torch.bucketize(chosen, offsets, right=True)
+    starts = offsets - sizes
+    # the head trains as in BitFit (and gets BitFit's head learning rate in `bitfit train`): preset 'none'
+    bitfit(model, preset="none")
+    for i, (name, m) in enumerate(mods):
+        local = chosen[which == i] - starts[i]
+        if local.numel() == 0:
+            continue
+        w = m.weight
+        if isinstance(m, nn.Linear):  # [out, in]
+            rows, cols = local // w.shape[1], local % w.shape[1]
+        else:  # Conv1D [in, out]
+            cols, rows = local // w.shape[1], local % w.shape[1]
+        m.bitfit_rand = RandDelta(rows, cols, dtype=torch.float32, device=w.device)
+        m.register_forward_hook(_rand_hook)
+    return model
+
+
+def rand_effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """module name -> its weight with the sparse delta added (what the forward computes)."""
+    out = {}
+    for name, m in model.named_modules():
+        rd = getattr(m, "bitfit_rand", None)
+        if isinstance(rd, RandDelta):
+            w = m.weight.detach().clone()
+            d = rd.delta.detach().to(w.dtype)
+            if isinstance(m, nn.Linear):
+                w.index_put_((rd.rows, rd.cols), d, accumulate=True)
+            else:
+                w.index_put_((rd.cols, rd.rows), d, accumulate=True)
+            out[name] = w
+    return out
+
+
+# ------------------------------------------------------------------------------ dispatch
+@dataclass
+class Method:
+    name: str
+    fn: Callable
+    family: str  # "bitfit" (has a bitfit state, bitfit.save works), "peft", "dense", "rand"
+    lr: float  # default learning rate
+    lr_grid: tuple  # default grid for --lr-grid auto
+    help: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("bitfit", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "BitFit, all biases (bitfit/preset=NAME for others)"),
+        Method("paper-subset", paper_subset, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "b_q + b_m2 only"),
+        Method("frozen", frozen, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "head only"),
+        Method("full", full, "dense", 2e-5, (1e-5, 2e-5, 5e-5), "full fine-tuning"),
+        Method("lora", lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "LoRA via peft (r=8, alpha=16, query/value)"),
+        Method("beft", beft, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft BEFT (bias on value projections)"),
+        Method("ln_tuning", ln_tuning, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft LN tuning"),
+        Method("ia3", ia3, "peft", 3e-3, (1e-3, 3e-3, 1e-2), "peft (IA)^3"),
+        Method("rand", rand, "rand", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "random weight entries, as many as BitFit's biases"),
+        Method("bitfit+last-N", bitfit_last_n, "dense", 1e-4, (5e-5, 1e-4, 3e-4), "all biases + last N layers fully"),
+        Method("bitfit+lora", bitfit_lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "all biases + LoRA"),
+    ]
+}
+
+_INT_OPTS = {"r", "alpha", "n", "seed", "count"}
+_FLOAT_OPTS = {"dropout"}
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"lora/r=16/alpha=32"`` -> ("lora", {"r": 16, "alpha": 32}); ``"bitfit+last-2"`` -> n=2.
+
+    Options are ``/key=value`` after the name; ``targets`` takes module names joined by '+'.
+    """
+    parts = [p for p in spec.strip().split("/") if p]
+    if not parts:
+        raise BitFitConfigError("empty method name; choose from: " + ", ".join(METHODS))
+    name, opts = parts[0], {}
+    m = re.fullmatch(r"bitfit\+last-(\d+)", name)
+    if m:
+        name, opts["n"] = "bitfit+last-N", int(m.group(1))
+    if name not in METHODS:
+        raise BitFitConfigError(f"unknown method {name!r}; choose from: {', '.join(METHODS)} (bitfit+last-N as bitfit+last-2)")
+    for p in parts[1:]:
+        if "=" not in p:
+            raise BitFitConfigError(f"method option {p!r} in {spec!r} must look like key=value (e.g. lora/r=16)")
+        k, v = p.split("=", 1)
+        try:
+            opts[k] = int(v) if k in _INT_OPTS else float(v) if k in _FLOAT_OPTS else v
+        except ValueError:
+            raise BitFitConfigError(f"method option {k}={v!r} in {spec!r} must be a number") from None
+    return name, opts
+
+
+def method_info(spec: str) -> Method:
+    return METHODS[parse_method(spec)[0]]
+
+
+def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Module:
+    """Prepare ``model`` for the method ``spec`` and return the model to train."""
+    name, opts = parse_method(spec)
+    if name == "rand" and seed is not None and "seed" not in opts:
+        opts["seed"] = seed
+    fn = METHODS[name].fn
+    try:
+        return fn(model, **opts)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise BitFitConfigError(f"method {spec!r}: {exc}") from None
+        raise
+
+
+__all__ = [
+    "METHODS", "Method", "prepare", "parse_method", "method_info", "trainable_count", "total_count", "base_count",
+    "bias_param_count", "bitfit", "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
+    "bitfit_last_n", "bitfit_lora", "RandDelta", "rand_effective_weights",
+]

@@ -1,0 +1,123 @@
+"""Bias change (from memory and from an artifact), gradient magnitudes, rankings, heatmaps."""
+
+import pytest
+import torch
+from families import inputs_for, make
+
+import bitfit
+from bitfit import analysis as A
+from bitfit.plots import is_png
+
+
+def _train(model, family, steps=4, lr=1e-2, wd=0.0):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+    batch = inputs_for(family, batch=4)
+    labels = torch.tensor([0, 1, 1, 0])
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("family,preset", [("bert", "all"), ("gpt2", "paper-subset")])
+def test_change_from_artifact_equals_change_in_memory(tmp_path, family, preset):
+    model = make(family)
+    bitfit.apply(model, preset=preset)
+    before = A.snapshot_biases(model)
+    _train(model, family)
+    after = A.snapshot_biases(model)
+    mm = bitfit.get_state(model).model_map
+    mem = {(r["role"], r["layer"]): r for r in A.change_table(mm, before, after)}
+    bitfit.save(model, tmp_path / "art")
+    rows, mm2, meta = A.artifact_change_table(tmp_path / "art")
+    art = {(r["role"], r["layer"]): r for r in rows}
+    trained = {k for k, r in mem.items() if r["value"] > 0}
+    assert set(art) == trained  # the artifact holds exactly the trained roles
+    for k in art:
+        assert art[k]["dim"] == mem[k]["dim"]
+        assert art[k]["value"] == pytest.approx(mem[k]["value"], rel=1e-6)
+    # value is the paper's (1/dim) * ||b0 - bf||_1, checked by hand for one bias
+    q = "bert.encoder.layer.1.attention.self.query.bias" if family == "bert" else None
+    if q:
+        want = float((after[q] - before[q]).abs().mean())
+        assert art[("query", "1")]["value"] == pytest.approx(want, rel=1e-6)
+        assert art[("query", "1")]["dim"] == 16
+    else:  # gpt2: only the query third of the fused c_attn bias trained
+        assert art[("query", "0")]["dim"] == 16 and ("key", "0") not in art
+
+
+def test_grad_recorder_key_gets_no_gradient_under_softmax():
+    model = make("bert")
+    bitfit.apply(model, preset="all")
+    rec = A.GradRecorder(model)
+    _train(model, "bert", steps=3)
+    rec.remove()
+    rows = rec.table()
+    by = {}
+    for r in rows:
+        by.setdefault(r["role"], []).append(r["value"])
+    key = max(by["key"])
+    others = min(min(v) for role, v in by.items() if role not in ("key",))
+    assert others > 0
+    assert key < 1e-6 * others  # zero up to rounding
+    ranking = A.rank(rows)
+    assert ranking["roles"][-1]["role"] == "key"
+    assert "no gradient" in A.zero_grad_note(bitfit.get_state(model).model_map)
+    # a removed recorder records nothing more
+    calls = dict(rec.calls)
+    _train(model, "bert", steps=1)
+    assert rec.calls == calls
+
+
+def test_measure_gradients_matches_recorder_and_restores_flags():
+    model = make("bert")
+    bitfit.apply(model, preset="none")  # head only: biases are frozen
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    batch = {**inputs_for("bert", batch=4), "labels": torch.tensor([0, 1, 1, 0])}
+    means = A.measure_gradients(model, [batch, batch])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    q = "bert.encoder.layer.0.attention.self.query.bias"
+    # same value as one backward by hand (two identical batches average to one)
+    ref = make("bert")
+    ref.eval()
+    ref(**batch).loss.backward()
+    torch.testing.assert_close(means[q], ref.get_submodule(q[:-5]).bias.grad.abs())
+    v = means["bert.encoder.layer.0.attention.self.value.bias"].mean()
+    assert means["bert.encoder.layer.0.attention.self.key.bias"].max() < 1e-4 * v
+
+
+def test_rotary_model_key_does_get_gradient():
+    model = make("qwen2")  # Qwen2 has q/k/v biases and rotary embeddings
+    mm = bitfit.discover(model)
+    assert mm.zero_grad_roles == ()
+    batch = {**inputs_for("qwen2", batch=4), "labels": torch.tensor([0, 1, 1, 0])}
+    means = A.measure_gradients(model, [batch])
+    rows = A.grad_table(mm, means)
+    key = [r["value"] for r in rows if r["role"] == "key"]
+    assert key and min(key) > 1e-6
+    assert "rotary" in A.zero_grad_note(mm)
+
+
+def test_write_report_files(tmp_path):
+    model = make("bert")
+    bitfit.apply(model)
+    before = A.snapshot_biases(model)
+    rec = A.GradRecorder(model)
+    _train(model, "bert")
+    mm = bitfit.get_state(model).model_map
+    change = A.change_table(mm, before, A.snapshot_biases(model))
+    res = A.write_report(tmp_path, change, rec.table(), mm)
+    for name in ("bias_change.csv", "bias_change.png", "bias_grad.csv", "bias_grad.png", "ranking.md", "ranking.json"):
+        assert (tmp_path / name).stat().st_size > 100, name
+    assert is_png(tmp_path / "bias_change.png")
+    back = A.read_csv(tmp_path / "bias_change.csv")
+    assert [(r["role"], r["layer"], r["dim"]) for r in back] == [(r["role"], str(r["layer"]), r["dim"]) for r in change]
+    m, roles, layers = A.grid(change)
+    assert roles == ["b_q", "b_k", "b_v", "b_m1", "b_LN1", "b_m2", "b_m3", "b_LN2"] and layers == ["0", "1"]
+    assert not torch.isnan(torch.tensor(m)).any()
+    md = (tmp_path / "ranking.md").read_text()
+    assert "b_k" in md and "no gradient" in md
+    assert res["change"]["roles"][0]["value"] >= res["change"]["roles"][-1]["value"]
