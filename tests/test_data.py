@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from bitfit.data import TASKS, TextData, get_task, load_file, load_glue, load_train_file, write_leaderboard
-from bitfit.data import glue as G
 from bitfit.errors import DataError
 from bitfit.train import DataArguments, load_splits, subset
 

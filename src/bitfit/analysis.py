@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -32,6 +30,7 @@ from torch import nn
 
 from .config import LAYER_ROLES, PAPER_NAMES, ROLES
 from .errors import ArtifactError, BitFitError
+from .io import atomic_write_text
 from .roles import ModelMap, discover
 
 FIELDS = ("role", "paper", "layer", "dim", "value")
@@ -269,14 +268,6 @@ def zero_grad_note(model_map: ModelMap) -> str:
 
 
 # ----------------------------------------------------------------------------- output
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: list[dict], path) -> Path:
     import io
 
@@ -286,7 +277,7 @@ def write_csv(rows: list[dict], path) -> Path:
     for r in rows:
         w.writerow({k: r[k] for k in FIELDS})
     path = Path(path)
-    _atomic_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -331,9 +322,9 @@ def write_report(out_dir, change_rows: list[dict], grad_rows: Optional[list[dict
             files["grad_png"] = plots.heatmap(gm, grl, gcl, str(out / "bias_grad.png"),
                                               title=f"mean |grad| per role and layer{title}", cbar_label="mean |grad|")
         result["grad"] = rank(grad_rows)
-    _atomic_text(out / "ranking.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "ranking.json", json.dumps(result, indent=2))
     md = ranking_markdown(result)
-    _atomic_text(out / "ranking.md", md)
+    atomic_write_text(out / "ranking.md", md)
     files["ranking"] = str(out / "ranking.md")
     return result
 

@@ -23,12 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from .errors import BitFitConfigError, BitFitError, DataError
+from .io import atomic_write_json
 
 # Defaults of each method (issue 5's `compare` uses them). BitFit: the paper's learning rate 1e-3;
 # the randomly initialised head gets its own (higher) learning rate, see HEAD_LR_FACTOR.
@@ -508,14 +509,6 @@ def _versions() -> dict:
     return out
 
 
-def _write_json(path: Union[str, Path], obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
@@ -658,12 +651,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, model_args.model)
-        _write_json(out / "metrics.json", metrics)
-        _write_json(out / "log_history.json", trainer.state.log_history)
-        _write_json(out / "task.json", {**info.to_dict(), "base_model": model_args.model,
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "log_history.json", trainer.state.log_history)
+        atomic_write_json(out / "task.json", {**info.to_dict(), "base_model": model_args.model,
                                         "gguf_file": model_args.gguf_file,
                                         "data_dir": os.path.abspath(data_args.data_dir) if data_args.data_dir else None})
-        _write_json(out / "command.json", {
+        atomic_write_json(out / "command.json", {
             "argv": list(argv) if argv is not None else None,
             "command": ("bitfit train " + " ".join(_quote(a) for a in argv)) if argv is not None else None,
             "model_args": dataclasses.asdict(model_args), "data_args": dataclasses.asdict(data_args),

@@ -17,12 +17,12 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Optional
 
 from ..cli import command
 from ..errors import BitFitConfigError, BitFitError
+from ..io import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = "bitfit,paper-subset,full,frozen,lora,rand"
 # which of run_train's method defaults (weight decay, epochs, head learning rate) each method uses
@@ -39,18 +39,6 @@ ARTIFACT_FILES = ("bitfit_model.safetensors", "bitfit_config.json", "adapter_mod
 def _env():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def slug(spec: str) -> str:
@@ -248,7 +236,7 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
     if not keep_checkpoints:
         for ck in run_dir.glob("checkpoint-*"):
             shutil.rmtree(ck, ignore_errors=True)
-    _write_json(rec_file, record)
+    atomic_write_json(rec_file, record)
     holder.clear()
     return record
 
@@ -451,8 +439,8 @@ def run_compare(model_args, data_args, overrides: dict, specs: list, seeds: list
     result = {"task": task, "model": model_args.model, "methods": specs, "seeds": seeds, "train_sizes": train_sizes,
               "training_overrides": overrides, "summary": rows, "runs": [
                   {k: v for k, v in r.items() if k not in ("change", "grad")} for r in records], "files": files}
-    _write_json(out / "results.json", result)
-    _write_text(out / "results.md", f"# {task}: {model_args.model}\n\n" + table)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", f"# {task}: {model_args.model}\n\n" + table)
     return result
 
 
