@@ -109,7 +109,6 @@ def fingerprint(model: nn.Module) -> str:
     skip = {s.name for s in mm.slots} | set(mm.head_params)
     body, prefix = _body(target)
     h = hashlib.sha256()
-    n_tensors = 0
     for name, p in sorted(body.named_parameters(), key=lambda kv: kv[0]):
         if prefix + name in skip or ".parametrizations." in name or p.is_meta:
             continue
@@ -121,7 +120,6 @@ def fingerprint(model: nn.Module) -> str:
         vals = flat.to(torch.float32).to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
         h.update(f"{name}:{tuple(p.shape)}\n".encode())
         h.update(vals)
-        n_tensors += 1
     return f"sha256:{h.hexdigest()[:32]}"
 
 
