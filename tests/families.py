@@ -53,3 +53,19 @@ def logits_of(model, family: str, batch: int = 3, seq: int = 7):
 
     with torch.no_grad():
         return model(**inputs_for(family, batch, seq)).logits
+
+
+def train_steps(model, family: str = "bert", steps: int = 3, lr: float = 1e-2, weight_decay: float = 0.1):
+    """A few AdamW steps on a fixed classification batch; returns the optimizer."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    batch = inputs_for(family, batch=4)
+    labels = torch.tensor([0, 1, 1, 0])
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt

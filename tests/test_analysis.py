@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-from families import inputs_for, make
+from families import inputs_for, make, train_steps
 
 import bitfit
 from bitfit import analysis as A
 from bitfit.plots import is_png
-
-
-def _train(model, family, steps=4, lr=1e-2, wd=0.0):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
-    batch = inputs_for(family, batch=4)
-    labels = torch.tensor([0, 1, 1, 0])
-    for _ in range(steps):
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 @pytest.mark.parametrize("family,preset", [("bert", "all"), ("gpt2", "paper-subset")])
@@ -26,7 +14,7 @@ def test_change_from_artifact_equals_change_in_memory(tmp_path, family, preset):
     model = make(family)
     bitfit.apply(model, preset=preset)
     before = A.snapshot_biases(model)
-    _train(model, family)
+    train_steps(model, family, steps=4, weight_decay=0.0)
     after = A.snapshot_biases(model)
     mm = bitfit.get_state(model).model_map
     mem = {(r["role"], r["layer"]): r for r in A.change_table(mm, before, after)}
@@ -52,7 +40,7 @@ def test_grad_recorder_key_gets_no_gradient_under_softmax():
     model = make("bert")
     bitfit.apply(model, preset="all")
     rec = A.GradRecorder(model)
-    _train(model, "bert", steps=3)
+    train_steps(model, "bert", steps=3, weight_decay=0.0)
     rec.remove()
     rows = rec.table()
     by = {}
@@ -67,7 +55,7 @@ def test_grad_recorder_key_gets_no_gradient_under_softmax():
     assert "no gradient" in A.zero_grad_note(bitfit.get_state(model).model_map)
     # a removed recorder records nothing more
     calls = dict(rec.calls)
-    _train(model, "bert", steps=1)
+    train_steps(model, "bert", steps=1, weight_decay=0.0)
     assert rec.calls == calls
 
 
@@ -106,7 +94,7 @@ def test_write_report_files(tmp_path):
     bitfit.apply(model)
     before = A.snapshot_biases(model)
     rec = A.GradRecorder(model)
-    _train(model, "bert")
+    train_steps(model, "bert", steps=4, weight_decay=0.0)
     mm = bitfit.get_state(model).model_map
     change = A.change_table(mm, before, A.snapshot_biases(model))
     res = A.write_report(tmp_path, change, rec.table(), mm)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from families import inputs_for, make
+from families import inputs_for, make, train_steps
 
 from bitfit import baselines as B
 from bitfit.errors import BitFitConfigError
@@ -68,26 +68,12 @@ def _named_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _train(model, family="bert", steps=3, lr=1e-2, wd=0.1):
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    batch = inputs_for(family, batch=4)
-    labels = torch.tensor([0, 1, 1, 0])
-    for _ in range(steps):
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
-
-
 @pytest.mark.parametrize("spec", ["bitfit+last-1", "full", "lora", "frozen"])
 def test_training_changes_only_trainable(spec):
     model = B.prepare(make("bert"), spec)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     before = _named_state(model)
-    _train(model)
+    train_steps(model)
     after = _named_state(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == trainable
@@ -101,7 +87,7 @@ def test_rand_trains_only_chosen_entries_through_a_gather():
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, base(**batch).logits)
     weights_before = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "bitfit_rand")}
-    opt = _train(model)
+    opt = train_steps(model)
     # frozen dense weights never got a gradient; optimizer state is exactly the chosen count + head
     for name, m in model.named_modules():
         if hasattr(m, "bitfit_rand"):
@@ -157,6 +143,6 @@ def test_bitfit_lora_trains_biases_and_adapters():
     assert any(n.endswith("attention.self.key.bias") for n in names)
     assert any("modules_to_save" in n for n in names)
     before = _named_state(model)
-    _train(model)
+    train_steps(model)
     after = _named_state(model)
     assert {n for n in before if not torch.equal(before[n], after[n])} == names

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers as T
-from families import inputs_for, make
+from families import inputs_for, make, train_steps
 
 import bitfit
 from bitfit.prepare import bias_tensor
@@ -24,19 +24,6 @@ def effective_params(model):
         if hasattr(module, "parametrizations") and "bias" in module.parametrizations:
             out[f"{mname}.bias"] = module.bias.detach().clone()
     return out
-
-
-def train_steps(model, family, steps=3, lr=1e-2, weight_decay=0.1):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    batch = inputs_for(family, batch=4)
-    labels = torch.tensor([0, 1, 1, 0])
-    for _ in range(steps):
-        out = model(**batch, labels=labels)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "bloom", "distilbert"])
