@@ -14,13 +14,7 @@ from bitfit.cli import main
 from bitfit.train import ModelArguments, auto_epochs, parse_train_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, loaded CPU, two spinning threads per process are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WORDS_POS = ["good", "great", "fine", "nice", "happy"]
