@@ -36,6 +36,7 @@ from torch.nn.utils import parametrize
 
 from .config import ROLES, BitFitConfig
 from .errors import ArtifactError, BitFitError
+from .lean import remove as remove_lean
 from .prepare import STATE_ATTR, apply, bias_tensor, get_state, trainable_bias_param, unwrap
 from .roles import discover
 from .select import resolve
@@ -736,31 +737,29 @@ def _check_restorable(target: nn.Module, state) -> None:
         )
 
 
-def _strip_lean(target: nn.Module) -> None:
-    """Undo the lean training mode (instance forward, swapped dropouts) if bitfit.lean set it up."""
-    lean = target.__dict__.get("_bitfit_lean")
-    if lean is None:
-        return
-    try:
-        from .lean import set_lean
-
-        set_lean(target, False)
-    except Exception:  # pragma: no cover - lean module missing or changed
-        pass
-    fwd = target.__dict__.get("forward")
-    if fwd is not None and type(fwd).__name__ == "_Forward":
-        del target.__dict__["forward"]
-    object.__delattr__(target, "_bitfit_lean")
-
-
-@torch.no_grad()
-def _restore_base(target: nn.Module, state) -> None:
+def _detach_bitfit(target: nn.Module, state, keep_trained: bool) -> None:
+    """Remove norm hooks and fused-slice masks (keeping the trained values, or the base ones)."""
     for handle in state.hooks.values():
         handle.remove()
     for slot in state.trained_slots():
         module = _module(target, slot.module_name)
         if parametrize.is_parametrized(module, "bias"):
-            parametrize.remove_parametrizations(module, "bias", leave_parametrized=False)
+            parametrize.remove_parametrizations(module, "bias", leave_parametrized=keep_trained)
+
+
+def _drop_state(target: nn.Module) -> None:
+    """A plain model again: every parameter trainable, no lean mode, no BitFit state."""
+    for p in target.parameters():
+        p.requires_grad_(True)
+    remove_lean(target)
+    object.__delattr__(target, STATE_ATTR)
+
+
+@torch.no_grad()
+def _restore_base(target: nn.Module, state) -> None:
+    _detach_bitfit(target, state, keep_trained=False)
+    for slot in state.trained_slots():
+        module = _module(target, slot.module_name)
         if slot.name in state.added:
             if slot.kind == "norm":
                 del module._parameters["bias"]
@@ -773,10 +772,7 @@ def _restore_base(target: nn.Module, state) -> None:
     for name in state.model_map.head_params:
         if name in state.base:
             params[name].copy_(state.base[name].to(params[name].dtype))
-    for p in target.parameters():
-        p.requires_grad_(True)
-    _strip_lean(target)
-    object.__delattr__(target, STATE_ATTR)
+    _drop_state(target)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -873,22 +869,14 @@ def merge(model: nn.Module) -> nn.Module:
         if f"{name}.bias" not in ref:
             raise ArtifactError(f"cannot merge: switch(es) {sorted(switches)} would also need a bias on {name}{keep}")
     with torch.no_grad():
-        for handle in state.hooks.values():
-            handle.remove()
-        for slot in state.trained_slots():
-            module = _module(target, slot.module_name)
-            if parametrize.is_parametrized(module, "bias"):
-                parametrize.remove_parametrizations(module, "bias", leave_parametrized=True)
+        _detach_bitfit(target, state, keep_trained=True)
         for name in extra:
             m = _module(target, name)
             w = m.weight
             m.bias = nn.Parameter(torch.zeros(ref[f"{name}.bias"], dtype=w.dtype, device=w.device))
         for k, v in switches.items():
             setattr(target.config, k, v)
-    for p in target.parameters():
-        p.requires_grad_(True)
-    _strip_lean(target)
-    object.__delattr__(target, STATE_ATTR)
+    _drop_state(target)
     if switches:
         got = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         if got != ref:

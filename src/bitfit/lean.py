@@ -462,6 +462,21 @@ def finish_apply(target: nn.Module, cfg) -> None:
         set_lean(target, True)
 
 
+def remove(model: nn.Module) -> None:
+    """Undo what ``finish_apply`` installed (lean modules, the instance forward, the lean state).
+
+    Weights cast by ``frozen_dtype`` keep that dtype."""
+    from .prepare import unwrap
+
+    target = unwrap(model)
+    if target.__dict__.get(LEAN_ATTR) is None:
+        return
+    set_lean(target, False)
+    if isinstance(target.__dict__.get("forward"), _Forward):
+        del target.__dict__["forward"]
+    object.__delattr__(target, LEAN_ATTR)
+
+
 def saved_activation_bytes(fn, params=()):
     """``(bytes, fn())``: bytes of the distinct storages autograd saves while ``fn()`` runs.
 
