@@ -243,3 +243,19 @@ def test_model_arguments_reach_bitfit_apply(tiny_dir):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"bert.encoder.layer.1.attention.self.query.bias", "bert.encoder.layer.1.intermediate.dense.bias",
                        "classifier.weight", "classifier.bias"}
+    assert cfg.lean is True
+
+
+def test_no_lean_flag_gives_stock_modules(tiny_dir):
+    import transformers as T
+
+    from bitfit.train import apply_bitfit
+
+    from transformers import HfArgumentParser
+
+    (margs,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(["--model", tiny_dir, "--no_lean"])
+    assert margs.lean is False
+    model = T.AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=2)
+    apply_bitfit(model, margs)
+    assert bitfit.get_state(model).config.lean is False
+    assert all(type(m) is torch.nn.Dropout for m in model.modules() if isinstance(m, torch.nn.Dropout))

@@ -69,6 +69,10 @@ class ModelArguments:
     frozen_dtype: Optional[str] = field(
         default=None, metadata={"help": "Keep frozen weights in bfloat16/float16 to save memory."}
     )
+    lean: bool = field(
+        default=True,
+        metadata={"help": "Memory-lean training (bool dropout masks, fused attention); --no_lean for the stock modules."},
+    )
     head_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": f"Learning rate of the task head (default: {HEAD_LR_FACTOR:g} x --learning_rate for "
@@ -324,7 +328,7 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
         exclude=_split(model_args.exclude), layers=layers,
         add_missing=model_args.add_missing if add_missing is None else add_missing,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
-        frozen_dtype=model_args.frozen_dtype,
+        frozen_dtype=model_args.frozen_dtype, lean=model_args.lean,
     )
 
 
