@@ -6,6 +6,7 @@ Methods (each on its own copy of the same randomly initialised model, task head 
 - ``naive``: naive BitFit: ``requires_grad`` only on biases + head, nothing else changed;
 - ``bitfit-fp32-stock`` / ``bitfit-fp32-lean``: ``bitfit.apply`` with ``lean=False`` / ``True``;
 - ``bitfit-bf16-stock`` / ``bitfit-bf16-lean``: the same with ``frozen_dtype="bfloat16"``;
+- ``bitfit-int8-lean``: ``frozen_dtype="int8"`` (bf16 base, int8 training matmuls);
 - ``lora``: peft LoRA r=8, alpha=16 (peft's default targets: query/value), head trained;
 - ``beft``: peft BEFT (``PeftType.BEFT``, peft >= 0.21), head trained.
 
@@ -53,9 +54,11 @@ METHODS = [
     "bitfit-fp32-lean",
     "bitfit-bf16-stock",
     "bitfit-bf16-lean",
+    "bitfit-int8-lean",
     "lora",
     "beft",
 ]
+FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8"}
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=30522)
 
 
@@ -85,7 +88,7 @@ def build(method: str, config, seed: int = 0):
             p.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
     elif method.startswith("bitfit-"):
         _, dtype, mode = method.split("-")
-        bitfit.apply(model, frozen_dtype=None if dtype == "fp32" else "bfloat16", lean=(mode == "lean"))
+        bitfit.apply(model, frozen_dtype=FROZEN[dtype], lean=(mode == "lean"))
     elif method in ("lora", "beft"):
         import peft
 
@@ -125,7 +128,7 @@ def saved_bytes(model, opt, batch) -> int:
     """One full step (it doubles as the warm-up) whose forward's saved tensors are counted."""
     from bitfit.lean import saved_activation_bytes
 
-    n, loss = saved_activation_bytes(lambda: model(**batch).loss, params=list(model.parameters()))
+    n, loss = saved_activation_bytes(lambda: model(**batch).loss, params=[*model.parameters(), *model.buffers()])
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -220,7 +223,7 @@ def accuracy(args) -> int:
         dtype, lean = mode.split("-")
         torch.manual_seed(0)
         model = T.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        bitfit.apply(model, frozen_dtype=None if dtype == "fp32" else "bfloat16", lean=(lean == "lean"))
+        bitfit.apply(model, frozen_dtype=FROZEN[dtype], lean=(lean == "lean"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     acc.add_argument("--accuracy", choices=["SST-2", "RTE"], help="train MiniLM with BitFit on this GLUE task")
     acc.add_argument("--glue", default=os.environ.get(
         "BITFIT_GLUE_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/glue")))
-    acc.add_argument("--modes", default="fp32-stock,fp32-lean,bf16-lean", help="comma list of {fp32,bf16}-{stock,lean}")
+    acc.add_argument("--modes", default="fp32-stock,fp32-lean,bf16-lean", help="comma list of {fp32,bf16,int8}-{stock,lean}")
     acc.add_argument("--train-rows", type=int, default=1000)
     acc.add_argument("--dev-rows", type=int, default=872)
     acc.add_argument("--epochs", type=int, default=2)

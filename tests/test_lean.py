@@ -137,7 +137,7 @@ def test_bf16_model_deepcopies_and_keeps_signature():
 
 def test_frozen_dtype_validation():
     with pytest.raises(BitFitConfigError, match="frozen_dtype"):
-        bitfit.BitFitConfig(frozen_dtype="int8")
+        bitfit.BitFitConfig(frozen_dtype="int4")
     with pytest.raises(BitFitConfigError, match="lean"):
         bitfit.BitFitConfig(lean="yes")
     assert bitfit.BitFitConfig(frozen_dtype="bf16").frozen_dtype == "bfloat16"
@@ -314,3 +314,137 @@ def test_attention_switch_is_restored_when_forward_fails():
         model(input_ids=torch.tensor([[1, 2, 999]]))  # token id beyond the vocabulary
     assert model.config._attn_implementation == "sdpa"
     assert "bitfit_lean" not in model.config.to_json_string()
+
+
+# ------------------------------------------------------------------ int8 training matmuls
+
+
+def _int8_pair(family="bert", **options):
+    ref = make(family)
+    m8, mb = copy.deepcopy(ref), copy.deepcopy(ref)
+    bitfit.apply(m8, frozen_dtype="int8", **options)
+    bitfit.apply(mb, frozen_dtype="bfloat16", **options)
+    return m8, mb
+
+
+def test_int8_quantizes_frozen_linears_only():
+    from bitfit.lean import INT8_S, INT8_W
+
+    m8, _ = _int8_pair()
+    state = get_lean(m8)
+    linears = [n for n, mod in m8.named_modules() if isinstance(mod, nn.Linear) and not mod.weight.requires_grad]
+    assert sorted(state.int8) == sorted(linears) and len(linears) == 2 * 6 + 1  # 2 layers x 6, pooler
+    assert "classifier" not in state.int8  # the head trains its weight: float32 matmul
+    assert any("int8 training matmuls in 13 frozen Linear layers" in m for m in bitfit.report(m8).modes)
+    assert all(p.dtype == torch.float32 for p in m8.parameters() if p.requires_grad)
+    # non-persistent: a state dict (and so a merged or saved model) never carries them
+    assert not [k for k in m8.state_dict() if "int8" in k]
+    mod = m8.get_submodule(linears[0])
+    w = mod.weight.detach().float()
+    wq, scale = mod._buffers[INT8_W], mod._buffers[INT8_S]
+    assert wq.dtype == torch.int8 and wq.abs().max() == 127
+    assert (wq.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-2  # bf16 weight vs fp32 grid
+
+
+def test_int8_eval_is_the_bf16_path_and_grads_are_close():
+    m8, mb = _int8_pair()
+    batch = inputs_for("bert", batch=4)
+    labels = _labels("bert", batch)
+    for m in (m8, mb):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(m8(**batch).logits, mb(**batch).logits)
+    grads = []
+    for m in (m8, mb):
+        m.train()
+        torch.manual_seed(3)
+        out = m(**batch, labels=labels)
+        assert out.logits.dtype == torch.float32
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    g8, gb = grads
+    assert g8.keys() == gb.keys()
+    # dropout draws differ between the two (int8 mode draws faster masks), so compare without dropout
+    grads = []
+    for m in (m8, mb):
+        for mod in m.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+        m.zero_grad()
+        m(**batch, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    g8, gb = grads
+    scale = max(g.abs().max() for g in gb.values())
+    for name in gb:
+        assert g8[name].dtype == torch.float32
+        if gb[name].abs().max() > 1e-2 * scale:  # int8 rounding: a few per cent, never a different direction
+            cos = torch.nn.functional.cosine_similarity(g8[name].flatten(), gb[name].flatten(), dim=0)
+            assert cos > 0.99, (name, cos)
+            assert (g8[name] - gb[name]).norm() <= 0.1 * gb[name].norm(), name
+
+
+def test_fast_dropout_draw_keeps_the_right_fraction():
+    from bitfit.lean import _FAST_DRAW, _fast_keep_mask, lean_dropout
+
+    torch.manual_seed(0)
+    for p in (0.1, 0.5):
+        keep = _fast_keep_mask((1000, 1000), p, "cpu")
+        assert keep.dtype == torch.bool and abs(keep.float().mean().item() - (1 - p)) < 2e-3
+        assert abs(keep[:, ::4].float().mean().item() - (1 - p)) < 4e-3  # every 16-bit lane is uniform
+        assert abs(keep[:, 3::4].float().mean().item() - (1 - p)) < 4e-3
+    x = torch.ones(200, 500, requires_grad=True)
+    token = _FAST_DRAW.set(True)
+    try:
+        y = lean_dropout(x, 0.2)
+    finally:
+        _FAST_DRAW.reset(token)
+    assert set(y.unique().tolist()) == {0.0, 1.25} and abs((y > 0).float().mean().item() - 0.8) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = the same mask and scale
+
+
+def test_int8_function_matches_float_matmul():
+    from bitfit.lean import _Int8Matmuls, _rowwise_int8
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    wq, ws = _rowwise_int8(w)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    y = _Int8Matmuls.apply(x, b, wq, ws.reshape(-1), torch.float32)
+    ref = x @ w.t() + b
+    assert y.shape == (2, 5, 48)
+    assert (y - ref).norm() / ref.norm() < 0.02
+    g = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    assert torch.allclose(gb, g.sum((0, 1)))  # the bias gradient is exact
+    assert (gx - g @ w).norm() / (g @ w).norm() < 0.02
+
+
+def test_int8_trains_and_switches_off():
+    from bitfit.lean import remove
+
+    model = make("bert")
+    bitfit.apply(model, frozen_dtype="int8")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch = inputs_for("bert", batch=4)
+    labels = _labels("bert", batch)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            return model(**batch, labels=labels).loss.item()
+
+    first = eval_loss()
+    torch.manual_seed(0)
+    for _ in range(15):
+        model.train()
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert eval_loss() < first - 0.05
+    clone = copy.deepcopy(model)  # the int8 forward and buffers travel with a copy
+    assert len(get_lean(clone).int8) == 13
+    remove(model)
+    assert not [n for n, _ in model.named_buffers() if "int8" in n]
+    assert all("forward" not in mod.__dict__ for mod in model.modules())
