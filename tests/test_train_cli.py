@@ -102,6 +102,13 @@ def test_bitfit_defaults_and_flag_forms(glue_dir):
                                 "--output-dir", "/tmp/x", "--train-size", "320"])
     assert t.metric_for_best_model == "combined_score" and t.num_train_epochs == 20  # 10 steps/epoch -> capped
     assert auto_epochs(67349, 32) == 3
+    # --bf16 on a machine without a GPU: autocast on the CPU, not transformers' "needs a GPU" error
+    m, d, t = parse_train_args(["--model", "minilm", "--task", "rte", "--data-dir", str(glue_dir),
+                                "--output-dir", "/tmp/x", "--num_train_epochs", "1", "--bf16", "True",
+                                "--frozen-dtype", "int8"])
+    assert t.bf16 and m.frozen_dtype == "int8"
+    if not torch.cuda.is_available():
+        assert t.use_cpu
 
 
 def test_own_files_train_eval_predict(sentiment_run, capsys):

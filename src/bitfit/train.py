@@ -404,7 +404,16 @@ def build_training_arguments(output_dir: str, method: str = "bitfit", task: Opti
     kwargs = training_defaults(method, primary, n_train, bs)
     kwargs.update(overrides)
     kwargs["output_dir"] = output_dir
+    if (kwargs.get("bf16") or kwargs.get("fp16")) and "use_cpu" not in overrides and not _has_accelerator():
+        kwargs["use_cpu"] = True  # transformers refuses --bf16 without a GPU unless told to use the CPU (autocast)
     return TrainingArguments(**kwargs)
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    return any(getattr(torch, name, None) is not None and getattr(torch, name).is_available()
+               for name in ("xpu", "mps") if hasattr(getattr(torch, name, None), "is_available"))
 
 
 def _glue_primary(task: str) -> Optional[str]:
@@ -713,6 +722,8 @@ def parse_train_args(argv: list):
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
     if data_args.is_instruct and not data_args.validation_file:
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
+    if (_given(argv, "bf16") or _given(argv, "fp16")) and not _has_accelerator():
+        defaults["use_cpu"] = True  # autocast on the CPU instead of transformers' "needs a GPU" error
     parser.set_defaults(**defaults)
     if not _given(argv, "output_dir"):
         raise BitFitError("--output-dir is required (the folder the trained artifact and logs go to)")
