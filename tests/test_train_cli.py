@@ -266,3 +266,22 @@ def test_no_lean_flag_gives_stock_modules(tiny_dir):
     apply_bitfit(model, margs)
     assert bitfit.get_state(model).config.lean is False
     assert all(type(m) is torch.nn.Dropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_train_int8_end_to_end(tiny_dir, tmp_path, capsys):
+    """`--frozen-dtype int8` trains, the artifact holds float32 values only (no int8 weight copy),
+    and `bitfit eval` reproduces the run's score."""
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(32))
+    dev = write_csv(tmp_path / "d.csv", sentiment_rows(16, seed=1))
+    out = tmp_path / "int8"
+    assert main(["train", "--model", tiny_dir, "--train-file", train, "--validation-file", dev,
+                 "--frozen-dtype", "int8", "--num_train_epochs", "2", "--learning_rate", "1e-2",
+                 "--per_device_train_batch_size", "8", "--disable_tqdm", "true", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    saved = _trained_tensors(out)
+    assert saved and all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
+    assert not [k for k in saved if "int8" in k] and all(t.dtype != torch.int8 for t in saved.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", "--adapter", str(out), "--validation-file", dev]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["eval_accuracy"] == metrics["eval_accuracy"]
