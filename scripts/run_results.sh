@@ -4,7 +4,7 @@
 #   scripts/run_results.sh quick   # what docs/RESULTS.md ran on a shared 2-core CPU (~30 min)
 #   scripts/run_results.sh full    # the full grid: 5 tasks x 6 methods x lr grid x 3 seeds (many CPU-hours;
 #                                  # measured step times here suggest ~20 CPU-hours per method and seed)
-#   scripts/run_results.sh sizes   # small-data curve: SST-2 at 100..3000 rows, bitfit vs full vs lora
+#   scripts/run_results.sh sizes   # small-data curve: SST-2 at 100, 300, 1000 rows (after grid)
 #   scripts/run_results.sh grid    # what docs/RESULTS.md reports: 5 tasks x 5 methods x 3 seeds on
 #                                  # 1,000-row training subsets, 5 epochs, bf16 autocast (~3 CPU-hours)
 #   scripts/run_results.sh fidelity  # `bitfit train` defaults on the full training sets (SST-2: 5,000
@@ -78,9 +78,12 @@ fidelity)
   done
   ;;
 sizes)
-  bitfit compare --model "$MODEL" --task sst2 --data-dir "$GLUE" \
-    --methods bitfit,full,lora --seeds 3 --train-sizes 100,300,1000,3000 \
-    --output-dir "$OUT/sst2-sizes"
+  # Small-data curve on SST-2 with the grid's settings (every method, 3 seeds): adds 100- and
+  # 300-row runs next to the grid's 1,000-row runs in the same folder (those are reused).
+  bitfit compare --model "$MODEL" --data-dir "$GLUE" --methods bitfit,paper-subset,full,frozen,lora \
+    --train-sizes 100,300,1000 --lr-grid "full=5e-5;lora=1e-3" --num_train_epochs 5 \
+    --per_device_train_batch_size 16 --bf16 True --use_cpu True --task sst2 --seed 42 --seeds 3 \
+    --output-dir "$OUT/grid/sst2"
   ;;
 *)
   echo "usage: $0 quick|grid|fidelity|full|sizes" >&2
