@@ -448,3 +448,12 @@ def test_int8_trains_and_switches_off():
     remove(model)
     assert not [n for n, _ in model.named_buffers() if "int8" in n]
     assert all("forward" not in mod.__dict__ for mod in model.modules())
+
+
+def test_compare_method_option_selects_int8():
+    from bitfit import baselines
+
+    model = baselines.prepare(make("bert"), "bitfit/frozen_dtype=int8")
+    assert len(get_lean(model).int8) == 13
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in bitfit.apply(make("bert")).parameters() if p.requires_grad)
