@@ -101,7 +101,7 @@ def figures(runs: list, size: int, out: Path) -> list:
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     width = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):
         means, stds = [], []
@@ -117,7 +117,7 @@ def figures(runs: list, size: int, out: Path) -> list:
     ax.set_ylabel("dev score x100 (mean ± std over seeds)")
     ax.set_title(f"MiniLM-L6, {size:,} training rows per task, 5 epochs")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=len(METHODS))
+    ax.legend(fontsize=8, ncol=len(METHODS), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     path = out / "grid_scores.png"
     fig.savefig(path, dpi=110)
