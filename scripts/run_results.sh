@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce docs/RESULTS.md with `bitfit compare` on the packaged MiniLM-L6 and local GLUE files.
 #
-#   scripts/run_results.sh quick   # what docs/RESULTS.md ran on a shared 2-core CPU (~30 min)
+#   scripts/run_results.sh quick   # a first look: SST-2, 500 rows, 4 methods, one seed (~30 min)
 #   scripts/run_results.sh full    # the full grid: 5 tasks x 6 methods x lr grid x 3 seeds (many CPU-hours;
 #                                  # measured step times here suggest ~20 CPU-hours per method and seed)
 #   scripts/run_results.sh sizes   # small-data curve: SST-2 at 100, 300, 1000 rows (after grid)
