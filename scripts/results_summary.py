@@ -50,11 +50,6 @@ def cell(xs: list) -> str:
     return "–" if not xs else f"{m:.1f} ± {s:.1f}"
 
 
-def best_epoch_score(r: dict, key: str) -> float:
-    """The metric ``key`` at the run's best epoch (the epoch whose primary score is the run's score)."""
-    return r["eval"][key]
-
-
 def grid_table(runs: list, size: int) -> tuple:
     lines = ["| method | " + " | ".join(SHOW[t][0] for t in TASKS) + " | average | seeds |",
              "|---|" + "---:|" * (len(TASKS) + 2)]
@@ -65,9 +60,9 @@ def grid_table(runs: list, size: int) -> tuple:
             rs = [r for r in runs if r["task"] == t and r["spec"] == m and r["train_size"] == size]
             seeds.add(len(rs))
             label, keys, avg_key = SHOW[t]
-            row.append(" / ".join(cell([best_epoch_score(r, k) for r in rs]) for k in keys))
+            row.append(" / ".join(cell([r["eval"][k] for r in rs]) for k in keys))
             if rs:
-                avg_parts.append(statistics.fmean(100 * best_epoch_score(r, avg_key) for r in rs))
+                avg_parts.append(statistics.fmean(100 * r["eval"][avg_key] for r in rs))
         avg = statistics.fmean(avg_parts) if len(avg_parts) == len(TASKS) else float("nan")
         averages[m] = avg
         seeds_txt = "/".join(str(s) for s in sorted(seeds)) if len(seeds) > 1 else str(seeds.pop())
@@ -106,7 +101,7 @@ def figures(runs: list, size: int, out: Path) -> list:
     for i, m in enumerate(METHODS):
         means, stds = [], []
         for t in TASKS:
-            xs = [100 * best_epoch_score(r, SHOW[t][2]) for r in runs
+            xs = [100 * r["eval"][SHOW[t][2]] for r in runs
                   if r["task"] == t and r["spec"] == m and r["train_size"] == size]
             mu, sd = mean_std(xs)
             means.append(mu)

@@ -410,10 +410,8 @@ def build_training_arguments(output_dir: str, method: str = "bitfit", task: Opti
 
 
 def _has_accelerator() -> bool:
-    if torch.cuda.is_available():
-        return True
-    return any(getattr(torch, name, None) is not None and getattr(torch, name).is_available()
-               for name in ("xpu", "mps") if hasattr(getattr(torch, name, None), "is_available"))
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _glue_primary(task: str) -> Optional[str]:
