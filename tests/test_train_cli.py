@@ -285,3 +285,40 @@ def test_train_int8_end_to_end(tiny_dir, tmp_path, capsys):
     assert main(["eval", "--adapter", str(out), "--validation-file", dev]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path):
+    import transformers as T
+
+    from bitfit.models import dropout_overrides, load_model
+    from bitfit.train import load_base
+
+    bert = tmp_path / "bert"
+    T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2)).save_pretrained(bert)
+    assert dropout_overrides(str(bert), 0.0) == {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = load_model(str(bert), num_labels=2, task="classification", **dropout_overrides(str(bert), 0.0))
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(p == 0.0 for p in drops)  # classifier_dropout (None) falls back to hidden_dropout_prob
+    assert model.config.attention_probs_dropout_prob == 0.0
+
+    gpt2 = tmp_path / "gpt2"
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=99, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(gpt2)
+    keys = dropout_overrides(str(gpt2), 0.05)
+    assert {"resid_pdrop", "embd_pdrop", "attn_pdrop"} <= set(keys) and set(keys.values()) == {0.05}
+    model = load_model(str(gpt2), task="causal-lm", **keys)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.05}
+
+    # through `bitfit train`'s loader: the tiny model is saved without dropout; --dropout 0.3 sets it
+    model, _ = load_base(ModelArguments(model=tiny_dir, dropout=0.3), None)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    model, _ = load_base(ModelArguments(model=tiny_dir), None)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+
+    with pytest.raises(bitfit.BitFitError, match=r"--dropout must be in \[0, 1\)"):
+        dropout_overrides(str(bert), 1.0)
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
+    m, d, t = parse_train_args(["--model", str(bert), "--train-file", train, "--output-dir", str(tmp_path / "o"),
+                                "--dropout", "0"])
+    assert m.dropout == 0.0

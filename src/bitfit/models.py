@@ -34,6 +34,28 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def dropout_overrides(name: str, p: float, **kwargs) -> dict:
+    """Config overrides that set every dropout probability in ``name``'s config to ``p`` (passed to
+    ``from_pretrained``): ``hidden_dropout_prob`` and ``attention_probs_dropout_prob`` (BERT), ``dropout``
+    and ``attention_dropout`` (DistilBERT, OPT, LLaMA), ``resid_pdrop`` / ``embd_pdrop`` / ``attn_pdrop``
+    (GPT-2) and the like. Settings left unset (None, e.g. ``classifier_dropout``) keep falling back to them."""
+    import transformers
+
+    from .errors import BitFitConfigError
+
+    if not 0.0 <= p < 1.0:
+        raise BitFitConfigError(f"--dropout must be in [0, 1), got {p}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_model(name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _wrap_load_error(name, exc) from None
+    keys = {k: p for k, v in config.to_dict().items()
+            if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop"))}
+    if not keys:
+        raise BitFitConfigError(f"--dropout: the config of {name!r} ({config.model_type}) has no dropout setting")
+    return keys
+
+
 def _wrap_load_error(name: str, exc: Exception) -> BitFitError:
     return BitFitError(
         f"could not load model {name!r}: it is not a local model folder and loading it from the Hugging Face Hub "

@@ -80,6 +80,12 @@ class ModelArguments:
         metadata={"help": f"Learning rate of the task head (default: {HEAD_LR_FACTOR:g} x --learning_rate for "
                   "BitFit, since the head starts from random values)."},
     )
+    dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "Set every dropout probability of the model (hidden, attention, ...) to this value for "
+                  "training, e.g. 0; default: the model's own. Bias-only training fits better without dropout on "
+                  "some tasks (docs/RESULTS.md)."},
+    )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside --model's folder."})
 
 
@@ -281,6 +287,8 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
     if gguf:
         kwargs["gguf_file"] = gguf
     tok_kwargs = dict(kwargs)
+    if model_args.dropout is not None:
+        kwargs.update(models.dropout_overrides(name, model_args.dropout, **tok_kwargs))
     if gguf:
         import transformers
 
@@ -295,7 +303,7 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
     else:
         tokenizer = models.load_tokenizer(name)
         if info is None or info.kind == "instruct":
-            model = models.load_model(name, task="causal-lm")
+            model = models.load_model(name, task="causal-lm", **kwargs)
         else:
             if info.regression:
                 kwargs.update(problem_type="regression")

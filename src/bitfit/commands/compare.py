@@ -503,6 +503,9 @@ def compare_main(argv: list) -> int:
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default="label")
     p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="set every dropout probability of the model to this value for every method (default: the "
+                   "model's own)")
     p.add_argument("--eval-size", type=int, default=None, help="evaluate on the first N dev rows only (quick checks)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma list (default {DEFAULT_METHODS}); options as lora/r=16/alpha=32, bitfit/preset=ffn, "
@@ -534,7 +537,7 @@ def compare_main(argv: list) -> int:
         if k in overrides:
             raise BitFitConfigError(f"--{k} is set per run by compare: use --lr-grid / --seed instead")
     sizes = _int_list(args.train_sizes, "--train-sizes")
-    model_args = ModelArguments(model=args.model)
+    model_args = ModelArguments(model=args.model, dropout=args.dropout)
     data_args = DataArguments(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
                               validation_file=args.validation_file, text_column=args.text_column,
                               text_pair_column=args.text_pair_column, label_column=args.label_column,
