@@ -9,6 +9,8 @@
 #                                  # 1,000-row training subsets, 5 epochs, bf16 autocast (~3 CPU-hours)
 #   scripts/run_results.sh fidelity  # `bitfit train` defaults on the full training sets (SST-2: 5,000
 #                                  # rows), one seed, bf16 frozen base (~2 CPU-hours, 1 thread)
+#   scripts/run_results.sh probes  # CoLA with one change each (lr, batch, --dropout 0); --dropout 0 on
+#                                  # MRPC and SST-2 (~3 CPU-hours, 1 thread)
 #
 # Environment: BITFIT_GLUE_DIR (default ../shared/data/glue), OUT (default results/), MODEL (default minilm).
 # Every run is resumable: rerunning a command reuses finished runs (run.json) and only trains the rest.
@@ -77,6 +79,15 @@ fidelity)
       --frozen-dtype bfloat16 --output-dir "$OUT/fidelity/$task"
   done
   ;;
+probes)
+  # One change each against the fidelity defaults on CoLA (and --dropout 0 on MRPC and SST-2).
+  common=(--model "$MODEL" --data-dir "$GLUE" --frozen-dtype bfloat16)
+  bitfit train "${common[@]}" --task cola --learning_rate 3e-3 --output-dir "$OUT/probe/cola-lr3e-3"
+  bitfit train "${common[@]}" --task cola --per_device_train_batch_size 16 --output-dir "$OUT/probe/cola-bs16"
+  bitfit train "${common[@]}" --task cola --dropout 0 --output-dir "$OUT/probe/cola-dropout0"
+  bitfit train "${common[@]}" --task mrpc --dropout 0 --output-dir "$OUT/probe/mrpc-dropout0"
+  bitfit train "${common[@]}" --task sst2 --train-size 5000 --dropout 0 --output-dir "$OUT/probe/sst2-dropout0"
+  ;;
 sizes)
   # Small-data curve on SST-2 with the grid's settings (every method, 3 seeds): adds 100- and
   # 300-row runs next to the grid's 1,000-row runs in the same folder (those are reused).
@@ -86,7 +97,7 @@ sizes)
     --output-dir "$OUT/grid/sst2"
   ;;
 *)
-  echo "usage: $0 quick|grid|fidelity|full|sizes" >&2
+  echo "usage: $0 quick|grid|fidelity|probes|full|sizes" >&2
   exit 2
   ;;
 esac
