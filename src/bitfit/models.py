@@ -50,7 +50,7 @@ def dropout_overrides(name: str, p: float, **kwargs) -> dict:
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(name, exc) from None
     keys = {k: p for k, v in config.to_dict().items()
-            if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop"))}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and ("dropout" in k or k.endswith("pdrop"))}
     if not keys:
         raise BitFitConfigError(f"--dropout: the config of {name!r} ({config.model_type}) has no dropout setting")
     return keys
