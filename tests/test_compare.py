@@ -201,3 +201,18 @@ def test_training_flags_and_errors(capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", "/tmp/x", "--learning_rate", "1"]) == 1
     assert "--lr-grid" in capsys.readouterr().err
+
+
+def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_run_compare(model_args, data_args, overrides, specs, *rest):
+        seen["dropout"] = model_args.dropout
+        (tmp_path / "results.md").write_text("table")
+        return {"files": {}}
+
+    monkeypatch.setattr(C, "run_compare", fake_run_compare)
+    assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", str(tmp_path), "--dropout", "0"]) == 0
+    assert seen["dropout"] == 0.0
+    assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", str(tmp_path)]) == 0
+    assert seen["dropout"] is None
