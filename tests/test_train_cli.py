@@ -287,7 +287,11 @@ def test_train_int8_end_to_end(tiny_dir, tmp_path, capsys):
     assert again["eval_accuracy"] == metrics["eval_accuracy"]
 
 
-def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path):
+def _dropout_ps(model) -> set:
+    return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path, monkeypatch):
     import transformers as T
 
     from bitfit.models import dropout_overrides, load_model
@@ -308,13 +312,13 @@ def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path):
     keys = dropout_overrides(str(gpt2), 0.05)
     assert {"resid_pdrop", "embd_pdrop", "attn_pdrop"} <= set(keys) and set(keys.values()) == {0.05}
     model = load_model(str(gpt2), task="causal-lm", **keys)
-    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.05}
+    assert _dropout_ps(model) == {0.05}
 
     # through `bitfit train`'s loader: the tiny model is saved without dropout; --dropout 0.3 sets it
     model, _ = load_base(ModelArguments(model=tiny_dir, dropout=0.3), None)
-    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert _dropout_ps(model) == {0.3}
     model, _ = load_base(ModelArguments(model=tiny_dir), None)
-    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    assert _dropout_ps(model) == {0.0}
 
     with pytest.raises(bitfit.BitFitError, match=r"--dropout must be in \[0, 1\)"):
         dropout_overrides(str(bert), 1.0)
@@ -322,3 +326,7 @@ def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path):
     m, d, t = parse_train_args(["--model", str(bert), "--train-file", train, "--output-dir", str(tmp_path / "o"),
                                 "--dropout", "0"])
     assert m.dropout == 0.0
+    # a config with no dropout setting at all: a clear error, not a silent no-op
+    monkeypatch.setattr(T.AutoConfig, "from_pretrained", lambda *a, **k: T.PretrainedConfig())
+    with pytest.raises(bitfit.BitFitError, match="has no dropout setting"):
+        dropout_overrides(str(bert), 0.0)
