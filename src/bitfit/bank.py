@@ -301,6 +301,7 @@ class BiasBank:
                     raise BitFitError(f"task {name!r}: cannot add a bias after {mod_name!r} (no weight)")
                 hooked[slot] = value.to(ref.device, ref.dtype).contiguous()
         heads = self._build_heads(name, tt.head or {})
+        _check_finite(name, {**swap, **hooked}, heads)
         cfg = getattr(self.base, "config", None)
         num_labels = meta.get("num_labels") or getattr(cfg, "num_labels", None) or 1
         id2label = meta.get("id2label") or ({} if tt.head else dict(getattr(cfg, "id2label", {}) or {}))
@@ -510,6 +511,20 @@ class BiasBank:
             for i in idx.tolist():
                 result[i] = logits[i][..., :L] if task.heads else logits[i]
         return result
+
+
+def _check_finite(name: str, biases: dict, heads: dict) -> None:
+    """Refuse a task whose biases or head hold NaN/inf: it would answer NaN (an error) for every row."""
+    tensors = list(biases.items()) + [
+        (f"{child}.{pname}", p) for child, mod in heads.items() for pname, p in mod.named_parameters()
+    ]
+    bad = [slot for slot, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise BitFitError(
+            f"task {name!r} holds NaN/inf values in {bad[0]}{more}: its training diverged or the artifact is "
+            "damaged; retrain it (e.g. with a lower learning rate) or use an earlier checkpoint"
+        )
 
 
 def _channel_dim(module: nn.Module) -> int:

@@ -10,10 +10,17 @@ Endpoints
 Requests that arrive within ``batch_window_ms`` of each other are run as one bank call
 (whatever their tasks), in a worker thread, and the results are sent back to each request.
 Bad requests get a 4xx JSON error ``{"error": {"type": ..., "message": ...}}``.
+
+Hardening (docs/SERVING.md, "Limits and failure modes"): a pure-ASGI guard in front of the
+app checks the optional API key and stops reading a body once it passes ``max_body_bytes``
+(Content-Length or chunked); ``/v1/predict`` needs ``application/json`` (UTF-8) and answers
+400 for any body that does not decode; at most ``max_queue`` requests wait for the worker
+(503 with Retry-After beyond); work of clients that disconnected while waiting is dropped.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -32,11 +39,125 @@ log = logging.getLogger("bitfit.serve")
 # tokenizing it (tokenizers need at least about one character per token).
 CHARS_PER_TOKEN_LIMIT = 32
 
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_QUEUE = 64
+RETRY_AFTER_S = 1
+# Paths that answer without the API key (liveness probes).
+OPEN_PATHS = frozenset({"/health"})
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, type_: str, message: str):
+    def __init__(self, status: int, type_: str, message: str, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.type, self.message = status, type_, message
+        self.headers = headers
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int, size: Optional[int] = None):
+        what = f"request body of {size} bytes" if size is not None else "request body"
+        super().__init__(413, "body_too_large",
+                         f"{what} exceeds this server's limit of {limit} bytes; send a smaller body "
+                         "(fewer or shorter inputs per request)")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its result was ready; nothing is sent back."""
+
+
+def _json_error(status: int, type_: str, message: str, headers: Optional[dict] = None, **extra):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"type": type_, "message": message, **extra}}, status_code=status,
+                        headers=headers)
+
+
+class RequestGuard:
+    """Pure-ASGI middleware: API key, request body limit, and ``Connection: close`` for early answers.
+
+    * With ``api_key`` set, every path except ``open_paths`` needs ``Authorization: Bearer KEY``
+      or ``X-API-Key: KEY`` (compared with :func:`hmac.compare_digest`); else 401.
+    * A declared ``Content-Length`` over ``max_body_bytes`` is answered 413 before anything is
+      read. A body without one (chunked) is counted as it is received, and ``receive`` raises
+      :class:`BodyTooLarge` (answered 413) as soon as the count passes the limit, so at most
+      ``max_body_bytes`` plus one network chunk is ever held.
+    * A response that starts before the request body was read to its end (413, 401, 415, 503)
+      carries ``Connection: close``, so the server closes the connection instead of reading
+      and discarding the rest of the body.
+    """
+
+    def __init__(self, app, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: Optional[str] = None,
+                 open_paths=OPEN_PATHS):
+        self.app = app
+        self.max_body_bytes = int(max_body_bytes)
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.open_paths = frozenset(open_paths)
+
+    def _auth_problem(self, headers: dict) -> Optional[str]:
+        given = headers.get(b"x-api-key")
+        if given is None:
+            auth = headers.get(b"authorization")
+            if auth is not None:
+                scheme, _, token = auth.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        if given is None:
+            return ("this server requires an API key: send the header 'Authorization: Bearer <key>' "
+                    "(or 'X-API-Key: <key>')")
+        if not hmac.compare_digest(given, self.api_key):
+            return "wrong API key: send the key the server was started with (--api-key or BITFIT_API_KEY)"
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers: dict = {}
+        for k, v in scope.get("headers") or []:
+            headers.setdefault(k.lower(), v)
+        length = headers.get(b"content-length")
+        try:
+            declared = int(length) if length is not None else None
+        except ValueError:
+            declared = None
+        has_body = b"transfer-encoding" in headers or bool(declared)
+        state = {"body_done": not has_body, "started": False, "received": 0}
+        limit = self.max_body_bytes
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                if not state["body_done"]:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request" and not state["body_done"]:
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > limit:
+                    raise BodyTooLarge(limit)
+                if not message.get("more_body", False):
+                    state["body_done"] = True
+            return message
+
+        if self.api_key is not None and scope.get("path") not in self.open_paths:
+            problem = self._auth_problem(headers)
+            if problem is not None:
+                resp = _json_error(401, "unauthorized", problem, headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, guarded_send)
+        if declared is not None and declared > limit:
+            return await _json_error(413, *_body_error(limit, declared))(scope, receive, guarded_send)
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge as exc:  # raised outside a handler that would have answered it
+            if state["started"]:
+                raise
+            await _json_error(exc.status, exc.type, exc.message)(scope, receive, guarded_send)
+
+
+def _body_error(limit: int, size: Optional[int]) -> tuple:
+    exc = BodyTooLarge(limit, size)
+    return exc.type, exc.message
 
 
 @dataclass
@@ -45,6 +166,8 @@ class _Item:
     features: list  # one dict of token lists per input
     future: asyncio.Future
     n: int = field(init=False)
+    queued: bool = True  # counted in Batcher.waiting
+    started: bool = False  # taken into a bank call
 
     def __post_init__(self):
         self.n = len(self.features)
@@ -53,13 +176,17 @@ class _Item:
 class Batcher:
     """Collects requests for ``window_s`` seconds (up to ``max_batch`` rows) into one bank call."""
 
-    def __init__(self, bank, tokenizer, max_batch: int = 64, window_s: float = 0.005):
+    def __init__(self, bank, tokenizer, max_batch: int = 64, window_s: float = 0.005,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
         self.bank = bank
         self.tokenizer = tokenizer
         self.max_batch = max(1, int(max_batch))
         self.window_s = max(0.0, float(window_s))
+        self.max_queue = max(1, int(max_queue))
+        self.waiting = 0  # requests submitted and not yet in a bank call (event-loop thread only)
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "mixed_batches": 0, "max_tasks_in_batch": 0,
-                      "failed_batches": 0}
+                      "failed_batches": 0, "rejected_busy": 0, "dropped_disconnected": 0,
+                      "abandoned_disconnected": 0}
         self._stats_lock = threading.Lock()
         self.queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
@@ -82,11 +209,50 @@ class Batcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def submit(self, task: str, features: list) -> list:
+    def full(self) -> bool:
+        return self.waiting >= self.max_queue
+
+    def busy_error(self) -> ApiError:
+        with self._stats_lock:
+            self.stats["rejected_busy"] += 1
+        return ApiError(503, "busy",
+                        f"server busy: {self.waiting} requests are already waiting (--max-queue {self.max_queue}); "
+                        f"retry after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _unqueue(self, item: _Item) -> None:
+        if item.queued:
+            item.queued = False
+            self.waiting -= 1
+
+    async def submit(self, task: str, features: list, wait_disconnect=None) -> list:
+        """Queue one request and wait for its rows of logits.
+
+        Raises a 503 :class:`ApiError` when ``max_queue`` requests already wait. With
+        ``wait_disconnect`` (a coroutine function returning when the client has gone), a client
+        that leaves while its request waits has the request dropped before it is computed, and
+        :class:`_ClientGone` is raised.
+        """
+        if self.full():
+            raise self.busy_error()
         loop = asyncio.get_running_loop()
         item = _Item(task, features, loop.create_future())
-        await self.queue.put(item)
-        return await item.future
+        self.waiting += 1
+        item.future.add_done_callback(lambda _f, it=item: self._unqueue(it))
+        self.queue.put_nowait(item)
+        if wait_disconnect is None:
+            return await item.future
+        watcher = asyncio.ensure_future(wait_disconnect())
+        try:
+            await asyncio.wait({item.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not item.future.done():  # the client left (or this handler was cancelled)
+                with self._stats_lock:
+                    self.stats["abandoned_disconnected" if item.started else "dropped_disconnected"] += 1
+                item.future.cancel()
+        if item.future.cancelled():
+            raise _ClientGone()
+        return item.future.result()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,9 +276,13 @@ class Batcher:
                         break
                     items.append(nxt)
                     rows += nxt.n
-                items = [it for it in items if not it.future.done()]  # client went away
+                for it in items:
+                    self._unqueue(it)
+                items = [it for it in items if not it.future.done()]  # client went away: dropped
                 if not items:
                     continue
+                for it in items:
+                    it.started = True
                 try:
                     results = await loop.run_in_executor(self._executor, self._run, items)
                 except Exception as exc:  # noqa: BLE001 - reported to each waiting request
@@ -197,9 +367,17 @@ def create_app(
     batch_window_ms: float = 5.0,
     max_inputs: int = 64,
     max_length: int = 512,
-    max_body_bytes: int = 8 * 1024 * 1024,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    api_key: Optional[str] = None,
 ):
-    """A FastAPI app serving ``bank`` (a :class:`bitfit.BiasBank`) with ``tokenizer``."""
+    """A FastAPI app serving ``bank`` (a :class:`bitfit.BiasBank`) with ``tokenizer``.
+
+    ``max_body_bytes``: largest request body (413 beyond, also for chunked bodies).
+    ``max_queue``: most requests waiting for the worker (503 with Retry-After beyond).
+    ``api_key``: when set, every endpoint except ``/health`` needs ``Authorization: Bearer KEY``
+    or ``X-API-Key: KEY`` (401 otherwise).
+    """
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -209,9 +387,12 @@ def create_app(
     except ImportError as exc:  # pragma: no cover
         raise BitFitError(f"the HTTP service needs fastapi and uvicorn: pip install 'bitfit[serve]' ({exc})") from None
 
-    for name, v in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_length", max_length)):
+    for name, v in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_length", max_length),
+                    ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
         if not isinstance(v, int) or v < 1:
             raise BitFitError(f"{name} must be a positive integer, got {v!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise BitFitError("api_key must be a non-empty string (or None for no key)")
     if batch_window_ms < 0:
         raise BitFitError(f"batch_window_ms must be >= 0, got {batch_window_ms!r}")
 
@@ -222,7 +403,7 @@ def create_app(
         task: StrictStr
         inputs: Annotated[list[Union[StrictStr, Pair]], Field(min_length=1)]
 
-    batcher = Batcher(bank, tokenizer, max_batch=max_batch, window_s=batch_window_ms / 1000.0)
+    batcher = Batcher(bank, tokenizer, max_batch=max_batch, window_s=batch_window_ms / 1000.0, max_queue=max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -236,14 +417,20 @@ def create_app(
     app.state.batcher = batcher
     app.state.bank = bank
     app.state.limits = {"max_batch": max_batch, "batch_window_ms": batch_window_ms, "max_inputs": max_inputs,
-                        "max_length": max_length, "max_body_bytes": max_body_bytes}
+                        "max_length": max_length, "max_body_bytes": max_body_bytes, "max_queue": max_queue,
+                        "api_key_required": api_key is not None}
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key)
 
-    def error(status: int, type_: str, message: str, **extra) -> JSONResponse:
-        return JSONResponse({"error": {"type": type_, "message": message, **extra}}, status_code=status)
+    def error(status: int, type_: str, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
+        return _json_error(status, type_, message, headers=headers, **extra)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error(exc.status, exc.type, exc.message)
+        return error(exc.status, exc.type, exc.message, headers=exc.headers)
+
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request, exc):  # nobody reads this answer
+        return error(499, "client_disconnected", "the client disconnected before its result was ready")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -272,18 +459,20 @@ def create_app(
             features.append({k: enc[k] for k in batcher.input_names if k in enc})
         return features
 
+    async def wait_disconnect(receive) -> None:
+        """Returns once the client has gone (the request body was read already)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
     @app.post("/v1/predict")
     async def predict(request: Request):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            raise ApiError(413, "body_too_large", f"request body of {size} bytes exceeds {max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise ApiError(413, "body_too_large", f"request body exceeds {max_body_bytes} bytes")
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+        check_content_type(request.headers.get("content-type"))
+        if batcher.full():  # refuse before reading and tokenizing
+            raise batcher.busy_error()
+        body = await request.body()  # RequestGuard raises BodyTooLarge past max_body_bytes
+        payload = parse_json(body)
         if not isinstance(payload, dict):
             raise ApiError(400, "invalid_request",
                            'the body must be a JSON object: {"task": "<name>", "inputs": ["text", ...]}')
@@ -304,14 +493,20 @@ def create_app(
                            f"{len(req.inputs)} inputs in one request; at most {max_inputs} are accepted")
         features = await run_in_threadpool(tokenize, req.task, req.inputs)
         try:
-            rows = await batcher.submit(req.task, features)
-        except ApiError:
+            rows = await batcher.submit(req.task, features, lambda: wait_disconnect(request.receive))
+        except (ApiError, _ClientGone):
             raise
         except BitFitError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         info = bank.task_info(req.task) if req.task in bank else None
         if info is None:
             raise ApiError(404, "unknown_task", f"task {req.task!r} was removed")
+        for i, r in enumerate(rows):
+            if not bool(torch.isfinite(r).all()):
+                log.error("task %r produced non-finite logits", req.task)
+                raise ApiError(500, "non_finite_output",
+                               f"task {req.task!r} produced NaN/inf logits for inputs[{i}]; its artifact or the base "
+                               "model is broken: retrain or replace the task")
         return {"task": req.task, "problem_type": info["problem_type"],
                 "predictions": [postprocess(r, info) for r in rows]}
 
@@ -328,6 +523,68 @@ def create_app(
     return app
 
 
+def check_content_type(value: Optional[str]) -> None:
+    """415 unless ``value`` is ``application/json`` (optionally with ``charset=utf-8``)."""
+    fix = "send the JSON body with the header 'Content-Type: application/json'"
+    if not value:
+        raise ApiError(415, "unsupported_media_type", f"the request has no Content-Type; {fix}")
+    mime, *params = [part.strip() for part in value.split(";")]
+    if mime.lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {mime!r} is not accepted; {fix}")
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"charset {val.strip()!r} is not accepted; encode the body as UTF-8 "
+                           "('Content-Type: application/json; charset=utf-8')")
+
+
+def parse_json(body: bytes):
+    """The decoded JSON body; 400 ``invalid_json`` with a one-line reason for anything that does not decode."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_json",
+                       f"the request body is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
+                       "send UTF-8 encoded JSON") from None
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "invalid_json",
+                       "the request body is nested too deeply to decode; this API needs at most 3 levels "
+                       '({"task": ..., "inputs": [[text_a, text_b], ...]})') from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    where = _lone_surrogate(payload)
+    if where is not None:
+        raise ApiError(400, "invalid_json",
+                       f"the request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair) "
+                       f"in {where}; send valid Unicode text")
+    return payload
+
+
+def _lone_surrogate(payload) -> Optional[str]:
+    """Where a string (or object key) of ``payload`` cannot be encoded as UTF-8, or None."""
+    stack = [(payload, "body")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"a key of {where}"
+                stack.append((v, f"{where}.{k}" if where != "body" else k))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
+
+
 def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn until interrupted."""
     import uvicorn
@@ -335,4 +592,4 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["create_app", "serve", "postprocess", "Batcher"]
+__all__ = ["create_app", "serve", "postprocess", "Batcher", "RequestGuard", "check_content_type", "parse_json"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..cli import command
 from ..errors import BitFitError
@@ -34,6 +35,12 @@ def main(argv: list) -> int:
     p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default 64)")
     p.add_argument("--max-length", type=int, default=512,
                    help="longest input in tokens; longer ones are refused with 413 (default 512, capped by the model)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="most requests waiting for the model; more are answered 503 with Retry-After (default 64)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key on every endpoint but /health ('Authorization: Bearer KEY' or "
+                   "'X-API-Key: KEY'); default: the BITFIT_API_KEY environment variable, else no key. Prefer the "
+                   "environment variable: a command-line argument is visible to other users in ps")
     p.add_argument("--strategy", default="auto", choices=["auto", "group", "gather"],
                    help="how the bank mixes tasks in a batch (default: auto, chosen per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -44,9 +51,17 @@ def main(argv: list) -> int:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise BitFitError(f"task name(s) given twice: {', '.join(dup)}; give each --task a distinct NAME")
-    for opt in ("max_batch", "max_inputs", "max_length"):
+    from ..serve import DEFAULT_MAX_QUEUE
+
+    if args.max_queue is None:
+        args.max_queue = DEFAULT_MAX_QUEUE
+    for opt in ("max_batch", "max_inputs", "max_length", "max_queue"):
         if getattr(args, opt) < 1:
             raise BitFitError(f"--{opt.replace('_', '-')} must be at least 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BITFIT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        source = "--api-key" if args.api_key is not None else "BITFIT_API_KEY"
+        raise BitFitError(f"{source} is empty; give a non-empty key, or unset it to serve without a key")
     if not 0 < args.port < 65536:
         raise BitFitError(f"--port must be between 1 and 65535, got {args.port}")
 
@@ -85,8 +100,11 @@ def main(argv: list) -> int:
         print(f"bitfit serve: --max-length {max_length} is more than the model's {limit} positions; using {limit}")
         max_length = limit
     app = create_app(bank, tokenizer, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                     max_inputs=args.max_inputs, max_length=max_length)
+                     max_inputs=args.max_inputs, max_length=max_length, max_queue=args.max_queue, api_key=api_key)
     print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model} on "
-          f"http://{args.host}:{args.port}", flush=True)
+          f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), flush=True)
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"bitfit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
+              "port can use it (set BITFIT_API_KEY)", flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
