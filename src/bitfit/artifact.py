@@ -17,12 +17,15 @@ An artifact is a folder with two files:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +178,45 @@ def _json_config(config) -> dict:
         return json.loads(json.dumps(config.to_dict(), default=str))
 
 
+def _nonfinite(t: torch.Tensor) -> Optional[tuple]:
+    """(NaN count, inf count, numel) of a floating tensor with a non-finite value, else None."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return None
+    t = t.detach()
+    if bool(torch.isfinite(t).all()):
+        return None
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum()), t.numel()
+
+
+def _first_nonfinite(named) -> Optional[str]:
+    """"<name> holds a NaN and b inf of its n values (k tensors in all)" for the first non-finite tensor, else None."""
+    bad = [(name, c) for name, c in ((n, _nonfinite(t)) for n, t in named) if c is not None]
+    if not bad:
+        return None
+    name, (nan, inf, n) = bad[0]
+    more = f"; {len(bad)} tensors are non-finite in all" if len(bad) > 1 else ""
+    return f"{name} holds {nan} NaN and {inf} inf of its {n} values{more}"
+
+
+def _trained_tensors(target: nn.Module, state):
+    """(name, tensor) of every trained bias slot (full) and head parameter of a BitFit model."""
+    for slot in state.trained_slots():
+        yield slot.name, bias_tensor(target, slot.name)
+    params = dict(target.named_parameters())
+    for name in state.model_map.head_params:
+        if name in params:
+            yield name, params[name]
+
+
+def _refuse_nonfinite(target: nn.Module, state, doing: str) -> None:
+    bad = _first_nonfinite(_trained_tensors(target, state))
+    if bad:
+        raise ArtifactError(
+            f"cannot {doing}: trained tensor {bad} (training diverged); lower the learning rate or go back to "
+            "a checkpoint whose tensors are finite. Nothing was changed"
+        )
+
+
 # ----------------------------------------------------------------------------- save
 def _exact_delta(value: torch.Tensor, base: torch.Tensor):
     """float32 ``d`` with ``base + d == value`` bit for bit where possible; the rest as exact fixes."""
@@ -216,6 +258,8 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "this model is not a BitFit model (no bitfit.apply or bitfit.load on it); "
             "call bitfit.apply(model, ...) and train it before saving"
         )
+    if with_tensors:
+        _refuse_nonfinite(target, state, "save")
     tensors: dict = {}
     slots_meta: dict = {}
     for slot in state.trained_slots():
@@ -227,12 +271,15 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "indices": None if idx is None else int(idx.numel()),
         }
         if with_tensors:
-            value = bias_tensor(target, slot.name).detach().float().cpu()
+            value = bias_tensor(target, slot.name).detach().float().cpu().reshape(-1)
             base = None if added else _base_value(target, slot.name)
+            base = None if base is None else base.reshape(-1)
             if idx is not None:
                 value = value[idx.cpu()]
                 base = None if base is None else base[idx.cpu()]
             key = f"bias:{slot.name}"
+            if base is not None and _nonfinite(value - base) is not None:
+                base = None  # the difference overflows float32 (or the base is not finite): store the value
             if base is None:
                 entry["encoding"] = "value"
                 _quantise(key, value, dtype, tensors)
@@ -308,31 +355,40 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
 def save(model: nn.Module, path, dtype: str = "float32", label_names=None, base_name: Optional[str] = None) -> Path:
     """Save what BitFit trained in ``model`` to the folder ``path``; returns the folder.
 
-    dtype: "float32" (exact), "float16" or "int8" (symmetric per-tensor scale). The write is
-    atomic: files go to a temporary folder beside ``path`` and are renamed into place, so an
-    interrupted save leaves either the previous artifact or none, never half of one.
+    dtype: "float32" (exact), "float16" or "int8" (symmetric per-tensor scale). A model with a
+    NaN or inf in a trained tensor is refused (nothing is written). The write is atomic, also
+    over an existing artifact: the new files go to a hidden folder ``.NAME.tmp-<pid>-<hex>``
+    beside ``path`` and are flushed to disk; then the old folder is renamed to
+    ``.NAME.bak-<pid>-<hex>``, its other files (logs, tokenizer, checkpoints) are moved into
+    the new folder, the new folder is renamed to ``path`` and the backup removed. A save killed
+    at any moment leaves either the old or the new artifact (the next save or load puts back a
+    folder caught mid-swap and removes what killed saves left). Files and folders are created
+    with the modes the umask gives (``0o666 & ~umask``, ``0o777 & ~umask``).
     """
     dtype = _check_dtype(dtype)
     meta, tensors = _collect(model, dtype, label_names, base_name)
-    path = Path(os.path.expanduser(str(path)))
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if path.is_symlink():  # replace the folder the link points to, keep the link
+        path = Path(os.path.realpath(path))
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} exists and is not a folder; give a folder path for the artifact")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        weights = tmp / WEIGHTS_NAME
-        safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt", "bitfit": FORMAT})
-        meta["weights_sha256"] = _sha256(weights)
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if not path.exists():
-            os.rename(tmp, path)
-        else:  # keep other files in the folder; the config (with the checksum) goes last
-            os.replace(tmp / WEIGHTS_NAME, path / WEIGHTS_NAME)
-            os.replace(tmp / CONFIG_NAME, path / CONFIG_NAME)
-            tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _locked(path.parent, exclusive=True) as locked:
+        _recover(path, locked)
+        if path.exists() and not path.is_dir():
+            raise ArtifactError(f"{path} exists and is not a folder; give a folder path for the artifact")
+        tmp = _make_side_folder(path, "tmp")
+        try:
+            _write_files(tmp, meta, tensors)
+            if not path.exists():
+                os.rename(tmp, path)
+                _fsync_dir(path.parent)
+            elif not _swap(path, tmp):
+                _replace_in_place(path, tmp)
+        except BaseException:
+            if tmp.exists() and not _extras(tmp):  # (with other files in it: left for _recover)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
 
 
@@ -344,17 +400,269 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- atomic folder replace
+_LOCK_TIMEOUT_S = 120.0
+_OLD_STYLE_STALE_S = 600.0  # tempfile.mkdtemp leftovers of older bitfit versions (no pid in the name)
+_SIDE = re.compile(r"^(?P<kind>tmp|bak)-(?:(?P<pid>\d+)-[0-9a-f]{8}|(?P<old>[a-z0-9_]{8}))$")
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, exclusive: bool):
+    """flock on the folder holding artifacts: saves (exclusive) and reads (shared) of artifacts in
+    it never interleave, so a reader never sees a folder mid-swap. Yields whether a lock is held
+    (False where the platform or file system has none: the rename protocol alone then applies)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield False
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        held, deadline = False, time.monotonic() + _LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ArtifactError(
+                        f"{folder} has been locked by another bitfit save or load for {_LOCK_TIMEOUT_S:.0f} s; "
+                        "wait for that process to finish (or stop it) and try again"
+                    ) from None
+                time.sleep(0.005)
+            except OSError:  # no flock on this file system
+                break
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _make_side_folder(path: Path, kind: str) -> Path:
+    """A new empty folder ``.NAME.<kind>-<pid>-<hex>`` beside ``path`` (mode 0o777 & ~umask)."""
+    for _ in range(100):
+        side = path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(side, 0o777)  # the kernel applies the umask (mkdtemp would make it 0700)
+            return side
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary folder beside {path}")
+
+
+def _side_name(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _write_files(folder: Path, meta: dict, tensors: dict) -> None:
+    """Tensor file, then the config with its checksum; both flushed to disk, then the folder."""
+    weights = folder / WEIGHTS_NAME
+    safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt", "bitfit": FORMAT})
+    fd = os.open(weights, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    meta["weights_sha256"] = _sha256(weights)
+    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _extras(folder: Path) -> list:
+    """Entries of an artifact folder that are not the artifact's own two files."""
+    try:
+        return sorted(n for n in os.listdir(folder) if n not in (WEIGHTS_NAME, CONFIG_NAME))
+    except OSError:
+        return []
+
+
+def _move_extras(src: Path, dst: Path) -> bool:
+    """Move every non-artifact entry of ``src`` into ``dst`` (never over an existing one); True if all moved."""
+    ok = True
+    for n in _extras(src):
+        if os.path.lexists(dst / n):
+            ok = False
+            continue
+        try:
+            os.rename(src / n, dst / n)
+        except OSError:
+            ok = False
+    return ok
+
+
+def _swappable(path: Path) -> bool:
+    try:
+        return not os.path.ismount(path) and not os.path.samefile(path, os.getcwd())
+    except OSError:
+        return True
+
+
+def _swap(path: Path, tmp: Path) -> bool:
+    """Replace the folder ``path`` by the complete folder ``tmp``; False (nothing changed) if
+    ``path`` cannot be renamed (a mount point, the working directory, no permission)."""
+    if not _swappable(path):
+        return False
+    bak = _side_name(path, "bak")
+    try:
+        os.rename(path, bak)
+    except OSError:
+        return False
+    try:
+        if not _move_extras(bak, tmp):
+            raise ArtifactError(f"could not move the other files of {path} into the new artifact folder")
+        os.rename(tmp, path)
+    except BaseException:  # put the old folder back as it was
+        _move_extras(tmp, bak)
+        if not os.path.lexists(path):
+            os.rename(bak, path)
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(bak, ignore_errors=True)
+    return True
+
+
+def _replace_in_place(path: Path, tmp: Path) -> None:
+    """Fallback where the folder cannot be renamed: file by file, the config (with the checksum)
+    last. A kill between the two renames leaves a folder that refuses to load (checksum), never
+    one that loads wrong values."""
+    os.replace(tmp / WEIGHTS_NAME, path / WEIGHTS_NAME)
+    os.replace(tmp / CONFIG_NAME, path / CONFIG_NAME)
+    _fsync_dir(path)
+    tmp.rmdir()
+
+
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds an artifact whose tensor file matches the checksum in its config."""
+    try:
+        meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        want = meta.get("weights_sha256") if isinstance(meta, dict) else None
+        return isinstance(want, str) and _sha256(folder / WEIGHTS_NAME) == want
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _leftovers(path: Path, locked: bool) -> list:
+    """Stale side folders of killed saves to ``path``: (kind, folder, mtime).
+
+    Ours: a folder named ``.NAME.tmp-<pid>-<hex>`` / ``.NAME.bak-<pid>-<hex>`` (or an older
+    bitfit's ``.NAME.tmp-<8 chars>``). Stale: while we hold the folder lock no live save can be
+    using one (every save holds it throughout); without a lock, one whose process is gone. An
+    older bitfit's folder (no pid) counts as stale after 10 minutes.
+    """
+    head = f".{path.name}."
+    out = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return out
+    for e in entries:
+        if not e.name.startswith(head):
+            continue
+        m = _SIDE.match(e.name[len(head):])
+        if m is None:
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False):
+                continue
+            mtime = e.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if m.group("old") is not None:
+            stale = time.time() - mtime > _OLD_STYLE_STALE_S
+        else:
+            stale = locked or not _pid_alive(int(m.group("pid")))
+        if stale:
+            out.append((m.group("kind"), Path(e.path), mtime))
+    return out
+
+
+def _recover(path: Path, locked: bool) -> Optional[Path]:
+    """Finish what killed saves to ``path`` left; returns the folder to read ``path`` from (None if none).
+
+    If ``path`` is missing (a save was killed between renaming the old folder away and the new
+    one into place), the complete new folder is renamed to ``path`` (else the old one is put
+    back). Files other than the artifact's own two are moved into ``path``, then the side folders
+    are removed. Call with the folder lock held (``_locked(path.parent, exclusive=True)``).
+    """
+    stale = _leftovers(path, locked)
+    target: Optional[Path] = path if path.is_dir() else None
+    if target is None and stale:
+        def rank(x):  # a complete new folder, else a complete old one, else the old folder as it was
+            done = _complete(x[1])
+            return done, x[0] == ("tmp" if done else "bak"), x[2]
+
+        winner = max(stale, key=rank)
+        if winner[0] == "bak" or _complete(winner[1]):
+            try:
+                os.rename(winner[1], path)
+                _fsync_dir(path.parent)
+                target = path
+            except OSError:  # no write permission: read it where it is
+                return winner[1]
+            stale.remove(winner)
+    for _, side, _ in stale:  # never delete a side folder still holding other files of the user's
+        if (_move_extras(side, target) if target is not None else not _extras(side)):
+            shutil.rmtree(side, ignore_errors=True)
+    return target
+
+
 # ----------------------------------------------------------------------------- read
 def _bad(path, what: str) -> ArtifactError:
     return ArtifactError(f"artifact {path} is damaged: {what}. Save it again with bitfit.save")
 
 
-def _validate_meta(meta, path) -> None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{32,64}$")
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def _is_int(x, lo: int = 0) -> bool:
+    return type(x) is int and x >= lo  # not bool
+
+
+def _validate_meta(meta, path, strict: bool = True) -> None:
+    if not isinstance(meta, dict):
+        raise _bad(path, f"{CONFIG_NAME} holds a JSON {_json_kind(meta)}, not an object: it is not a bitfit artifact config")
+    if meta.get("format") != FORMAT:
         raise _bad(path, f"{CONFIG_NAME} is not a bitfit artifact config (no \"format\": \"{FORMAT}\")")
-    ver = meta.get("format_version")
-    if not isinstance(ver, int):
+    if "format_version" not in meta:
         raise _bad(path, "format_version is missing")
+    ver = meta["format_version"]
+    if not _is_int(ver, 1):
+        raise _bad(path, f"format_version must be a positive integer, got {json.dumps(ver)}")
     if ver > FORMAT_VERSION:
         raise ArtifactError(
             f"artifact {path} has format version {ver} (written by bitfit {meta.get('bitfit_version', '?')}); this "
@@ -365,8 +673,27 @@ def _validate_meta(meta, path) -> None:
     for key, typ in (("base_model", dict), ("bitfit_config", dict), ("slots", dict), ("head", dict), ("added", list)):
         if not isinstance(meta.get(key), typ):
             raise _bad(path, f"field {key!r} is missing or not a {typ.__name__}")
+    # integrity fields: the tensor file's checksum and the frozen base's fingerprint
+    missing = []
+    for where, key, pattern, what in (
+        (meta, "weights_sha256", _SHA256, "64 hex digits"),
+        (meta["base_model"], "fingerprint", _FINGERPRINT, '"sha256:" and hex digits'),
+    ):
+        v = where.get(key)
+        if v is None:
+            missing.append(key)
+        elif not isinstance(v, str) or not pattern.match(v):
+            raise _bad(path, f"{key} must be {what}, got {json.dumps(v)[:80]}")
+    if missing:
+        what = " and ".join(missing)
+        if strict:
+            raise ArtifactError(
+                f"artifact {path} has no {what} in {CONFIG_NAME}, so it cannot be verified (damaged, or not written "
+                "by bitfit.save); save it again with bitfit.save, or pass strict=False to load it unverified"
+            )
+        warnings.warn(f"artifact {path} has no {what}: loading it unverified because strict=False", stacklevel=4)
     for name, s in meta["slots"].items():
-        if not isinstance(s, dict) or not isinstance(s.get("roles"), list) or not isinstance(s.get("size"), int):
+        if not isinstance(s, dict) or not isinstance(s.get("roles"), list) or not _is_int(s.get("size"), 1):
             raise _bad(path, f"slot {name} has no roles/size")
         bad = [r for r in s["roles"] if r not in ROLES]
         if bad:
@@ -376,66 +703,149 @@ def _validate_meta(meta, path) -> None:
             )
         if s.get("encoding") not in ("delta", "value"):
             raise _bad(path, f"slot {name} has unknown encoding {s.get('encoding')!r}")
-    if not isinstance(meta["head"].get("params"), dict):
+        if not isinstance(s.get("added"), bool):
+            raise _bad(path, f"slot {name}: \"added\" must be true or false")
+        if s.get("indices") is not None and not _is_int(s["indices"], 1):
+            raise _bad(path, f"slot {name}: \"indices\" must be a positive integer or null")
+        if s.get("fixes") is not None and not _is_int(s["fixes"]):
+            raise _bad(path, f"slot {name}: \"fixes\" must be a non-negative integer")
+    if any(a not in meta["slots"] for a in meta["added"]):
+        raise _bad(path, "\"added\" names a bias that is not among the slots")
+    head = meta["head"]
+    if not isinstance(head.get("params"), dict):
         raise _bad(path, "head.params is missing")
+    for name, shape in head["params"].items():
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise _bad(path, f"head parameter {name} has shape {json.dumps(shape)[:80]}, not a list of sizes")
+    if head.get("num_labels") is not None and not _is_int(head["num_labels"], 1):
+        raise _bad(path, f"head.num_labels must be a positive integer, got {json.dumps(head['num_labels'])}")
+    for key in ("id2label", "label2id"):
+        m = head.get(key)
+        if m is not None and not isinstance(m, dict):
+            raise _bad(path, f"head.{key} must be an object")
+    if head.get("id2label") and not all(str(k).lstrip("-").isdigit() for k in head["id2label"]):
+        raise _bad(path, "head.id2label keys must be label indices")
+    if head.get("label2id") and not all(_is_int(v) for v in head["label2id"].values()):
+        raise _bad(path, "head.label2id values must be label indices")
 
 
-def _expected_keys(meta) -> dict:
-    """stored key -> expected numel (None: scalar scale / free-sized fix)."""
+def _json_kind(x) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(x), type(x).__name__)
+
+
+def _expected(meta) -> dict:
+    """stored key -> (allowed dtypes, shape) as the config declares them."""
+    store = (_STORE_DTYPES[meta["dtype"]],)
     keys = {}
     for name, s in meta["slots"].items():
         n = s["size"] if s.get("indices") is None else s["indices"]
-        keys[f"bias:{name}"] = n
+        keys[f"bias:{name}"] = (store, (n,))
         if s.get("fixes"):
-            keys[f"fix_idx:{name}"] = s["fixes"]
-            keys[f"fix_val:{name}"] = s["fixes"]
+            keys[f"fix_idx:{name}"] = (_INDEX_DTYPES, (s["fixes"],))
+            keys[f"fix_val:{name}"] = ((torch.float32,), (s["fixes"],))
     for name, shape in meta["head"]["params"].items():
-        n = 1
-        for d in shape:
-            n *= int(d)
-        keys[f"head:{name}"] = n
+        keys[f"head:{name}"] = (store, tuple(shape))
     if meta["dtype"] == "int8":
         for k in [k for k in keys if not k.startswith("fix_")]:
-            keys[f"scale:{k}"] = 1
+            keys[f"scale:{k}"] = ((torch.float32,), ())
     return keys
 
 
-def read_artifact(path) -> Artifact:
-    """Read and validate an artifact folder (or its config file); tensors come back as float32."""
-    if isinstance(path, Artifact):
-        return path
-    p = Path(os.path.expanduser(str(path)))
-    if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
-        p = p.parent
-    if not p.is_dir():
-        raise ArtifactError(f"no artifact at {p}: the folder does not exist (bitfit.save writes one)")
+def _dt(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _read_files(p: Path, shown: Path, strict: bool) -> tuple[dict, dict]:
+    """(validated meta, raw tensors) of the folder ``p`` (``shown`` in messages)."""
     cfg_file, w_file = p / CONFIG_NAME, p / WEIGHTS_NAME
     for f in (cfg_file, w_file):
         if not f.is_file():
-            raise ArtifactError(f"artifact {p} is incomplete: {f.name} is missing. Save it again with bitfit.save")
+            raise ArtifactError(f"artifact {shown} is incomplete: {f.name} is missing. Save it again with bitfit.save")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad(p, f"{CONFIG_NAME} is not valid JSON ({exc})") from None
-    _validate_meta(meta, p)
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ArtifactError(f"artifact {shown}: cannot read {CONFIG_NAME} ({exc.strerror or exc}); check its permissions") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise _bad(shown, f"{CONFIG_NAME} is not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+    try:
+        _validate_meta(meta, shown, strict)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise _bad(shown, f"{CONFIG_NAME} has an unexpected structure ({type(exc).__name__}: {exc})") from None
     try:
         raw = safetensors.torch.load_file(str(w_file))
+    except PermissionError as exc:
+        raise ArtifactError(f"artifact {shown}: cannot read {WEIGHTS_NAME} ({exc.strerror or exc}); check its permissions") from None
     except Exception as exc:  # SafetensorError, OSError: truncated or garbage
-        raise _bad(p, f"{WEIGHTS_NAME} cannot be read, it is truncated or not a safetensors file "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise _bad(shown, f"{WEIGHTS_NAME} cannot be read, it is truncated or not a safetensors file "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     want = meta.get("weights_sha256")
-    if want is not None and _sha256(w_file) != want:
-        raise _bad(p, f"{WEIGHTS_NAME} does not match {CONFIG_NAME} (checksum differs: replaced or modified)")
-    expected = _expected_keys(meta)
+    try:
+        if want is not None and _sha256(w_file) != want:
+            raise _bad(shown, f"{WEIGHTS_NAME} does not match {CONFIG_NAME} (checksum differs: replaced or modified)")
+    except OSError as exc:
+        raise ArtifactError(f"artifact {shown}: cannot read {WEIGHTS_NAME} ({exc.strerror or exc}); check its permissions") from None
+    return meta, raw
+
+
+def read_artifact(path, strict: bool = True) -> Artifact:
+    """Read and validate an artifact folder (or its config file); tensors come back as float32.
+
+    Every problem is an :class:`ArtifactError` naming the folder: missing or unreadable files,
+    truncated tensors, JSON that is not an artifact config, an unknown ``format_version``, a
+    tensor whose dtype or shape differs from what the config declares, a checksum mismatch, NaN
+    or inf values. The integrity fields (``weights_sha256``, ``base_model.fingerprint``) are
+    required unless ``strict=False`` (then a warning). A folder caught mid-replace by a killed
+    ``bitfit.save`` is put back first.
+    """
+    if isinstance(path, Artifact):
+        bad = _first_nonfinite(path.tensors.items())
+        if bad:
+            raise ArtifactError(f"artifact {path.path or '(in memory)'} holds non-finite values: tensor {bad}")
+        return path
+    p = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME):
+        p = p.parent
+    src = p
+    if not p.is_dir():
+        if os.path.lexists(p):
+            raise ArtifactError(f"no artifact at {p}: it is a file, not a folder (bitfit.save writes a folder)")
+        src = None
+        if p.parent.is_dir():
+            with _locked(p.parent, exclusive=True) as locked:  # a save killed mid-replace: put the folder back
+                src = _recover(p, locked)
+        if src is None:
+            raise ArtifactError(f"no artifact at {p}: the folder does not exist (bitfit.save writes one)")
+    with _locked(p.parent, exclusive=False):  # no save swaps the folder while we read its two files
+        meta, raw = _read_files(src, p, strict)
+    expected = _expected(meta)
     missing = sorted(set(expected) - set(raw))
     extra = sorted(set(raw) - set(expected))
     if missing:
         raise _bad(p, f"{len(missing)} tensor(s) missing from {WEIGHTS_NAME}, e.g. {missing[0]}")
     if extra:
         raise _bad(p, f"{len(extra)} unexpected tensor(s) in {WEIGHTS_NAME}, e.g. {extra[0]}")
-    for k, n in expected.items():
-        if raw[k].numel() != n:
-            raise _bad(p, f"tensor {k} has {raw[k].numel()} values, the config says {n}")
+    for k, (dtypes, shape) in expected.items():
+        t = raw[k]
+        if t.dtype not in dtypes:
+            raise _bad(p, f"tensor {k} is stored as {_dt(t.dtype)}, the config says {'/'.join(_dt(d) for d in dtypes)} "
+                          f"(dtype {meta['dtype']!r})")
+        if tuple(t.shape) != shape:
+            if k.startswith("bias:") and t.numel() != shape[0]:
+                raise _bad(p, f"tensor {k} has {t.numel()} values, the config says {shape[0]}")
+            raise _bad(p, f"tensor {k} has shape {list(t.shape)}, the config says {list(shape)}")
+    bad = _first_nonfinite(raw.items())
+    if bad:
+        raise ArtifactError(
+            f"artifact {p} holds non-finite values: tensor {bad}; the model had diverged when it was saved. "
+            "Retrain (e.g. with a lower learning rate) or use an earlier artifact"
+        )
+    if meta["dtype"] == "int8":
+        zero = [k for k in expected if k.startswith("scale:") and not float(raw[k]) > 0]
+        if zero:
+            raise _bad(p, f"tensor {zero[0]} is not a positive scale")
     tensors = {}
     for k, t in raw.items():
         if k.startswith("scale:"):
@@ -444,7 +854,7 @@ def read_artifact(path) -> Artifact:
             name = k[len("fix_idx:"):]
             s = meta["slots"][name]
             n = s["size"] if s.get("indices") is None else s["indices"]
-            if t.is_floating_point() or (t.numel() and (int(t.min()) < 0 or int(t.max()) >= n)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                 raise _bad(p, f"tensor {k} holds indices outside its bias (0..{n - 1})")
             tensors[k] = t.to(torch.int64)
             continue
@@ -452,8 +862,6 @@ def read_artifact(path) -> Artifact:
             tensors[k] = t.to(torch.float32) * raw[f"scale:{k}"].to(torch.float32)
         else:
             tensors[k] = t.to(torch.float32)
-    for name, shape in meta["head"]["params"].items():
-        tensors[f"head:{name}"] = tensors[f"head:{name}"].reshape(shape)
     return Artifact(meta, tensors, p)
 
 
@@ -532,8 +940,8 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
         biases = {s.name: bias_tensor(src, s.name).detach().float().cpu().clone() for s in state.trained_slots()}
         params = dict(src.named_parameters())
         head = {n: params[n].detach().float().cpu().clone() for n in state.model_map.head_params}
-        return TaskTensors(biases, list(state.added), head, _meta_summary(meta))
-    art = read_artifact(source)
+        return check_finite(TaskTensors(biases, list(state.added), head, _meta_summary(meta)), "the model in memory")
+    art = read_artifact(source, strict=strict)
     _check_fingerprint(base, art.meta, strict, art.path)
     prefix = art.meta["base_model"].get("prefix", "")
     biases = {}
@@ -556,7 +964,22 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
             full[idx] = _slot_value(art, name, full[idx])
             biases[name] = full
     head = {n: art.tensors[f"head:{n}"].clone() for n in art.meta["head"]["params"]}
-    return TaskTensors(biases, list(art.meta["added"]), head, _meta_summary(art.meta))
+    return check_finite(TaskTensors(biases, list(art.meta["added"]), head, _meta_summary(art.meta)),
+                        f"artifact {art.path or '(in memory)'}")
+
+
+def check_finite(tt: TaskTensors, where: str = "the task") -> TaskTensors:
+    """``tt`` if every bias and head tensor is finite; else an ArtifactError naming the tensor.
+
+    :func:`task_tensors` calls it on what it returns, so a bias bank never holds a NaN/inf task."""
+    bad = _first_nonfinite(list(tt.biases.items()) + list(tt.head.items()))
+    if bad:
+        raise ArtifactError(
+            f"{where} cannot be used: tensor {bad} (training diverged, or the base's biases are not finite); "
+            "retrain with a lower learning rate or use an earlier artifact"
+        )
+    return tt
+
 
 
 def _indices_from_meta(model: nn.Module, meta: dict, name: str, prefix: str) -> torch.Tensor:
@@ -675,7 +1098,7 @@ def load(base_model, path, strict: bool = True) -> nn.Module:
     fingerprint of the frozen weights must match the artifact's unless ``strict=False``.
     Everything is checked before the model is touched: a failure leaves it as it was.
     """
-    art = read_artifact(path)
+    art = read_artifact(path, strict=strict)
     if isinstance(base_model, (str, os.PathLike)):
         model = _load_base(str(base_model), art.meta)
     elif isinstance(base_model, nn.Module):
@@ -840,6 +1263,7 @@ def merge(model: nn.Module) -> nn.Module:
     state = get_state(target)
     if state is None:
         raise ArtifactError("merge needs a BitFit model (from bitfit.apply or bitfit.load); this one has no BitFit state")
+    _refuse_nonfinite(target, state, "merge")
     added = [s for s in state.trained_slots() if s.name in state.added]
     arch = type(target).__name__
     keep = "; keep the artifact form instead (bitfit.save, then bitfit.load onto the base)"
@@ -885,5 +1309,5 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["save", "load", "merge", "unmerge", "read_artifact", "task_tensors", "fingerprint",
+__all__ = ["save", "load", "merge", "unmerge", "read_artifact", "task_tensors", "check_finite", "fingerprint",
            "Artifact", "TaskTensors", "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "DTYPES"]

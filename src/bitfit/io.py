@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Union
 
 
+def _open_new(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new file ``folder/prefix<random>`` opened for writing, created with mode ``0o666 & ~umask``.
+
+    (``tempfile.mkstemp`` always creates 0600 files, whatever the umask: a file renamed into
+    place from it would not be readable by the group or others the umask allows.)
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp  # the kernel applies the umask
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then rename it into place."""
+    """Write ``text`` to a temp file beside ``path``, flush it to disk, then rename it into place.
+
+    The file gets the mode a plain ``open(path, "w")`` would give a new file (``0o666 & ~umask``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _open_new(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
