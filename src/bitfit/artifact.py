@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from .config import ROLES, BitFitConfig
 from .errors import ArtifactError, BitFitError
+from .io import file_mode
 from .lean import remove as remove_lean
 from .prepare import STATE_ATTR, apply, bias_tensor, get_state, trainable_bias_param, unwrap
 from .roles import discover
@@ -475,6 +476,7 @@ def _write_files(folder: Path, meta: dict, tensors: dict) -> None:
     """Tensor file, then the config with its checksum; both flushed to disk, then the folder."""
     weights = folder / WEIGHTS_NAME
     safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt", "bitfit": FORMAT})
+    os.chmod(weights, file_mode())  # safetensors creates it 0600 whatever the umask
     fd = os.open(weights, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1097,7 +1099,13 @@ def load(base_model, path, strict: bool = True) -> nn.Module:
     alias such as "minilm"; loaded with the artifact's head class and label count). The
     fingerprint of the frozen weights must match the artifact's unless ``strict=False``.
     Everything is checked before the model is touched: a failure leaves it as it was.
+    A peft-format BitFit adapter folder (``adapter_config.json``, docs/PEFT.md) loads the same way.
     """
+    peft_dir = Path(os.path.expanduser(str(path))) if isinstance(path, (str, os.PathLike)) else None
+    if peft_dir is not None and (peft_dir / "adapter_config.json").is_file() and not (peft_dir / CONFIG_NAME).is_file():
+        from .peft.convert import read_peft_adapter  # bitfit.peft reads it (no peft needed)
+
+        path = read_peft_adapter(peft_dir)
     art = read_artifact(path, strict=strict)
     if isinstance(base_model, (str, os.PathLike)):
         model = _load_base(str(base_model), art.meta)
