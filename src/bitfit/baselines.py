@@ -8,6 +8,7 @@ Methods (``METHODS``; see :func:`parse_method` for the ``name/key=value`` spec s
 
 - ``bitfit`` (any preset, ``bitfit/preset=ffn``), ``paper-subset`` (b_q + b_m2), ``frozen``
   (head only: BitFit preset ``none``), ``full`` (everything trains);
+- ``bitfit-peft``: the same BitFit through peft (``bitfit.peft``), saved as peft adapter files;
 - ``lora`` (peft; r=8, alpha=16, peft's default targets = query/value on BERT-like models),
   ``beft``, ``ln_tuning``, ``ia3``: peft's own bias/scale/norm-only methods, where the
   installed peft has them;
@@ -163,6 +164,18 @@ def _wrap_peft(model: nn.Module, config) -> nn.Module:
             f"peft could not wrap this {getattr(model.config, 'model_type', type(model).__name__)} model "
             f"({str(exc).splitlines()[0]}); pass targets=... (module names) explicitly"
         ) from None
+
+
+def bitfit_peft(model: nn.Module, preset: str = "all", **options) -> nn.Module:
+    """BitFit through peft: ``get_peft_model`` with a :class:`bitfit.peft.BitFitPeftConfig`; trains what
+    ``bitfit`` trains (same options), saves peft's adapter files."""
+    peft = _peft()
+    from .peft import BitFitPeftConfig
+
+    cfg = BitFitPeftConfig(preset=preset, **options)
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        cfg.task_type = peft.TaskType.SEQ_CLS
+    return peft.get_peft_model(model, cfg)
 
 
 def _targets(targets):
@@ -345,6 +358,8 @@ METHODS: dict[str, Method] = {
         Method("paper-subset", paper_subset, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "b_q + b_m2 only"),
         Method("frozen", frozen, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "head only"),
         Method("full", full, "dense", 2e-5, (1e-5, 2e-5, 5e-5), "full fine-tuning"),
+        Method("bitfit-peft", bitfit_peft, "peft", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               "BitFit through peft (bitfit.peft.BitFitPeftConfig), all biases"),
         Method("lora", lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "LoRA via peft (r=8, alpha=16, query/value)"),
         Method("beft", beft, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft BEFT (bias on value projections)"),
         Method("ln_tuning", ln_tuning, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft LN tuning"),
@@ -404,6 +419,7 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Modul
 
 __all__ = [
     "METHODS", "Method", "prepare", "parse_method", "method_info", "trainable_count", "total_count", "base_count",
-    "bias_param_count", "bitfit", "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
+    "bias_param_count", "bitfit", "bitfit_peft",
+    "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
     "bitfit_last_n", "bitfit_lora", "RandDelta", "rand_effective_weights",
 ]

@@ -29,7 +29,7 @@ DEFAULT_METHODS = "bitfit,paper-subset,full,frozen,lora,rand"
 TRAIN_METHOD = {
     "bitfit": "bitfit", "paper-subset": "bitfit", "frozen": "frozen", "full": "full", "lora": "lora",
     "beft": "lora", "ln_tuning": "lora", "ia3": "lora", "rand": "rand", "bitfit+last-N": "bitfit",
-    "bitfit+lora": "lora",
+    "bitfit+lora": "lora", "bitfit-peft": "bitfit",
 }
 ARTIFACT_FILES = ("bitfit_model.safetensors", "bitfit_config.json", "adapter_model.safetensors",
                   "adapter_config.json", "model.safetensors", "config.json", "rand_delta.safetensors")
