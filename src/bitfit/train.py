@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import BitFitConfigError, BitFitError, DataError
-from .io import atomic_write_json
+from .io import atomic_write_json as _atomic_write_json
 
 # Defaults of each method (issue 5's `compare` uses them). BitFit: the paper's learning rate 1e-3;
 # the randomly initialised head gets its own (higher) learning rate, see HEAD_LR_FACTOR.
@@ -67,9 +68,11 @@ class ModelArguments:
     train_head: bool = field(default=True, metadata={"help": "Train the task head (--no-train-head to freeze it)."})
     skip_zero_grad: bool = field(default=False, metadata={"help": "Leave out b_k (no gradient by construction)."})
     frozen_dtype: Optional[str] = field(
-        default=None,
-        metadata={"help": "Keep frozen weights in bfloat16/float16 to save memory and time; 'int8' adds int8 training "
-                  "matmuls in the frozen Linear layers (fastest on CPUs with AVX512-VNNI; evaluation runs bf16)."},
+        default="auto",
+        metadata={"help": "Precision of the frozen weights: 'auto' (default: the fastest of float32 / bfloat16 / "
+                  "int8 on this hardware, from a short probe cached per machine; the choice is printed and kept in "
+                  "command.json), 'float32' (the exact stock path), 'bfloat16', 'float16', or 'int8' (bf16 plus "
+                  "int8 training matmuls in the frozen Linear layers; evaluation runs bf16)."},
     )
     lean: bool = field(
         default=True,
@@ -85,6 +88,12 @@ class ModelArguments:
         metadata={"help": "Set every dropout probability of the model (hidden, attention, ...) to this value for "
                   "training, e.g. 0; default: the model's own. Bias-only training fits better without dropout on "
                   "some tasks (docs/RESULTS.md)."},
+    )
+    warm_start_head: bool = field(
+        default=True,
+        metadata={"help": "Fit the task head's output layer on the frozen model's features (a linear probe over "
+                  "the training rows) before bias training starts; --no_warm_start_head starts from the random "
+                  "head. BitFit runs only (docs/TRAINING.md)."},
     )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside --model's folder."})
 
@@ -109,7 +118,10 @@ class DataArguments:
     text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: text/sentence/...)."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column, for pairs."})
     label_column: str = field(default="label", metadata={"help": "Label column; float labels mean regression."})
-    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Truncate inputs to this many tokens (default: 128, or the model's "
+                                "maximum when that is smaller; more than the maximum is an error)."}
+    )
     train_size: Optional[int] = field(
         default=None, metadata={"help": "Train on a fixed random subset of N rows (chosen with --seed)."}
     )
@@ -227,6 +239,11 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
     from .data import files, glue
     from .data.instruct import load_instructions
 
+    for flag, value in (("--train-size", data_args.train_size), ("--eval-size", data_args.eval_size)):
+        if value is not None and value <= 0:
+            raise DataError(f"{flag} must be a positive number of rows, got {value}")
+    if data_args.max_seq_length is not None and data_args.max_seq_length <= 0:
+        raise DataError(f"--max-seq-length must be a positive number of tokens, got {data_args.max_seq_length}")
     out: dict = {}
     if data_args.is_instruct:
         for split in splits:
@@ -265,7 +282,7 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
                                           info.label_names or None, info.regression, labeled=split != "test")]
     if "train" in out:
         out["train"] = [subset(out["train"][0], data_args.train_size, seed)]
-    if data_args.eval_size and "dev" in out:
+    if data_args.eval_size is not None and "dev" in out:
         out["dev"] = [d.select(range(min(len(d), data_args.eval_size))) if hasattr(d, "select")
                       else d[: data_args.eval_size] for d in out["dev"]]
     return info, out
@@ -311,11 +328,42 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
                 kwargs.update(id2label=dict(enumerate(info.label_names)),
                               label2id={n: i for i, n in enumerate(info.label_names)})
             model = models.load_model(name, num_labels=info.num_labels, task="classification", **kwargs)
+    if info is not None:
+        if info.max_seq_length is None:  # the default: 128, or the model's maximum when that is smaller
+            limit = max_positions(model)
+            info.max_seq_length = min(DEFAULT_MAX_SEQ_LENGTH, limit) if limit else DEFAULT_MAX_SEQ_LENGTH
+            if info.max_seq_length < DEFAULT_MAX_SEQ_LENGTH:
+                print(f"bitfit: --max-seq-length {info.max_seq_length}: the most {name} can take", file=sys.stderr)
+        check_max_length(model, info.max_seq_length, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+DEFAULT_MAX_SEQ_LENGTH = 128
+
+
+def max_positions(model) -> Optional[int]:
+    """How many token positions a model with a learned absolute position table can take (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``, BART's ``embed_positions`` ...); None when it has none
+    (rotary / relative positions: no hard limit to check)."""
+    limits = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Embedding) and ("position" in name.rsplit(".", 1)[-1] or name.endswith("wpe")):
+            n = m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+            if m.padding_idx is not None:  # RoBERTa / MPNet: positions start after the padding index
+                n -= m.padding_idx + 1
+            limits.append(n)
+    return min(limits) if limits else None
+
+
+def check_max_length(model, max_seq_length: Optional[int], name: str = "the model") -> None:
+    limit = max_positions(model)
+    if max_seq_length is not None and limit is not None and max_seq_length > limit:
+        raise BitFitConfigError(f"--max-seq-length {max_seq_length} is more than {name} can take: its position "
+                                f"embeddings hold {limit} positions; use --max-seq-length {limit} or less")
 
 
 def _split(value: Optional[str]):
@@ -340,6 +388,19 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
         frozen_dtype=model_args.frozen_dtype, lean=model_args.lean,
     )
+
+
+def resolve_frozen_dtype(model_args: ModelArguments, device=None):
+    """``model_args`` with ``frozen_dtype="auto"`` replaced by the choice for ``device`` (the device the
+    run trains on), and that choice (a bitfit.hardware.DtypeChoice, printed to stderr; None when the
+    user named a dtype)."""
+    if model_args.frozen_dtype != "auto":
+        return model_args, None
+    from .hardware import choose_frozen_dtype
+
+    choice = choose_frozen_dtype(device)
+    print(f"bitfit: {choice.describe()}; --frozen-dtype float32 keeps the exact float32 path", file=sys.stderr)
+    return dataclasses.replace(model_args, frozen_dtype=choice.dtype), choice
 
 
 def apply_bitfit(model, model_args: ModelArguments):
@@ -459,6 +520,24 @@ def _trainer_class():
 
         head_learning_rate: Optional[float] = None
 
+        def __init__(self, *args, **kwargs):
+            from .guard import NonFiniteGuard
+
+            super().__init__(*args, **kwargs)
+            # every step's real loss and the trained tensors: a NaN/inf stops the run before it is saved
+            self.guard = NonFiniteGuard(self.model)
+            self.add_callback(self.guard)
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self.guard.observe_loss(loss)
+            return loss
+
+        def log(self, logs, *args, **kwargs):
+            # non-finite values (a constant-prediction Pearson, ...) become None: trainer_state.json and
+            # log_history.json stay strict JSON
+            return super().log(json_safe(logs), *args, **kwargs)
+
         def _bitfit(self):
             from .prepare import get_state
 
@@ -515,6 +594,25 @@ def _trainer_class():
 
 
 # ----------------------------------------------------------------------------- run
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, inf; Python, numpy or 0-d tensor) replaced by None, so
+    that ``json.dumps`` writes strict JSON (no bare NaN/Infinity). Dicts, lists and tuples are copied."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1 and obj.is_floating_point():
+        obj = obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def atomic_write_json(path, obj):
+    """bitfit.io.atomic_write_json, strict: non-finite floats are written as null (see json_safe)."""
+    return _atomic_write_json(path, json_safe(obj))
+
+
 def _versions() -> dict:
     import transformers
 
@@ -575,6 +673,108 @@ def save_trained(model, output_dir: str, info: Optional[TaskInfo] = None, base_n
     return "state_dict"
 
 
+# ----------------------------------------------------------------------------- checks before a run
+FINISHED_RUN_FILES = ("metrics.json", "bitfit_config.json")  # present = the folder holds a finished run
+RUN_FILES = ("metrics.json", "log_history.json", "task.json", "command.json", "bitfit_config.json",
+             "bitfit_model.safetensors")
+
+
+def check_training_args(training_args) -> None:
+    """Refuse TrainingArguments that would crash deep inside the Trainer or 'succeed' without training."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name, 1)
+        if value is not None and value <= 0:
+            raise BitFitConfigError(f"--{name} must be a positive integer, got {value}")
+    max_steps = training_args.max_steps
+    if max_steps == 0 or max_steps < -1:
+        raise BitFitConfigError(f"--max_steps must be positive (or -1, the default, to train --num_train_epochs "
+                                f"epochs), got {max_steps}: a run without a training step would save the "
+                                "untrained model as if it had trained")
+    if max_steps < 0 and not training_args.num_train_epochs > 0:
+        raise BitFitConfigError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs:g}: "
+                                "a run without a training step would save the untrained model as if it had trained")
+    lr = training_args.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise BitFitConfigError(f"--learning_rate must be a finite number >= 0, got {lr}")
+
+
+def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> None:
+    """Refuse an --output-dir that holds a finished run (unless ``overwrite`` or ``resume``), that is a file,
+    or that cannot be written; nothing is left behind by the check."""
+    p = Path(os.path.expanduser(str(output_dir)))
+    if p.exists() and not p.is_dir():
+        raise BitFitError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
+    finished = [f for f in FINISHED_RUN_FILES if (p / f).exists()]
+    if finished and not overwrite and not resume:
+        raise BitFitError(f"--output-dir {output_dir} holds a finished run ({', '.join(finished)}); pass "
+                          "--overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
+                          "another --output-dir")
+    missing, q = [], p
+    while not q.exists() and q != q.parent:
+        missing.append(q)
+        q = q.parent
+    created = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, tmp = tempfile.mkstemp(dir=p, prefix=".bitfit-write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise BitFitError(f"--output-dir {output_dir} cannot be written ({exc.strerror or exc}); choose a folder "
+                          "you can write to") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def clear_finished_run(output_dir: str) -> list:
+    """--overwrite_output_dir: remove the previous run's files and checkpoints from ``output_dir`` (its
+    checkpoint numbers would otherwise mix with the new run's in rotation and --resume_from_checkpoint
+    last). Other files are left alone. Returns the removed names."""
+    import shutil
+
+    p = Path(os.path.expanduser(str(output_dir)))
+    if not any((p / f).exists() for f in FINISHED_RUN_FILES):
+        return []
+    removed = []
+    for child in sorted(p.iterdir()):
+        if child.name in RUN_FILES and child.is_file():
+            child.unlink()
+            removed.append(child.name)
+        elif child.is_dir() and child.name.startswith("checkpoint-"):
+            shutil.rmtree(child)
+            removed.append(child.name)
+    return removed
+
+
+def resolve_resume(resume, output_dir: str) -> Optional[str]:
+    """The checkpoint folder --resume_from_checkpoint means: 'last'/'true' = the last complete checkpoint-*
+    in ``output_dir`` (one cut off while being written is skipped), else the folder given, which must be a
+    complete checkpoint."""
+    from .guard import is_complete_checkpoint, last_complete_checkpoint
+
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("", "false", "none")):
+        return None
+    if resume is True or (isinstance(resume, str) and resume.lower() in ("true", "last")):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise BitFitError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder (with "
+                              f"trainer_state.json and model weights) in {output_dir}")
+        return found
+    if not os.path.isdir(resume):
+        raise BitFitError(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+    if not is_complete_checkpoint(resume):
+        raise BitFitError(f"--resume_from_checkpoint: {resume} is not a complete checkpoint (it needs "
+                          "trainer_state.json and model weights; it may have been cut off while being written); "
+                          "use --resume_from_checkpoint last to pick the last complete one")
+    return str(resume)
+
+
 def run_train(model_args: ModelArguments, data_args: DataArguments, training_args=None,
               prepare: Optional[Callable] = None, *, method: str = "bitfit", argv: Optional[list] = None) -> dict:
     """Load, prepare, train, evaluate and save; return the metrics.
@@ -604,13 +804,22 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         bs = over.get("per_device_train_batch_size", 32)
         defaults = training_defaults(method, info.primary, n_train, bs)
         defaults.update(over)
+        overwrite = defaults.pop("overwrite_output_dir", False) if not _has_overwrite_field() else \
+            defaults.get("overwrite_output_dir", False)
         training_args = TrainingArguments(**defaults)
+    else:
+        overwrite = getattr(training_args, "overwrite_output_dir", False)
+    check_training_args(training_args)
+    if training_args.process_index == 0:
+        check_output_dir(training_args.output_dir, overwrite, training_args.resume_from_checkpoint)
     transformers.set_seed(training_args.seed)
 
     model, tokenizer = load_base(model_args, info)
+    dtype_choice = None
     if prepare is not None:
         model = prepare(model)
     else:
+        model_args, dtype_choice = resolve_frozen_dtype(model_args, training_args.device)
         apply_bitfit(model, model_args)
     if info.kind == "instruct":
         train_ds = encode_instructions(tokenizer, splits["train"][0], info.max_seq_length)
@@ -625,6 +834,17 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     eval_ds = None
     if dev_parts:
         eval_ds = dev_parts[0] if len(dev_parts) == 1 else dict(zip(("matched", "mismatched"), dev_parts))
+    warm = None
+    if get_state(model) is not None and model_args.warm_start_head and info.kind != "instruct" \
+            and not training_args.resume_from_checkpoint:
+        from .warmstart import warm_start_head
+
+        warm = warm_start_head(model, train_ds, collator, regression=info.regression,
+                               batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
+        if warm is not None:
+            print(f"bitfit: head warm start: fitted {warm.layer} on {warm.rows} training rows' frozen features "
+                  f"(train {'Pearson' if info.regression else 'accuracy'} {warm.train_score:.3f}, "
+                  f"{warm.seconds:.1f} s)", file=sys.stderr)
 
     Trainer = _trainer_class()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -637,15 +857,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise BitFitError(f"--resume_from_checkpoint: no checkpoint-* folder in {training_args.output_dir}")
-    elif resume and not os.path.isdir(resume):
-        raise BitFitError(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if overwrite and not resume and trainer.is_world_process_zero():
+        removed = clear_finished_run(training_args.output_dir)
+        if removed:
+            print(f"bitfit: --overwrite_output_dir: removed the previous run's {', '.join(removed)} from "
+                  f"{training_args.output_dir}", file=sys.stderr)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -666,7 +883,8 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         global_steps=trainer.state.global_step, step_time_s=metrics.get("train_runtime", wall) / steps,
         peak_memory_mb=peak_memory_mb(), wall_time_s=wall, n_train=n_train, task=info.task, method=method,
         best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric,
-        eval_history=history,
+        eval_history=history, frozen_dtype=model_args.frozen_dtype if prepare is None else None,
+        head_warm_start=warm.to_dict() if warm is not None else None,
     )
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
@@ -682,6 +900,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             "command": ("bitfit train " + " ".join(_quote(a) for a in argv)) if argv is not None else None,
             "model_args": dataclasses.asdict(model_args), "data_args": dataclasses.asdict(data_args),
             "training_args": training_args.to_dict(), "method": method, "versions": _versions(),
+            "frozen_dtype_choice": dtype_choice.to_dict() if dtype_choice is not None else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
         })
     return metrics
@@ -694,6 +913,24 @@ def _quote(a: str) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI parsing
+@dataclass
+class RunArguments:
+    """`bitfit train` flags of our own that TrainingArguments (transformers 5) no longer has."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output-dir that holds a finished run (metrics.json or "
+                  "bitfit_config.json): its files and checkpoint-* folders are replaced. Without it such a "
+                  "folder is refused (--resume_from_checkpoint into it is always allowed)."},
+    )
+
+
+def _has_overwrite_field() -> bool:
+    from transformers import TrainingArguments
+
+    return any(f.name == "overwrite_output_dir" for f in dataclasses.fields(TrainingArguments))
+
+
 def parse_train_args(argv: list):
     """Parse `bitfit train` arguments: our dataclasses plus every TrainingArguments flag, with BitFit's
     defaults for the flags the user did not give (they depend on the task and the training-set size)."""
@@ -701,7 +938,8 @@ def parse_train_args(argv: list):
 
     first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False)
     model_args, data_args, rest = first.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="bitfit train",
+    own = () if _has_overwrite_field() else (RunArguments,)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments) + own, prog="bitfit train",
                               allow_abbrev=False)
     # task-dependent defaults need the task (and the number of training rows for the epochs)
     info, n_train = None, None
@@ -734,9 +972,12 @@ def parse_train_args(argv: list):
     if not _given(argv, "output_dir"):
         raise BitFitError("--output-dir is required (the folder the trained artifact and logs go to)")
     try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, training_args, *run = parser.parse_args_into_dataclasses(argv)
     except ValueError as exc:  # TrainingArguments' own checks
         raise BitFitConfigError(f"invalid training arguments: {exc}") from None
+    if run:  # our own flag rides on the TrainingArguments object (run_train reads it with getattr)
+        training_args.overwrite_output_dir = run[0].overwrite_output_dir
+    check_training_args(training_args)
     return model_args, data_args, training_args
 
 
@@ -767,10 +1008,19 @@ def load_run(adapter: str) -> tuple[dict, Optional[TaskInfo]]:
     p = Path(os.path.expanduser(adapter))
     if not p.is_dir():
         raise BitFitError(f"--adapter {adapter}: no such folder (give the output folder of `bitfit train`)")
-    meta = {}
-    if (p / "task.json").exists():
-        meta = json.loads((p / "task.json").read_text())
-    return meta, (TaskInfo.from_dict(meta) if meta else None)
+    meta: dict = {}
+    path = p / "task.json"
+    if path.exists():
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"it holds a {type(meta).__name__}, not an object")
+            info = TaskInfo.from_dict(meta)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise BitFitError(f"{path} is damaged ({type(exc).__name__}: {exc}); it records the run's task: "
+                              "restore it, or re-run `bitfit train`") from None
+        return meta, info
+    return meta, None
 
 
 def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] = None):
@@ -779,6 +1029,8 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
     import bitfit
 
     meta, info = load_run(model_args.adapter)
+    if info is not None and data_args is not None:
+        check_eval_args(model_args, data_args, info)
     if not model_args.model:
         model_args = dataclasses.replace(model_args, model=meta.get("base_model"), gguf_file=meta.get("gguf_file"))
         if not model_args.model:
@@ -791,8 +1043,10 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
         elif data_args.is_instruct:
             info = task_info(data_args)
         else:
-            names = _artifact_label_names(model_args.adapter)
-            info = task_info(data_args, (names or [], not names))
+            labels = _artifact_labels(model_args.adapter)
+            names, regression = labels if labels is not None else ([], True)
+            info = task_info(data_args, (names, regression))
+    _check_artifact_labels(model_args.adapter, info)
     if data_args is not None:
         if not data_args.data_dir and meta.get("data_dir") and not os.environ.get("BITFIT_GLUE_DIR"):
             data_args.data_dir = meta["data_dir"]  # the GLUE folder the run was trained from
@@ -803,12 +1057,95 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
     return model, tokenizer, info
 
 
+def _artifact_labels(adapter: str) -> Optional[tuple]:
+    """(label_names, regression) of the head an artifact holds, from its bitfit_config.json; None when it
+    has no head (or no readable config: bitfit.load then says what is wrong)."""
+    cfg = Path(os.path.expanduser(adapter)) / "bitfit_config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    head = data.get("head") if isinstance(data, dict) else None
+    if not isinstance(head, dict) or not head.get("params"):
+        return None
+    if head.get("problem_type") == "regression":
+        return [], True
+    id2label = head.get("id2label") or {}
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)], False
+    except (TypeError, ValueError):
+        return None
+
+
 def _artifact_label_names(adapter: str):
-    cfg = Path(adapter) / "bitfit_config.json"
-    if cfg.exists():
-        data = json.loads(cfg.read_text())
-        return data.get("label_names") or (data.get("task") or {}).get("label_names")
-    return None
+    labels = _artifact_labels(adapter)
+    return labels[0] if labels is not None else None
+
+
+def _check_artifact_labels(adapter: str, info: TaskInfo) -> None:
+    """Refuse an artifact whose head was trained for other labels than the task being scored."""
+    import re
+
+    labels = _artifact_labels(adapter)
+    if labels is None or info.kind == "instruct":
+        return
+    names, regression = labels
+    generic = not regression and all(re.fullmatch(r"LABEL_\d+", n) for n in names)  # saved without names
+    task = info.task or "this data"
+    if regression != info.regression:
+        raise BitFitError(f"{adapter} holds a {'regression' if regression else f'{len(names)}-class'} head, but "
+                          f"{task} is {'regression' if info.regression else 'classification'}: it was trained "
+                          "for another task")
+    if not regression and (names != list(info.label_names) and not (generic and len(names) == info.num_labels)):
+        raise BitFitError(f"{adapter} was trained with labels {names}, but {task} has labels "
+                          f"{list(info.label_names)}: it was trained for another task, it cannot be scored on this one")
+
+
+def check_eval_args(model_args: ModelArguments, data_args: DataArguments, info: TaskInfo) -> None:
+    """eval/predict/generate read the task, columns and model choices from the run folder: refuse a flag
+    that would be silently ignored because it contradicts the run's record (a flag that agrees passes)."""
+    from .data import glue
+
+    def refuse(flag: str, why: str):
+        raise BitFitError(f"{flag}: {why}; the run folder records what eval/predict need, so omit {flag}")
+
+    task = data_args.task
+    if task:
+        if info.kind == "glue":
+            try:
+                same = glue.get_task(task).name == info.task
+            except DataError:
+                same = False
+        elif info.kind == "instruct":
+            same = task.lower() in INSTRUCT_TASKS
+        else:
+            same = task == info.task
+        if not same:
+            refuse(f"--task {task}", f"this run was trained on {info.task or 'your own files'}"
+                   + (" (--train-file)" if info.kind == "files" else ""))
+    if info.kind == "glue":
+        for flag, value in (("--train-file", data_args.train_file), ("--validation-file", data_args.validation_file),
+                            ("--test-file", data_args.test_file)):
+            if value:
+                refuse(flag, f"this is a GLUE {info.task} run, scored on the GLUE files (--data-dir)")
+    elif data_args.data_dir:
+        refuse("--data-dir", f"this run was trained on {'your own files' if info.kind == 'files' else info.kind}, "
+               "not GLUE; pass --validation-file / --test-file")
+    defaults = DataArguments()
+    for name, flag in (("text_column", "--text-column"), ("text_pair_column", "--text-pair-column"),
+                       ("label_column", "--label-column"), ("max_seq_length", "--max-seq-length")):
+        value, recorded = getattr(data_args, name), getattr(info, name)
+        if value != getattr(defaults, name) and value != recorded:
+            refuse(f"{flag} {value}", f"the run was trained with {recorded!r}")
+    if data_args.train_size is not None:
+        refuse("--train-size", "it only applies to training")
+    m_defaults = ModelArguments()
+    for f in dataclasses.fields(ModelArguments):
+        if f.name in ("model", "adapter", "gguf_file"):
+            continue
+        if getattr(model_args, f.name) != getattr(m_defaults, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            refuse(flag, "the artifact records which tensors were trained and how; eval/predict use that")
 
 
 @torch.no_grad()
@@ -824,7 +1161,13 @@ def predict_logits(model, tokenizer, data, info: TaskInfo, batch_size: int = 64)
     for batch in tqdm(loader, desc="predict", leave=False, disable=len(loader) < 5):
         batch = {k: v.to(device) for k, v in batch.items()}
         out.append(model(**batch).logits.float().cpu().numpy())
-    return np.concatenate(out, axis=0)
+    logits = np.concatenate(out, axis=0)
+    bad = ~np.isfinite(logits).reshape(len(logits), -1).all(axis=1)
+    if bad.any():
+        raise BitFitError(f"the trained model's outputs are not finite (NaN/inf) for {int(bad.sum())} of {len(bad)} "
+                          "rows: its artifact holds non-finite values (e.g. saved from a diverged run); no score is "
+                          "reported. Retrain with a lower --learning_rate")
+    return logits
 
 
 def to_predictions(logits: np.ndarray, info: TaskInfo) -> np.ndarray:
@@ -834,17 +1177,29 @@ def to_predictions(logits: np.ndarray, info: TaskInfo) -> np.ndarray:
 def evaluate_run(model_args: ModelArguments, data_args: DataArguments, split: str = "dev",
                  batch_size: int = 64) -> dict:
     """The official metric(s) of a trained run on ``split`` (default: the dev split)."""
+    if split == "test":
+        raise DataError("--split test: test splits have no labels, so they cannot be scored; use `bitfit predict "
+                        "--split test` to write the predictions (GLUE leaderboard files)")
     model, tokenizer, info = load_trained(model_args, data_args)
     if info.kind == "instruct":
         raise BitFitError("eval of instruction-tuned models: use `bitfit generate`, or train with "
                           "--validation-file to get eval_loss")
-    if info.kind == "files" and not data_args.validation_file and not data_args.train_file:
-        raise DataError("pass --validation-file to evaluate on your own data")
-    if info.kind == "files" and data_args.validation_file:
+    if info.kind == "files":
         from .data import files
 
-        parts = [files.load_file(data_args.validation_file, info.text_column, info.text_pair_column,
-                                 info.label_column, info.label_names or None, info.regression)]
+        if split not in ("dev", "validation", "train"):
+            raise DataError(f"unknown split {split!r}; use dev (--validation-file) or train (--train-file)")
+        path = data_args.train_file if split == "train" else data_args.validation_file
+        if not path:
+            raise DataError(f"pass --{'train' if split == 'train' else 'validation'}-file to evaluate on your "
+                            "own data")
+        part = files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
+                               info.label_names or None, info.regression)
+        if data_args.eval_size is not None:
+            if data_args.eval_size <= 0:
+                raise DataError(f"--eval-size must be a positive number of rows, got {data_args.eval_size}")
+            part = part.select(range(min(len(part), data_args.eval_size)))
+        parts = [part]
     else:
         _, splits = load_splits(data_args if data_args.task else dataclasses.replace(data_args, task=info.task),
                                 (split,), info=info)

@@ -19,7 +19,7 @@ def _env():
 @command("train", "train a model's biases on a GLUE task, your own files, or instruction data")
 def train_main(argv: list) -> int:
     _env()
-    from ..train import parse_train_args, run_train
+    from ..train import json_safe, parse_train_args, run_train
 
     if not argv:
         argv = ["--help"]
@@ -31,7 +31,7 @@ def train_main(argv: list) -> int:
         shown = {k: v for k, v in metrics.items() if (k.startswith("eval_") and k != "eval_history") or k in (
             "train_loss", "train_runtime", "trainable_params", "total_params", "peak_memory_mb", "num_train_epochs",
             "global_steps")}
-        print(json.dumps(shown, indent=2, default=str))
+        print(json.dumps(json_safe(shown), indent=2, default=str))
         print(f"saved to {training_args.output_dir}", file=sys.stderr)
     return 0
 
@@ -64,7 +64,7 @@ def _split(parser, argv):
 @command("eval", "evaluate a trained run on the dev split with the task's official metric(s)")
 def eval_main(argv: list) -> int:
     _env()
-    from ..train import evaluate_run
+    from ..train import evaluate_run, json_safe
 
     def extra(p):
         p.add_argument("--split", default="dev", help="split to score (dev; train for a sanity check)")
@@ -73,7 +73,7 @@ def eval_main(argv: list) -> int:
 
     model_args, data_args, ns = _parse(argv, "bitfit eval", extra)
     metrics = evaluate_run(model_args, data_args, ns.split, ns.batch_size)
-    text = json.dumps(metrics, indent=2)
+    text = json.dumps(json_safe(metrics), indent=2)
     print(text)
     if ns.json_out:
         with open(ns.json_out, "w") as fh:

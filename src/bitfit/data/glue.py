@@ -8,6 +8,7 @@ floats, and the GLUE ``index`` used by leaderboard files).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -117,9 +118,12 @@ def _parse_label(task: GlueTask, raw: str, path: Path, line: int):
     raw = raw.strip()
     if task.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise DataError(f"{path}, line {line}: score {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{path}, line {line}: score {raw!r} is not a finite number; fix or remove that line")
+        return value
     if task.string_labels:
         if raw not in task.label_names:
             raise DataError(f"{path}, line {line}: label {raw!r} is not one of {list(task.label_names)}")
@@ -227,6 +231,9 @@ def load_glue_hub(task: GlueTask, split: str) -> list[TextData]:
     for name in names:
         d = ds[name]
         labels = None if split == "test" else [float(x) if task.is_regression else int(x) for x in d["label"]]
+        if labels is not None and task.is_regression and not all(math.isfinite(x) for x in labels):
+            row = next(i for i, x in enumerate(labels) if not math.isfinite(x))
+            raise DataError(f"hub:glue/{task.name}/{name}: row {row + 1} has the non-finite score {labels[row]}")
         out.append(TextData(list(d[task.hub_text]), list(d[task.hub_pair]) if task.hub_pair else None,
                             labels, list(d["idx"]), f"hub:glue/{task.name}/{name}"))
     return out
