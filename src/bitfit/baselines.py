@@ -93,14 +93,14 @@ def bitfit(model: nn.Module, preset: str = "all", **options) -> nn.Module:
     return apply(model, preset=preset, **options)
 
 
-def paper_subset(model: nn.Module) -> nn.Module:
+def paper_subset(model: nn.Module, **options) -> nn.Module:
     """The paper's subset: b_q and b_m2 (plus the head)."""
-    return bitfit(model, preset="paper-subset")
+    return bitfit(model, preset="paper-subset", **options)
 
 
-def frozen(model: nn.Module) -> nn.Module:
+def frozen(model: nn.Module, **options) -> nn.Module:
     """The paper's frozen baseline: only the task head trains."""
-    return bitfit(model, preset="none")
+    return bitfit(model, preset="none", **options)
 
 
 def full(model: nn.Module) -> nn.Module:

@@ -171,7 +171,9 @@ class BitFitConfig:
         metadata={
             "help": "Store and run the frozen weights in this dtype ('bfloat16', 'float16'); trained tensors and "
             "norms stay float32. 'int8': bfloat16, plus int8 training matmuls in the frozen Linear layers "
-            "(fastest on CPUs with AVX512-VNNI; eval runs bf16). None keeps the model's dtype."
+            "(fastest on CPUs with AVX512-VNNI and no AMX; eval runs bf16). 'auto': the fastest of float32 / "
+            "bfloat16 / int8 on this hardware (a short cached probe, bitfit.hardware); resolved when the config "
+            "is applied. None keeps the model's dtype."
         },
     )
     lean: bool = field(
@@ -217,9 +219,10 @@ class BitFitConfig:
         if self.frozen_dtype is not None:
             fd = str(self.frozen_dtype).replace("torch.", "")
             fd = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}.get(fd, fd)
-            if fd not in FROZEN_DTYPES:
+            if fd not in FROZEN_DTYPES + ("auto",):
                 raise BitFitConfigError(
-                    f"frozen_dtype={self.frozen_dtype!r} is not supported; use one of {', '.join(FROZEN_DTYPES)}"
+                    f"frozen_dtype={self.frozen_dtype!r} is not supported; use one of "
+                    f"{', '.join(FROZEN_DTYPES + ('auto',))}"
                 )
             self.frozen_dtype = None if fd == "float32" else fd
 

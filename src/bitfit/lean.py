@@ -91,9 +91,12 @@ class LeanState:
     attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
     cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
     int8: list = field(default_factory=list)  # Linear modules whose training matmuls run in int8
+    auto: Optional[object] = None  # bitfit.hardware.DtypeChoice when frozen_dtype="auto" chose the dtype
 
     def describe(self) -> list:
         out = []
+        if self.auto is not None:
+            out.append(self.auto.describe())
         if self.frozen_dtype is not None:
             out.append(
                 f"frozen weights stored and run in {str(self.frozen_dtype).replace('torch.', '')} "
@@ -591,7 +594,20 @@ def set_lean(model: nn.Module, on: bool = True) -> LeanState:
 
 
 def finish_apply(target: nn.Module, cfg) -> None:
-    """Called at the end of ``bitfit.apply``: frozen dtype and lean mode as the config says."""
+    """Called at the end of ``bitfit.apply``: frozen dtype and lean mode as the config says.
+    ``frozen_dtype="auto"`` is resolved here (bitfit.hardware) and the config records the result, so
+    an artifact saved from this model reloads in the same precision on any machine."""
+    auto = None
+    if cfg.frozen_dtype == "auto":
+        from .hardware import choose_frozen_dtype
+
+        try:
+            device = next(p.device for p in target.parameters())
+        except StopIteration:
+            device = torch.device("cpu")
+        auto = choose_frozen_dtype(device)
+        cfg.frozen_dtype = auto.frozen_dtype
+        _lean_state(target).auto = auto
     if cfg.frozen_dtype is not None:
         cast_frozen(target, cfg.frozen_dtype)
     if getattr(cfg, "lean", False):

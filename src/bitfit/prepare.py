@@ -123,7 +123,7 @@ def _merge_options(config: Optional[BitFitConfig], options: dict) -> BitFitConfi
         raise BitFitConfigError(
             f"pass either config= or keyword options, not both (got config= and {sorted(given)})"
         )
-    return config
+    return dataclasses.replace(config)  # a copy: apply records resolved values (frozen_dtype="auto") in it
 
 
 def apply(

@@ -169,6 +169,8 @@ def _save_rand(model, run_dir: Path) -> None:
 def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, data_args, overrides: dict,
             out_dir: Path, keep_checkpoints: bool = False, overwrite: bool = False) -> dict:
     """Train one (method, lr, seed, train size) through run_train; returns (and stores) its record."""
+    import torch
+
     from .. import analysis, baselines
     from ..train import run_train
 
@@ -180,11 +182,19 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
     if run_dir.exists():
         shutil.rmtree(run_dir)
     holder: dict = {}
+    run_spec, dtype_choice = spec, None
+    if baselines.METHODS[name].family == "bitfit" and "frozen_dtype" not in baselines.parse_method(spec)[1]:
+        # BitFit methods run in the fastest safe precision of this machine, as `bitfit train` does
+        from ..hardware import choose_frozen_dtype
+
+        cuda = torch.cuda.is_available() and not overrides.get("use_cpu")
+        dtype_choice = choose_frozen_dtype("cuda" if cuda else "cpu")
+        run_spec = f"{spec}/frozen_dtype={dtype_choice.dtype}"
 
     def prepare(model):
         mm = analysis.discover(model)
         holder["before"] = analysis.snapshot_biases(model, mm)
-        prepared = baselines.prepare(model, spec, seed=seed)
+        prepared = baselines.prepare(model, run_spec, seed=seed)
         holder.update(inner=model, mm=mm, trainable=baselines.trainable_count(prepared),
                       base=baselines.base_count(prepared))
         rec = analysis.GradRecorder(model, mm)
@@ -216,11 +226,12 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
 
         state = get_state(inner)
         grads = rec.table(state.selection.chosen if state else None)
-    import torch
-
     cuda = torch.cuda.is_available()
     record = {
         "spec": spec, "method": name, "lr": lr, "seed": seed, "train_size": size, "n_train": metrics.get("n_train"),
+        "frozen_dtype": (baselines.parse_method(run_spec)[1].get("frozen_dtype") or "float32")
+        if baselines.METHODS[name].family == "bitfit" else None,
+        "frozen_dtype_choice": dtype_choice.to_dict() if dtype_choice is not None else None,
         "primary": primary, "task_metrics": _task_metrics(run_dir),
         "score": metrics.get(f"eval_{primary}"),
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))},
