@@ -261,7 +261,8 @@ def test_queue_full_is_503_with_retry_after(setup):  # noqa: F811
         r = httpx.post(f"{u}/v1/predict", json=GOOD, timeout=30)
         err(r, 503, "busy", r"server busy: 1 requests are already waiting \(--max-queue 1\); retry after 1 s")
         assert r.headers["retry-after"] == "1"
-        assert httpx.get(f"{u}/health").json()["stats"]["rejected_busy"] == 1
+        stats = httpx.get(f"{u}/health").json()["stats"]
+        assert stats["rejected_busy"] == 1 and stats["waiting"] == 1
         release.set()
         a.join(30)
         b.join(30)

@@ -518,6 +518,7 @@ def create_app(
     async def health():
         with batcher._stats_lock:
             stats = dict(batcher.stats)
+        stats["waiting"] = batcher.waiting
         return {"status": "ok", "tasks": len(bank), "stats": stats, "limits": app.state.limits}
 
     return app
