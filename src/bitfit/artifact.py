@@ -13,6 +13,11 @@ An artifact is a folder with two files:
 * ``bitfit_config.json``: format version, base model name/config/fingerprint, the
   BitFitConfig, per-slot roles, head layout and labels, storage dtype, a checksum of the
   tensor file. No pickle anywhere.
+
+The integrity fields (``weights_sha256``, ``base_model.fingerprint``) are required unless
+``strict=False``; stored dtypes and shapes must be what the config declares; NaN/inf is
+refused on save, load, merge and in the bank; a save replaces an existing folder atomically
+(see :func:`save`). docs/ARTIFACTS.md describes all of it.
 """
 
 from __future__ import annotations
