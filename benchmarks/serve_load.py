@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     print(f"date {datetime.date.today().isoformat()}, CPU {cpu} ({os.cpu_count()} cores visible), "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{args.seconds:.0f} s, {args.clients} clients ({args.impatient} giving up after "
-          f"{0.5 * args.impatient_timeout_ms:.0f}-{1.5 * args.impatient_timeout_ms:.0f} ms), {len(tasks)} tasks over {args.model}, server --threads "
-          f"{args.threads}, warm-up {warmup:.0f} s")
+          f"{0.5 * args.impatient_timeout_ms:.0f}-{1.5 * args.impatient_timeout_ms:.0f} ms), {len(tasks)} tasks "
+          f"over {args.model}, server --threads {args.threads}, warm-up {warmup:.0f} s")
     print()
     print("| | sent | succeeded | wrong | failed | abandoned | lost |")
     print("|---|---:|---:|---:|---:|---:|---:|")
