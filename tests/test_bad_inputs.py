@@ -232,6 +232,25 @@ def test_artifact_only_folder_is_refused(tmp_path):
     check_output_dir(str(tmp_path), resume="last")
 
 
+def test_unfinished_run_folder(tmp_path):
+    _checkpoint(tmp_path, 4)
+    with pytest.raises(BitFitError, match=r"holds the checkpoints of an unfinished run \(checkpoint-4\); pass "
+                                          r"--resume_from_checkpoint last"):
+        check_output_dir(str(tmp_path))
+    check_output_dir(str(tmp_path), resume="last")
+    check_output_dir(str(tmp_path), overwrite=True)
+    (tmp_path / "notes").mkdir()  # other folders are not checkpoints
+    check_output_dir(str(tmp_path / "notes"))
+
+
+def test_overwrite_flag_forms(tiny, data, tmp_path):
+    train, _ = data
+    for flag in (["--overwrite_output_dir"], ["--overwrite-output-dir", "true"], []):
+        m, d, t = parse_train_args(["--model", tiny, "--train-file", train, "--output-dir", str(tmp_path),
+                                    "--num_train_epochs", "1", *flag])
+        assert getattr(t, "overwrite_output_dir", False) is bool(flag)
+
+
 @pytest.mark.slow
 def test_overwrite_output_dir_replaces_the_run(finished, tiny, data, tmp_path, capsys):
     out = tmp_path / "run"
@@ -308,6 +327,12 @@ def test_diverging_run_saves_nothing_and_keeps_the_last_good_checkpoint(tiny, da
     from safetensors.torch import load_file as load_st
 
     assert all(torch.isfinite(t).all() for t in load_st(str(last / "model.safetensors")).values())
+    # starting again into that folder would mix with (and rotate away) the kept checkpoints: refused
+    before = snapshot(out)
+    assert main(["train", "--model", tiny, "--train-file", train, "--output-dir", str(out), "--num_train_epochs", "1",
+                 *FAST]) == 1
+    assert f"--output-dir {out} holds the checkpoints of an unfinished run (checkpoint-1" in (msg := err(capsys))
+    assert "--resume_from_checkpoint last" in msg and snapshot(out) == before
 
 
 def test_infinite_loss_stops_at_step_one(tiny, tmp_path, capsys):

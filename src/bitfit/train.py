@@ -709,6 +709,12 @@ def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> N
         raise BitFitError(f"--output-dir {output_dir} holds a finished run ({', '.join(finished)}); pass "
                           "--overwrite_output_dir to replace it, --resume_from_checkpoint to continue it, or choose "
                           "another --output-dir")
+    ckpts = _checkpoint_dirs(p)
+    if ckpts and not overwrite and not resume:
+        raise BitFitError(f"--output-dir {output_dir} holds the checkpoints of an unfinished run "
+                          f"({', '.join(c.name for c in ckpts[:3])}{' ...' if len(ckpts) > 3 else ''}); pass "
+                          "--resume_from_checkpoint last to continue it, --overwrite_output_dir to start over (they "
+                          "are removed), or choose another --output-dir")
     missing, q = [], p
     while not q.exists() and q != q.parent:
         missing.append(q)
@@ -732,6 +738,15 @@ def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> N
                 pass
 
 
+def _checkpoint_dirs(p: Path) -> list:
+    import re
+
+    if not p.is_dir():
+        return []
+    found = [c for c in p.iterdir() if c.is_dir() and re.fullmatch(r"checkpoint-\d+", c.name)]
+    return sorted(found, key=lambda c: int(c.name.split("-")[1]))
+
+
 def clear_finished_run(output_dir: str) -> list:
     """--overwrite_output_dir: remove the previous run's files and checkpoints from ``output_dir`` (its
     checkpoint numbers would otherwise mix with the new run's in rotation and --resume_from_checkpoint
@@ -739,14 +754,14 @@ def clear_finished_run(output_dir: str) -> list:
     import shutil
 
     p = Path(os.path.expanduser(str(output_dir)))
-    if not any((p / f).exists() for f in FINISHED_RUN_FILES):
+    if not any((p / f).exists() for f in FINISHED_RUN_FILES) and not _checkpoint_dirs(p):
         return []
-    removed = []
+    removed, ckpts = [], _checkpoint_dirs(p)
     for child in sorted(p.iterdir()):
         if child.name in RUN_FILES and child.is_file():
             child.unlink()
             removed.append(child.name)
-        elif child.is_dir() and child.name.startswith("checkpoint-"):
+        elif child in ckpts:
             shutil.rmtree(child)
             removed.append(child.name)
     return removed
@@ -776,12 +791,14 @@ def resolve_resume(resume, output_dir: str) -> Optional[str]:
 
 
 def run_train(model_args: ModelArguments, data_args: DataArguments, training_args=None,
-              prepare: Optional[Callable] = None, *, method: str = "bitfit", argv: Optional[list] = None) -> dict:
+              prepare: Optional[Callable] = None, *, method: str = "bitfit", argv: Optional[list] = None,
+              callbacks: Optional[list] = None) -> dict:
     """Load, prepare, train, evaluate and save; return the metrics.
 
     training_args: a ``TrainingArguments``, or a dict of overrides on :func:`build_training_arguments`'s
     defaults for ``method`` (epochs then follow the training-set size). ``prepare(model) -> model``
     replaces ``bitfit.apply`` (e.g. full fine-tuning or a peft wrapper; it does its own freezing).
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
     """
     import transformers
     from transformers import DataCollatorWithPadding, TrainingArguments
@@ -848,7 +865,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
 
     Trainer = _trainer_class()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, compute_metrics=compute_metrics)
+                      data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
     is_bitfit = get_state(model) is not None
     if is_bitfit and method in ("bitfit", "rand", "frozen", "head"):
         trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
@@ -863,6 +880,10 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         if removed:
             print(f"bitfit: --overwrite_output_dir: removed the previous run's {', '.join(removed)} from "
                   f"{training_args.output_dir}", file=sys.stderr)
+    from .timing import RunClock
+
+    clock = RunClock()  # step time / CPU time without evaluation and checkpointing (bitfit.timing)
+    trainer.add_callback(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -878,9 +899,10 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         if info.kind == "instruct" and "eval_loss" in metrics:
             metrics["eval_perplexity"] = float(math.exp(min(50.0, metrics["eval_loss"])))
     steps = max(1, trainer.state.global_step)
+    metrics.update(clock.figures())  # step_time_s, step_cpu_s, train/total wall and CPU time: bitfit.timing
     metrics.update(
         trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(1, total),
-        global_steps=trainer.state.global_step, step_time_s=metrics.get("train_runtime", wall) / steps,
+        global_steps=trainer.state.global_step,
         peak_memory_mb=peak_memory_mb(), wall_time_s=wall, n_train=n_train, task=info.task, method=method,
         best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric,
         eval_history=history, frozen_dtype=model_args.frozen_dtype if prepare is None else None,
