@@ -28,14 +28,17 @@ def __getattr__(name):
             module = importlib.import_module(f".{_LAZY[name]}", __name__)
         except ImportError as exc:
             if exc.name == "peft":
-                raise ImportError("bitfit.peft needs the 'peft' library: pip install 'bitfit[peft]'") from None
+                raise ImportError("bitfit.peft needs the 'peft' library (>=0.21): pip install 'bitfit[peft]'") from None
             raise
         return getattr(module, name)
     raise AttributeError(f"module 'bitfit.peft' has no attribute {name!r}")
 
 
 if importlib.util.find_spec("peft") is not None:  # `import bitfit.peft` registers the method when peft is there
-    from .model import BitFitModel, BitFitPeftConfig, register  # noqa: E402,F401
+    try:
+        from .model import BitFitModel, BitFitPeftConfig, register  # noqa: E402,F401
+    except ImportError:  # a peft too old: the names above then raise the explanation on use
+        pass
 
 
 __all__ = ["BitFitPeftConfig", "BitFitModel", "register", "to_bitfit", "from_bitfit", "convert"]

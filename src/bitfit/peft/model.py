@@ -24,6 +24,11 @@ from ..prepare import apply, get_state, trainable_bias_param
 from .config import BitFitPeftConfig
 from .convert import Packed, from_peft_tensors, pack, to_artifact, to_peft_tensors
 
+if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the per-method state-dict hooks came in 0.21
+    import peft
+
+    raise ImportError(f"bitfit.peft needs peft>=0.21; found peft {peft.__version__}: pip install -U 'peft>=0.21'")
+
 
 @dataclass
 class _Adapters:

@@ -1,0 +1,367 @@
+"""bitfit.peft: BitFit as a peft method, bit for bit against bitfit.apply / save / load / merge."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", minversion="0.21")
+
+import bitfit  # noqa: E402
+from bitfit.errors import ArtifactError, BitFitConfigError  # noqa: E402
+from bitfit.peft import BitFitPeftConfig, from_bitfit, to_bitfit  # noqa: E402
+from bitfit.peft.convert import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, peft_config_dict  # noqa: E402
+from families import inputs_for, logits_of, make, train_steps  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+TASK = {"bert": "SEQ_CLS", "gpt2": "SEQ_CLS", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+
+def lm_steps(model, family="llama", steps=3, lr=1e-2, seed=0):
+    """A few AdamW steps of language modelling on a fixed batch."""
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = inputs_for(family, batch=4)
+    labels = batch.get("decoder_input_ids", batch["input_ids"])
+    for _ in range(steps):
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def train(model, family, seed=0):
+    if family in ("llama", "t5"):
+        lm_steps(model, family, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        train_steps(model, family)
+    return model
+
+
+def twins(family, seed=0, **options):
+    """(peft model, native bitfit model) on two copies of one base, trained the same way."""
+    pm = get_peft_model(make(family), BitFitPeftConfig(task_type=TASK[family], **options))
+    native = bitfit.apply(make(family), **options)
+    return train(pm, family, seed), train(native, family, seed)
+
+
+def by_role(model):
+    return bitfit.report(model).to_dict()["by_role"]
+
+
+# ------------------------------------------------------------------ config
+def test_import_bitfit_does_not_import_peft():
+    code = "import sys, bitfit, bitfit.artifact; print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_config_fields_documented_and_validated():
+    fields = {f.name: f for f in dataclasses.fields(BitFitPeftConfig)}
+    for name in ("preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "skip_zero_grad",
+                 "frozen_dtype", "lean", "strict_base", "bitfit_meta"):
+        assert fields[name].metadata["help"], name
+    cfg = BitFitPeftConfig(preset="paper-subset", roles=("query",))
+    assert cfg.peft_type == "BITFIT" and cfg.roles == ["query"]
+    assert cfg.to_bitfit_config() == bitfit.BitFitConfig(preset="paper-subset", roles=["query"])
+    assert not hasattr(cfg, "modules_to_save")  # the head trains in place, never in a ModulesToSaveWrapper
+    with pytest.raises(BitFitConfigError, match="unknown preset"):
+        BitFitPeftConfig(preset="most")
+    with pytest.raises(BitFitConfigError, match="contradictory"):
+        BitFitPeftConfig(modules_to_save=["classifier"], train_head=False)
+    # the adapter_config.json written by conversion has exactly the keys peft writes for this config
+    meta = {"base_model": {"name": None, "architecture": "BertForSequenceClassification"}, "bitfit_config": {}}
+    assert set(peft_config_dict(meta)) == set(cfg.to_dict())
+
+
+def test_modules_to_save_may_only_name_the_head():
+    pm = get_peft_model(make("bert"), BitFitPeftConfig(modules_to_save=["classifier"]))
+    assert bitfit.report(pm.get_base_model()).to_dict()["trainable"] == bitfit.report(bitfit.apply(make("bert"))).to_dict()["trainable"]
+    with pytest.raises(BitFitConfigError, match="not the task head"):
+        get_peft_model(make("bert"), BitFitPeftConfig(modules_to_save=["pooler"]))
+
+
+# ------------------------------------------------------------------ what trains
+@pytest.mark.parametrize("family,options", [
+    ("bert", {}),
+    ("bert", {"preset": "paper-subset", "layers": "-1:"}),
+    ("gpt2", {"preset": "paper-subset"}),  # a slice of the fused c_attn bias
+    ("llama", {"add_missing": True}),
+    ("t5", {"add_missing": True, "preset": "ffn"}),
+])
+def test_trains_exactly_what_apply_trains(family, options, capsys):
+    pm = get_peft_model(make(family), BitFitPeftConfig(task_type=TASK[family], **options))
+    native = bitfit.apply(make(family), **options)
+    assert by_role(pm.get_base_model()) == by_role(native)
+    want = sum(p.numel() for p in native.parameters() if p.requires_grad)
+    assert pm.get_nb_trainable_parameters()[0] == want
+    pm.print_trainable_parameters()
+    assert f"trainable params: {want:,d}" in capsys.readouterr().out
+    assert bitfit.get_state(pm) is None  # the wrapper is not taken for a plain BitFit model
+
+
+@pytest.mark.parametrize("family,options", [("bert", {}), ("gpt2", {"preset": "paper-subset"}),
+                                            ("llama", {"add_missing": True})])
+def test_training_save_load_bit_exact(family, options, tmp_path):
+    pm, native = twins(family, **options)
+    want = logits_of(native, family)
+    assert torch.equal(logits_of(pm, family), want)
+    pm.save_pretrained(tmp_path / "peft")
+    bitfit.save(native, tmp_path / "native")
+    files = sorted(f.name for f in (tmp_path / "peft").iterdir())
+    assert PEFT_CONFIG_NAME in files and PEFT_WEIGHTS_NAME in files
+    cfg = json.loads((tmp_path / "peft" / PEFT_CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "BITFIT" and cfg["bitfit_meta"]["base_model"]["fingerprint"]
+    # only what trained: the same tensors as the bitfit artifact
+    import safetensors.torch
+
+    stored = safetensors.torch.load_file(str(tmp_path / "peft" / PEFT_WEIGHTS_NAME))
+    native_stored = safetensors.torch.load_file(str(tmp_path / "native" / "bitfit_model.safetensors"))
+    assert sum(t.numel() for t in stored.values()) == sum(t.numel() for t in native_stored.values())
+
+    loaded = PeftModel.from_pretrained(make(family), tmp_path / "peft")
+    assert torch.equal(logits_of(loaded, family), want)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # inference mode, as peft does
+    trainable = PeftModel.from_pretrained(make(family), tmp_path / "peft", is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == pm.get_nb_trainable_parameters()[0]
+    assert torch.equal(logits_of(bitfit.load(make(family), tmp_path / "peft"), family), want)
+    assert torch.equal(logits_of(bitfit.load(make(family), tmp_path / "native"), family), want)
+
+
+def test_merge_and_unload_and_unload(tmp_path):
+    pm, native = twins("llama", add_missing=True, preset="attention")
+    merged = pm.merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM" and not hasattr(merged, "peft_config")
+    assert bitfit.get_state(merged) is None and merged.config.attention_bias
+    assert torch.equal(logits_of(merged, "llama"), logits_of(bitfit.merge(native), "llama"))
+
+    pm, _ = twins("bert")
+    base = logits_of(make("bert"), "bert")
+    plain = pm.unload()
+    assert bitfit.get_state(plain) is None and torch.equal(logits_of(plain, "bert"), base)
+
+
+def test_disable_adapter_gives_the_base(tmp_path):
+    pm, native = twins("llama", add_missing=True)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    with pm.disable_adapter():
+        assert torch.equal(logits_of(pm, "llama"), logits_of(make("llama"), "llama"))
+        assert pm.get_model_status().enabled is False
+    assert torch.equal(logits_of(pm, "llama"), logits_of(native, "llama"))
+    assert [p for p in pm.parameters() if p.requires_grad] == params  # same tensors: an optimizer keeps working
+
+
+def test_several_adapters_on_one_base(tmp_path):
+    pa, na = twins("bert", seed=0)
+    pb, nb = twins("bert", seed=1, preset="paper-subset")
+    pa.save_pretrained(tmp_path / "a")
+    pb.save_pretrained(tmp_path / "b")
+    want_a, want_b = logits_of(na, "bert"), logits_of(nb, "bert")
+
+    model = PeftModel.from_pretrained(make("bert"), tmp_path / "a", adapter_name="first")
+    model.load_adapter(tmp_path / "b", adapter_name="second")
+    assert torch.equal(logits_of(model, "bert"), want_a)  # a newly loaded adapter is not active
+    model.set_adapter("second")
+    assert model.active_adapter == "second" and torch.equal(logits_of(model, "bert"), want_b)
+    assert by_role(model.get_base_model()) == by_role(nb)
+    model.set_adapter("first")
+    assert torch.equal(logits_of(model, "bert"), want_a)
+    assert model.get_model_status().available_adapters == ["first", "second"]
+    # saving every adapter writes each one's own files; they reload bit for bit
+    model.save_pretrained(tmp_path / "both")
+    again = PeftModel.from_pretrained(make("bert"), tmp_path / "both" / "second", adapter_name="second")
+    assert torch.equal(logits_of(again, "bert"), want_b)
+    model.delete_adapter("first")
+    assert model.active_adapter == "second" and torch.equal(logits_of(model, "bert"), want_b)
+    merged = model.merge_and_unload()
+    assert torch.equal(logits_of(merged, "bert"), logits_of(bitfit.merge(nb), "bert"))
+
+
+def test_new_adapter_added_next_to_a_trained_one(tmp_path):
+    pm, native = twins("bert")
+    pm.add_adapter("fresh", BitFitPeftConfig(task_type="SEQ_CLS", preset="ffn"))
+    pm.set_adapter("fresh")
+    assert torch.equal(logits_of(pm, "bert"), logits_of(make("bert"), "bert"))  # untrained: the base
+    assert by_role(pm.get_base_model()) == by_role(bitfit.apply(make("bert"), preset="ffn"))
+    pm.set_adapter("default")
+    assert torch.equal(logits_of(pm, "bert"), logits_of(native, "bert"))
+
+
+# ------------------------------------------------------------------ wrong base
+def test_wrong_base_is_refused_and_left_untouched(tmp_path):
+    pm, _ = twins("bert")
+    pm.save_pretrained(tmp_path / "a")
+    other = make("bert", seed=7)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ArtifactError, match="trained on base model .*fingerprint"):
+        PeftModel.from_pretrained(other, tmp_path / "a")
+    assert bitfit.get_state(other) is None and not hasattr(other, "peft_config")
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in other.named_parameters())
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        bitfit.load(other, tmp_path / "a")
+    host = PeftModel.from_pretrained(make("bert"), tmp_path / "a")
+    with pytest.raises(ArtifactError, match="fingerprint"):
+        get_peft_model(make("bert", seed=7), host.peft_config["default"])  # a trained adapter's config
+    cfg = json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())
+    cfg["strict_base"] = False
+    (tmp_path / "a" / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="loading anyway"):
+        PeftModel.from_pretrained(make("bert", seed=7), tmp_path / "a")
+
+
+# ------------------------------------------------------------------ conversion
+def test_convert_both_ways_bit_exact_and_bank(tmp_path):
+    pm, native = twins("bert")
+    want = logits_of(native, "bert")
+    pm.save_pretrained(tmp_path / "peft")
+    to_bitfit(tmp_path / "peft", tmp_path / "as_bitfit")
+    assert torch.equal(logits_of(bitfit.load(make("bert"), tmp_path / "as_bitfit"), "bert"), want)
+
+    bitfit.save(native, tmp_path / "native")
+    from_bitfit(tmp_path / "native", tmp_path / "as_peft")
+    cfg = json.loads((tmp_path / "as_peft" / PEFT_CONFIG_NAME).read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["preset"] == "all"
+    assert torch.equal(logits_of(PeftModel.from_pretrained(make("bert"), tmp_path / "as_peft"), "bert"), want)
+    to_bitfit(tmp_path / "as_peft", tmp_path / "back")
+    import safetensors.torch
+
+    a = safetensors.torch.load_file(str(tmp_path / "native" / "bitfit_model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "back" / "bitfit_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    bank = bitfit.BiasBank(make("bert"), {"peft-trained": str(tmp_path / "as_bitfit")})
+    out = bank(tasks=["peft-trained"] * 3, **inputs_for("bert"))
+    assert torch.allclose(torch.stack(out.logits), want, atol=1e-6)
+
+
+def test_convert_int8_artifact(tmp_path):
+    _, native = twins("gpt2", preset="paper-subset")
+    bitfit.save(native, tmp_path / "int8", dtype="int8")
+    from_bitfit(tmp_path / "int8", tmp_path / "p")
+    want = logits_of(bitfit.load(make("gpt2"), tmp_path / "int8"), "gpt2")
+    assert torch.equal(logits_of(PeftModel.from_pretrained(make("gpt2"), tmp_path / "p"), "gpt2"), want)
+
+
+def test_cli_convert(tmp_path, capsys):
+    from bitfit.cli import main
+
+    _, native = twins("bert")
+    bitfit.save(native, tmp_path / "native")
+    assert main(["convert", str(tmp_path / "native"), "--output", str(tmp_path / "p")]) == 0
+    assert "peft BitFit adapter" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "p"), "-o", str(tmp_path / "b")]) == 0
+    assert torch.equal(logits_of(bitfit.load(make("bert"), tmp_path / "b"), "bert"), logits_of(native, "bert"))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / PEFT_CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(["convert", str(tmp_path / "lora"), "-o", str(tmp_path / "x")]) == 1
+    assert "peft LORA adapter, not a BitFit one" in capsys.readouterr().err
+
+
+def test_broken_adapter_files_fail_clearly(tmp_path):
+    pm, _ = twins("bert")
+    pm.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / PEFT_CONFIG_NAME).read_text())
+    del cfg["bitfit_meta"]
+    (tmp_path / "a" / PEFT_CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="no bitfit header"):
+        to_bitfit(tmp_path / "a", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------ where peft users train
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + [f"w{i}" for i in range(46)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+def test_trl_sft_trainer_llama_add_missing(tmp_path, one_thread):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 46, (12,), generator=g)) for _ in range(16)]
+    model = make("llama")
+    args = trl.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                         max_length=16, dataloader_num_workers=0, disable_tqdm=True,
+                         bf16=False)  # TRL's default bf16 autocast would make the comparison below inexact
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                 processing_class=_tiny_tokenizer(),
+                                 peft_config=BitFitPeftConfig(task_type="CAUSAL_LM", add_missing=True))
+        inner = trainer.model.get_base_model()
+        assert by_role(inner) == by_role(bitfit.apply(make("llama"), add_missing=True))
+        start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = dict(trainer.model.named_parameters())
+    moved = [n for n, v in start.items() if not torch.equal(after[n].detach(), v)]
+    assert len(moved) == len(start)  # every trained tensor (added biases included) changed
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    want = logits_of(trainer.model.eval(), "llama")
+    loaded = PeftModel.from_pretrained(make("llama"), tmp_path / "adapter")
+    assert torch.equal(logits_of(loaded, "llama"), want)
+
+
+def test_transformers_trainer_checkpoints_are_peft_adapters(tmp_path, one_thread):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    batch = inputs_for("bert", batch=8)
+    ds = Dataset.from_dict({"input_ids": batch["input_ids"].tolist(), "attention_mask": batch["attention_mask"].tolist(),
+                            "labels": [0, 1] * 4})
+    pm = get_peft_model(make("bert"), BitFitPeftConfig(task_type="SEQ_CLS"))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_steps=1)
+    Trainer(model=pm, args=args, train_dataset=ds).train()
+    ck = tmp_path / "run" / "checkpoint-2"
+    assert (ck / PEFT_WEIGHTS_NAME).is_file() and not (ck / "model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(make("bert"), ck)
+    assert torch.equal(logits_of(loaded, "bert"), logits_of(pm.eval(), "bert"))
+
+
+def test_accelerate_loop_matches_native(one_thread):
+    from accelerate import Accelerator
+
+    def run(model):
+        acc = Accelerator(cpu=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, opt = acc.prepare(model, opt)
+        torch.manual_seed(0)
+        model.train()
+        batch, labels = inputs_for("bert", batch=4), torch.tensor([0, 1, 1, 0])
+        for _ in range(3):
+            acc.backward(model(**batch, labels=labels).loss)
+            opt.step()
+            opt.zero_grad()
+        return acc.unwrap_model(model).eval()
+
+    pm = run(get_peft_model(make("bert"), BitFitPeftConfig(task_type="SEQ_CLS")))
+    native = run(bitfit.apply(make("bert")))
+    assert torch.equal(logits_of(pm, "bert"), logits_of(native, "bert"))
+
+
+def test_compare_method_bitfit_peft():
+    from bitfit import baselines
+    from bitfit.commands.compare import TRAIN_METHOD
+
+    model = baselines.prepare(make("bert"), "bitfit-peft/preset=ffn")
+    assert isinstance(model, PeftModel)
+    native = baselines.prepare(make("bert"), "bitfit/preset=ffn")
+    assert baselines.trainable_count(model) == baselines.trainable_count(native)
+    assert baselines.base_count(model) == baselines.base_count(native)
+    assert TRAIN_METHOD["bitfit-peft"] == "bitfit"
