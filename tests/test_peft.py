@@ -365,3 +365,37 @@ def test_compare_method_bitfit_peft():
     assert baselines.trainable_count(model) == baselines.trainable_count(native)
     assert baselines.base_count(model) == baselines.base_count(native)
     assert TRAIN_METHOD["bitfit-peft"] == "bitfit"
+
+
+@pytest.mark.slow
+def test_compare_runs_bitfit_peft_end_to_end(tmp_path, one_thread):
+    """`bitfit compare --methods bitfit,bitfit-peft`: same trainable count, the peft run saves peft adapter files
+    that bitfit.load reads."""
+    import transformers as T
+    from conftest import BERT_BASE_DIR
+
+    from bitfit.cli import main
+
+    if not (BERT_BASE_DIR / "config.json").exists():
+        pytest.skip("bert-base tokenizer not available")
+    cfg = T.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       vocab_size=30522, max_position_embeddings=64)
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(tmp_path / "model")
+    T.AutoTokenizer.from_pretrained(str(BERT_BASE_DIR)).save_pretrained(tmp_path / "model")
+    for name, n in (("train.csv", 24), ("dev.csv", 16)):
+        rows = [f"{'good fine' if i % 2 else 'bad awful'} movie {i},{i % 2}\n" for i in range(n)]
+        (tmp_path / name).write_text("text,label\n" + "".join(rows))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(tmp_path / "model"), "--train-file", str(tmp_path / "train.csv"),
+            "--validation-file", str(tmp_path / "dev.csv"), "--max-seq-length", "12", "--output-dir", str(out),
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--disable_tqdm", "true",
+            "--methods", "bitfit,bitfit-peft", "--no-analysis"]
+    assert main(argv) == 0
+    recs = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in out.glob("runs/*/*/*/*/run.json")}
+    assert set(recs) == {"bitfit", "bitfit-peft"}
+    assert recs["bitfit-peft"]["trainable"] == recs["bitfit"]["trainable"]
+    run = next(out.glob("runs/bitfit-peft/*/*/*"))
+    assert (run / PEFT_WEIGHTS_NAME).is_file() and (run / PEFT_CONFIG_NAME).is_file()
+    model = bitfit.load(str(tmp_path / "model"), run)
+    assert bitfit.report(model).trainable == recs["bitfit"]["trainable"]
