@@ -514,3 +514,15 @@ def test_eval_of_nan_artifact_reports_no_score(finished, data, tmp_path, capsys,
     assert captured.out == "" and "not finite" in captured.err
     with pytest.raises(BitFitError, match="not finite"):
         evaluate_run(ModelArguments(adapter=str(run)), DataArguments(validation_file=data[1]))
+
+
+def test_generate_refuses_a_classification_run(finished, capsys):
+    assert main(["generate", "--adapter", str(finished), "--prompt", "hi"]) == 1
+    assert "generate needs an instruction-tuned run (--task instruct)" in err(capsys, "generate")
+
+
+def test_train_help_lists_trainer_and_own_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--overwrite_output_dir" in out and "--learning_rate" in out and "--model" in out

@@ -117,7 +117,12 @@ class DataArguments:
     test_file: Optional[str] = field(default=None, metadata={"help": "Own test data (for predict)."})
     text_column: Optional[str] = field(default=None, metadata={"help": "Text column (default: text/sentence/...)."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column, for pairs."})
-    label_column: str = field(default="label", metadata={"help": "Label column; float labels mean regression."})
+    label_column: str = field(
+        default="label",
+        metadata={"help": "Label column. Numbers with fractions (or written as floats, more than 2 values) mean "
+                  "regression, whole numbers or text are classes; nan/inf/empty labels are refused "
+                  "(docs/TRAINING.md, Data)."},
+    )
     max_seq_length: Optional[int] = field(
         default=None, metadata={"help": "Truncate inputs to this many tokens (default: 128, or the model's "
                                 "maximum when that is smaller; more than the maximum is an error)."}
@@ -941,9 +946,10 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an --output-dir that holds a finished run (metrics.json or "
-                  "bitfit_config.json): its files and checkpoint-* folders are replaced. Without it such a "
-                  "folder is refused (--resume_from_checkpoint into it is always allowed)."},
+        metadata={"help": "Train into an --output-dir that holds a run (a finished one: metrics.json or "
+                  "bitfit_config.json; or an unfinished one's checkpoint-* folders): that run's files and "
+                  "checkpoints are removed when training starts. Without it such a folder is refused "
+                  "(--resume_from_checkpoint into it is always allowed)."},
     )
 
 
@@ -958,7 +964,7 @@ def parse_train_args(argv: list):
     defaults for the flags the user did not give (they depend on the task and the training-set size)."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False)
+    first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False, add_help=False)
     model_args, data_args, rest = first.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     own = () if _has_overwrite_field() else (RunArguments,)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments) + own, prog="bitfit train",
@@ -1288,6 +1294,11 @@ def generate(model_args: ModelArguments, prompt: str, input: Optional[str] = Non
     """The response of an instruction-tuned run to ``prompt`` (Alpaca template unless ``raw``)."""
     from .data.instruct import format_prompt
 
+    _, info = load_run(model_args.adapter) if model_args.adapter else ({}, None)
+    if info is not None and info.kind != "instruct":
+        raise BitFitError(f"generate needs an instruction-tuned run (--task instruct); {model_args.adapter} is a "
+                          f"{info.task or 'own-files'} {'regression' if info.regression else 'classification'} run: "
+                          "use `bitfit eval` / `bitfit predict`")
     model, tokenizer, _ = load_trained(model_args, DataArguments(task="instruct"))
     text = prompt if raw else format_prompt(prompt, input)
     enc = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
