@@ -206,7 +206,7 @@ def test_training_flags_and_errors(capsys):
 def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
     seen = {}
 
-    def fake_run_compare(model_args, data_args, overrides, specs, *rest):
+    def fake_run_compare(model_args, data_args, overrides, specs, *rest, **kw):
         seen["dropout"] = model_args.dropout
         (tmp_path / "results.md").write_text("table")
         return {"files": {}}

@@ -2,21 +2,29 @@
 
 Every run goes through :func:`bitfit.train.run_train` with ``prepare=`` set to the method's
 function from :mod:`bitfit.baselines`, so all methods share data, tokenization, Trainer, evaluation
-and saving. See docs/COMPARE.md.
+and saving. Each run (method x lr x seed x size) trains in its own fresh Python process
+(:mod:`bitfit.commands.compare_worker`), so its peak memory is its own and not what earlier runs left
+behind; ``--in-process`` runs them all in this process (tests, debugging). Step and CPU times are the
+figures of :mod:`bitfit.timing`, the same ones `bitfit train` writes to metrics.json. See docs/COMPARE.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -166,21 +174,136 @@ def _save_rand(model, run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- one run
+def run_dir_for(out_dir: Path, spec: str, lr: float, seed: int, size: Optional[int]) -> Path:
+    """The folder of one run inside a compare's --output-dir."""
+    return Path(out_dir) / "runs" / slug(spec) / f"lr{lr:g}" / (f"n{size}" if size else "full") / f"seed{seed}"
+
+
+_TRAIN_PRESET = {"bitfit": "all", "paper-subset": "paper-subset", "frozen": "none"}
+# method options of the BitFit family that `bitfit train` takes as flags of the same name
+_TRAIN_FLAGS = {"preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "skip_zero_grad",
+                "frozen_dtype", "lean"}
+
+
+def _abs(path: Optional[str]) -> Optional[str]:
+    """A path that exists here, made absolute (so the command works from any folder); names unchanged."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def _override_argv(overrides: dict) -> list:
+    """TrainingArguments overrides back as command-line flags (when the original flags are not known)."""
+    out = []
+    for k, v in overrides.items():
+        v = getattr(v, "value", v)
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out += [f"--{k}", "true" if v else "false"]
+        elif isinstance(v, (list, tuple)):
+            if v:
+                out += [f"--{k}", *(str(getattr(x, "value", x)) for x in v)]
+        elif isinstance(v, dict):
+            out += [f"--{k}", json.dumps(v)]
+        else:
+            out += [f"--{k}", repr(v) if isinstance(v, float) else str(v)]
+    return out
+
+
+def _common_flags(model_args, data_args) -> list:
+    """Model and data flags shared by `bitfit train` and `bitfit compare` (same names in both)."""
+    a = ["--model", _abs(model_args.model)]
+    if data_args.task:
+        a += ["--task", data_args.task]
+        data_dir = data_args.data_dir or os.environ.get("BITFIT_GLUE_DIR")
+        if data_dir:
+            a += ["--data-dir", _abs(data_dir)]
+    for flag, value in (("--train-file", _abs(data_args.train_file)),
+                        ("--validation-file", _abs(data_args.validation_file)),
+                        ("--text-column", data_args.text_column), ("--text-pair-column", data_args.text_pair_column)):
+        if value:
+            a += [flag, value]
+    if data_args.label_column and data_args.label_column != "label":
+        a += ["--label-column", data_args.label_column]
+    if data_args.max_seq_length is not None:
+        a += ["--max-seq-length", str(data_args.max_seq_length)]
+    if data_args.eval_size:
+        a += ["--eval-size", str(data_args.eval_size)]
+    if model_args.dropout is not None:
+        a += ["--dropout", repr(float(model_args.dropout))]
+    return a
+
+
+def rerun_command(run_spec: str, lr: float, seed: int, size: Optional[int], model_args, data_args,
+                  train_argv: list, output_dir: str) -> tuple:
+    """(subcommand, argv) that reproduces exactly this run: ``bitfit train ...`` for the BitFit presets
+    (bitfit, paper-subset, frozen; with the precision the run used), else ``bitfit compare`` of this one
+    method, learning rate, seed and size. ``run_spec`` is the method spec the run trained with."""
+    from ..baselines import parse_method
+
+    name, opts = parse_method(run_spec)
+    common = _common_flags(model_args, data_args)
+    if name in _TRAIN_PRESET and set(opts) <= _TRAIN_FLAGS:
+        argv = [*common, "--preset", str(opts.pop("preset", _TRAIN_PRESET[name]))]
+        for k, v in opts.items():
+            argv += [f"--{k}", str(v)]
+        argv += ["--learning_rate", repr(float(lr)), "--seed", str(seed)]
+        if size:
+            argv += ["--train_size", str(size)]
+        return "train", [*argv, "--output-dir", output_dir, *train_argv]
+    argv = [*common, "--methods", run_spec, "--seeds", "1", "--seed", str(seed), "--lr-grid", repr(float(lr))]
+    if size:
+        argv += ["--train-sizes", str(size)]
+    return "compare", [*argv, "--output-dir", output_dir, "--no-analysis", *train_argv]
+
+
+def _command_line(sub: str, argv: list) -> str:
+    return " ".join(["bitfit", sub, *(shlex.quote(str(a)) for a in argv)])
+
+
+def _write_run_command(run_dir: Path, sub: str, argv: list, out_dir: Path) -> None:
+    """command.json of a compare run: run_train's record (arguments, versions) plus the command line
+    that reproduces the run, and the compare it belongs to."""
+    f = run_dir / "command.json"
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError):
+        info = {}
+    info.update(
+        subcommand=sub, argv=argv, command=_command_line(sub, argv),
+        reproduces="this run" if sub == "train" else "this run alone: one method, learning rate, seed and size",
+        compare=str((Path(out_dir) / "command.json").resolve()),
+    )
+    atomic_write_json(f, info)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started (the kernel's high-water mark)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
 def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, data_args, overrides: dict,
-            out_dir: Path, keep_checkpoints: bool = False, overwrite: bool = False) -> dict:
-    """Train one (method, lr, seed, train size) through run_train; returns (and stores) its record."""
+            out_dir: Path, keep_checkpoints: bool = False, overwrite: bool = False, *,
+            train_argv: Optional[list] = None, isolated: bool = False) -> dict:
+    """Train one (method, lr, seed, train size) through run_train in this process; returns (and stores)
+    its record. ``isolated``: this process runs nothing else (the compare worker), so its peak resident
+    memory is the run's own; otherwise it is sampled and includes whatever earlier runs left behind.
+    ``train_argv``: the compare's TrainingArguments flags (for the run's command.json)."""
     import torch
 
     from .. import analysis, baselines
+    from ..timing import DEFINITIONS, busy, load_now
     from ..train import run_train
 
     name, _ = baselines.parse_method(spec)
-    run_dir = out_dir / "runs" / slug(spec) / f"lr{lr:g}" / (f"n{size}" if size else "full") / f"seed{seed}"
+    run_dir = run_dir_for(out_dir, spec, lr, seed, size)
     rec_file = run_dir / "run.json"
     if rec_file.exists() and not overwrite:
         return json.loads(rec_file.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    load_start = load_now()
     holder: dict = {}
     run_spec, dtype_choice = spec, None
     if baselines.METHODS[name].family == "bitfit" and "frozen_dtype" not in baselines.parse_method(spec)[1]:
@@ -203,20 +326,15 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
 
     d_args = dataclasses.replace(data_args, train_size=size) if size else data_args
     tr = {**overrides, "output_dir": str(run_dir), "learning_rate": lr, "seed": seed}
-    with RssSampler() as mem:
+    sampler = contextlib.nullcontext() if isolated else RssSampler()
+    with sampler:
         metrics = run_train(model_args, d_args, tr, prepare=prepare, method=TRAIN_METHOD[name])
     inner, mm = holder["inner"], holder["mm"]
     if name == "rand":
         _save_rand(inner, run_dir)
     primary = _primary(run_dir, metrics)
     hist = _history(metrics, primary)
-    seen_ep, eval_time = set(), 0.0  # evaluations during training (the final re-evaluation runs after it)
-    for e in metrics.get("eval_history") or []:
-        if e.get("epoch") not in seen_ep:
-            seen_ep.add(e.get("epoch"))
-            eval_time += float(e.get("eval_runtime", 0.0))
     steps = max(1, int(metrics.get("global_steps") or 1))
-    train_time = float(metrics.get("train_runtime", metrics.get("wall_time_s", 0.0)))
     change = analysis.change_table(mm, holder["before"], analysis.snapshot_biases(inner, mm))
     rec = holder.get("rec")
     grads = None
@@ -226,7 +344,16 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
 
         state = get_state(inner)
         grads = rec.table(state.selection.chosen if state else None)
-    cuda = torch.cuda.is_available()
+    sub, argv = rerun_command(run_spec, lr, seed, size, model_args, data_args,
+                              _override_argv(overrides) if train_argv is None else list(train_argv),
+                              str((run_dir / "rerun").resolve()))
+    _write_run_command(run_dir, sub, argv, out_dir)
+    cuda = torch.cuda.is_available() and not overrides.get("use_cpu")
+    rss = _peak_rss_mb() if isolated else sampler.peak / 2**20
+    if not keep_checkpoints:
+        for ck in run_dir.glob("checkpoint-*"):
+            shutil.rmtree(ck, ignore_errors=True)
+    load_end = load_now()
     record = {
         "spec": spec, "method": name, "lr": lr, "seed": seed, "train_size": size, "n_train": metrics.get("n_train"),
         "frozen_dtype": (baselines.parse_method(run_spec)[1].get("frozen_dtype") or "float32")
@@ -238,18 +365,93 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
         "trainable": holder["trainable"], "base_params": holder["base"],
         "trainable_pct": 100.0 * holder["trainable"] / max(1, holder["base"]),
         "artifact_bytes": _artifact_bytes(run_dir),
-        "step_time_s": max(0.0, train_time - eval_time) / steps, "train_runtime_s": train_time,
+        # time figures: bitfit.timing's definitions, copied from the run's metrics.json
+        **{k: metrics.get(k) for k in DEFINITIONS},
+        "train_runtime_s": metrics.get("train_runtime"),  # the Trainer's own figure (evaluation included)
         "global_steps": steps, "epochs": overrides.get("num_train_epochs") or metrics.get("epoch"),
-        "peak_memory_mb": float(metrics.get("peak_memory_mb", 0.0)) if cuda else mem.peak / 2**20,
-        "memory_kind": "cuda max allocated" if cuda else "process RSS",
+        "peak_memory_mb": float(metrics.get("peak_memory_mb", 0.0)) if cuda else rss, "peak_rss_mb": rss,
+        "memory_kind": ("cuda max allocated" if cuda else "peak RSS") + (
+            " of the run's own process" if isolated else " of the shared process (--in-process)"),
+        "isolated": isolated, "pid": os.getpid(),
+        "load": {"start": load_start, "end": load_end}, "busy": busy([load_start, load_end]),
+        "command": _command_line(sub, argv),
         "train_loss": metrics.get("train_loss"), "history": hist, "change": change, "grad": grads,
     }
-    if not keep_checkpoints:
-        for ck in run_dir.glob("checkpoint-*"):
-            shutil.rmtree(ck, ignore_errors=True)
     atomic_write_json(rec_file, record)
     holder.clear()
     return record
+
+
+def _jsonable(obj):
+    """TrainingArguments override values as JSON (enums as their value)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return getattr(obj, "value", str(obj))
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_one_isolated(spec: str, lr: float, seed: int, size: Optional[int], model_args, data_args, overrides: dict,
+                     out_dir: Path, keep_checkpoints: bool = False, overwrite: bool = False, *,
+                     train_argv: Optional[list] = None) -> dict:
+    """:func:`run_one` in a fresh Python process (``python -m bitfit.commands.compare_worker``): its peak
+    memory, CPU time and load are its own. The worker's output is shown as it comes and kept in the run's
+    train.log; a failure raises BitFitError with one line saying what went wrong."""
+    run_dir = run_dir_for(out_dir, spec, lr, seed, size)
+    rec_file = run_dir / "run.json"
+    if rec_file.exists() and not overwrite:
+        return json.loads(rec_file.read_text())
+    what = f"{spec} lr={lr:g} seed={seed}" + (f" n={size}" if size else "")
+    with tempfile.TemporaryDirectory(prefix="bitfit-compare-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        atomic_write_json(job, {
+            "spec": spec, "lr": lr, "seed": seed, "size": size, "model_args": dataclasses.asdict(model_args),
+            "data_args": dataclasses.asdict(data_args), "overrides": _jsonable(overrides),
+            "out_dir": str(Path(out_dir).resolve()), "keep_checkpoints": keep_checkpoints, "overwrite": overwrite,
+            "train_argv": train_argv, "result": str(result)})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-c", "import sys; from bitfit.commands.compare_worker import main; "
+               "sys.exit(main(sys.argv[1:]))", str(job)]
+        log, tail = [], deque(maxlen=20)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, errors="replace", env=env)
+        try:
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                log.append(line)
+                if line.strip():
+                    tail.append(line.strip())
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        try:
+            res = json.loads(result.read_text())
+        except (OSError, ValueError):
+            res = {}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "train.log", "".join(log))
+    except OSError:
+        pass
+    if rc == 0 and not res.get("error") and rec_file.exists():
+        return json.loads(rec_file.read_text())
+    if res.get("error"):
+        why = res["error"]
+    elif rc < 0:
+        why = f"the worker process was killed by signal {-rc}" + (" (out of memory?)" if -rc == 9 else "")
+    else:
+        why = f"the worker process exited with code {rc}" + (f": {tail[-1]}" if tail else "")
+    raise BitFitError(f"run {what} failed: {_one_line(why)} (log: {run_dir / 'train.log'}; finished runs are kept, "
+                      "the same command resumes)")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -261,6 +463,16 @@ def _mean_std(xs: list) -> tuple:
     if len(xs) < 2:
         return m, 0.0
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _load_range(records: list) -> Optional[dict]:
+    """The highest 1-minute load average read at the start or end of these runs, with CPUs and threads."""
+    reads = [ld for r in records for ld in ((r.get("load") or {}).get("start"), (r.get("load") or {}).get("end"))
+             if ld and ld.get("load1") is not None]
+    if not reads:
+        return None
+    top = max(reads, key=lambda ld: ld["load1"])
+    return {"max_load1": top["load1"], "cpus": top.get("cpus"), "threads": top.get("threads")}
 
 
 def summarize(records: list, specs: list) -> list:
@@ -291,10 +503,11 @@ def summarize(records: list, specs: list) -> list:
                 "score": score, "score_std": score_std, "metrics": metrics,
                 "trainable": rs[0]["trainable"], "base_params": rs[0]["base_params"],
                 "trainable_pct": rs[0]["trainable_pct"], "artifact_bytes": rs[0]["artifact_bytes"],
-                "step_time_s": _mean_std([r["step_time_s"] for r in rs])[0],
-                "train_runtime_s": _mean_std([r["train_runtime_s"] for r in rs])[0],
-                "peak_memory_mb": _mean_std([r["peak_memory_mb"] for r in rs])[0],
+                **{k: _mean_std([r.get(k) for r in rs])[0] for k in (
+                    "step_time_s", "step_cpu_s", "train_time_s", "train_cpu_s", "total_time_s", "total_cpu_s",
+                    "train_runtime_s", "peak_memory_mb")},
                 "memory_kind": rs[0].get("memory_kind"), "epochs": rs[0].get("epochs"),
+                "busy": any(r.get("busy") for r in rs), "load": _load_range(rs),
             })
     return rows
 
@@ -311,27 +524,52 @@ def _pct(x: float) -> str:
     return f"{x:.3f}%" if x < 1 else f"{x:.1f}%"
 
 
+def _ms(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{1000 * x:.0f} ms" if x >= 0.0095 else f"{1000 * x:.1f} ms"
+
+
+BUSY_MARK = "¹"
+
+
 def markdown_table(rows: list, task: str) -> str:
+    from ..timing import BUSY_MARGIN
+
     if not rows:
         return "(no runs)\n"
     names = list(rows[0]["metrics"])
     head = " / ".join(names)
     lines = [
         f"| method | train rows | {task} {head} (dev, ×100, mean ± std) | seeds | best lr | trainable | % of model "
-        "| artifact | step time | peak memory |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| artifact | step time (wall) | step time (CPU) | peak memory |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         score = " / ".join(
             f"{100 * r['metrics'][m]['mean']:.1f} ± {100 * r['metrics'][m]['std']:.1f}" for m in names
             if m in r["metrics"])
+        mark = BUSY_MARK if r.get("busy") else ""
         lines.append(
             f"| {r['method']} | {r['n_train'] if r['n_train'] is not None else ''} | {score} | {len(r['seeds'])} "
             f"| {r['best_lr']:g} | {r['trainable']:,} | {_pct(r['trainable_pct'])} | {_fmt_bytes(r['artifact_bytes'])} "
-            f"| {1000 * r['step_time_s']:.0f} ms | {r['peak_memory_mb']:.0f} MB |")
-    kind = rows[0].get("memory_kind") or ""
-    lines += ["", f"Score: dev-set metric of the best epoch, at the learning rate with the best mean over seeds; "
-                  f"std over seeds. Step time excludes evaluation; peak memory is the {kind} during the run."]
+            f"| {_ms(r.get('step_time_s'))}{mark} | {_ms(r.get('step_cpu_s'))}{mark} "
+            f"| {r['peak_memory_mb']:.0f} MB |")
+    kinds = sorted({r.get("memory_kind") or "" for r in rows} - {""})
+    lines += ["", "Score: dev-set metric of the best epoch, at the learning rate with the best mean over seeds; "
+                  "std over seeds. Step time: training time without evaluation and checkpointing, divided by "
+                  "optimizer steps, in wall-clock time and in CPU time of the run's process (all threads); the "
+                  "same figures as metrics.json's step_time_s / step_cpu_s. Peak memory: the "
+                  + (" / ".join(kinds) or "peak memory") + "."]
+    busy = [r for r in rows if r.get("busy")]
+    if busy:
+        top = max(busy, key=lambda r: (r.get("load") or {}).get("max_load1") or 0.0)
+        ld = top.get("load") or {}
+        lines += ["", f"{BUSY_MARK} Measured while the machine was busy: the 1-minute load average reached "
+                      f"{ld.get('max_load1', float('nan')):.1f} on {ld.get('cpus')} CPUs, above the run's "
+                      f"{ld.get('threads')} thread(s) + {BUSY_MARGIN:g}; other work shared the cores, so these wall "
+                      "times are slower than on a quiet machine and not comparable across rows (CPU times are "
+                      "less affected)."]
     return "\n".join(lines) + "\n"
 
 
@@ -425,22 +663,45 @@ def _data_label(path: Optional[str]) -> str:
     return p.parent.name if p.stem.lower() in ("train", "data") and p.parent.name else p.stem
 
 
+def write_compare_command(out: Path, argv: list, isolated: bool) -> None:
+    """The compare folder's command.json: the compare's own command line (rerunning it resumes)."""
+    from ..train import _versions
+
+    atomic_write_json(Path(out) / "command.json", {
+        "argv": list(argv), "command": _command_line("compare", list(argv)), "cwd": os.getcwd(),
+        "isolated": isolated, "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
 def run_compare(model_args, data_args, overrides: dict, specs: list, seeds: list, lr_grid: dict,
                 train_sizes: list, out: Path, keep_checkpoints: bool = False, overwrite: bool = False,
-                analyze: bool = True) -> dict:
+                analyze: bool = True, *, isolate: bool = True, train_argv: Optional[list] = None,
+                argv: Optional[list] = None) -> dict:
+    """Every (method, lr, seed, size) run, then the table, figures and analyses. ``isolate``: each run in a
+    fresh process (:func:`run_one_isolated`; the default), else all in this one (:func:`run_one`).
+    ``train_argv``: the TrainingArguments flags as given (for the runs' command.json); ``argv``: the
+    compare's own arguments (written to ``out/command.json``)."""
     from tqdm.auto import tqdm
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if argv is not None:
+        write_compare_command(out, argv, isolate)
     plan = [(spec, lr, seed, size) for size in (train_sizes or [None]) for spec in specs
             for lr in lr_grid[spec] for seed in seeds]
     records = []
+    one = run_one_isolated if isolate else run_one
     bar = tqdm(plan, desc="compare", unit="run", file=sys.stderr)
     for spec, lr, seed, size in bar:
         bar.set_postfix_str(f"{spec} lr={lr:g} seed={seed}" + (f" n={size}" if size else ""))
-        rec = run_one(spec, lr, seed, size, model_args, data_args, overrides, out, keep_checkpoints, overwrite)
+        rec = one(spec, lr, seed, size, model_args, data_args, overrides, out, keep_checkpoints, overwrite,
+                  train_argv=train_argv)
         records.append(rec)
+        took = rec.get("total_time_s") or rec.get("train_runtime_s") or float("nan")
         tqdm.write(f"{spec:>14s} lr={lr:<7g} seed={seed}{' n=' + str(size) if size else ''}: "
                    f"{rec['primary']}={100 * (rec['score'] or float('nan')):.2f} "
-                   f"({rec['train_runtime_s']:.0f} s)", file=sys.stderr)
+                   f"({took:.0f} s)", file=sys.stderr)
     rows = summarize(records, specs)
     task = data_args.task or _data_label(data_args.train_file)
     table = markdown_table(rows, task)
@@ -530,6 +791,9 @@ def compare_main(argv: list) -> int:
     p.add_argument("--overwrite", action="store_true", help="rerun runs that already have a run.json (default: reuse)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the Trainer's checkpoint-* folders")
     p.add_argument("--no-analysis", action="store_true", help="skip the bias-change heatmaps")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every training in this process instead of a fresh process per run (tests, debugging; "
+                   "peak memory then includes what earlier runs left behind)")
     args, rest = p.parse_known_args(argv)
     if args.task is None and args.train_file is None:
         raise BitFitConfigError("give --task (a GLUE task) or --train-file (your own data)")
@@ -556,7 +820,8 @@ def compare_main(argv: list) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = run_compare(model_args, data_args, overrides, specs, [args.seed + i for i in range(args.seeds)],
-                         lr_grid, sizes, out, args.keep_checkpoints, args.overwrite, not args.no_analysis)
+                         lr_grid, sizes, out, args.keep_checkpoints, args.overwrite, not args.no_analysis,
+                         isolate=not args.in_process, train_argv=list(rest), argv=list(argv))
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; figures: "
           + ", ".join(str(v) for k, v in result["files"].items() if isinstance(v, str)), file=sys.stderr)
