@@ -7,6 +7,7 @@ Methods (each on its own copy of the same randomly initialised model, task head 
 - ``bitfit-fp32-stock`` / ``bitfit-fp32-lean``: ``bitfit.apply`` with ``lean=False`` / ``True``;
 - ``bitfit-bf16-stock`` / ``bitfit-bf16-lean``: the same with ``frozen_dtype="bfloat16"``;
 - ``bitfit-int8-lean``: ``frozen_dtype="int8"`` (bf16 base, int8 training matmuls);
+- ``bitfit-auto-lean``: ``frozen_dtype="auto"`` (what ``bitfit train`` runs: the fastest mode the machine's probe picks);
 - ``lora``: peft LoRA r=8, alpha=16 (peft's default targets: query/value), head trained;
 - ``beft``: peft BEFT (``PeftType.BEFT``, peft >= 0.21), head trained.
 
@@ -55,10 +56,11 @@ METHODS = [
     "bitfit-bf16-stock",
     "bitfit-bf16-lean",
     "bitfit-int8-lean",
+    "bitfit-auto-lean",
     "lora",
     "beft",
 ]
-FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8"}
+FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8", "auto": "auto"}  # auto: bitfit.hardware's choice
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=30522)
 
 
@@ -292,6 +294,11 @@ def main(argv=None) -> int:
     shape = (f"{'small BERT' if args.small else Path(args.config).name}: {config.num_hidden_layers} layers, "
              f"hidden {config.hidden_size}, seq {args.seq}, batch {args.batch}, {args.threads} thread(s), "
              f"torch {torch.__version__}")
+    from bitfit.hardware import choose_frozen_dtype, cpu_flags, cpu_model
+
+    shape += f"; CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]"
+    if any(m.startswith("bitfit-auto") for m in methods):
+        shape += f"; frozen_dtype=auto -> {choose_frozen_dtype('cpu').dtype} here"
     print(shape, flush=True)
     if args.peak_only:
         peaks = {m: run_peak(m, args) for m in methods}
