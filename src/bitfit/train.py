@@ -862,7 +862,8 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         from .warmstart import warm_start_head
 
         warm = warm_start_head(model, train_ds, collator, regression=info.regression,
-                               batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed)
+                               batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed,
+                               progress=not training_args.disable_tqdm)
         if warm is not None:
             print(f"bitfit: head warm start: fitted {warm.layer} on {warm.rows} training rows' frozen features "
                   f"(train {'Pearson' if info.regression else 'accuracy'} {warm.train_score:.3f}, "

@@ -55,7 +55,7 @@ def head_output_layer(model: nn.Module) -> Optional[tuple[str, nn.Linear]]:
 
 
 @torch.no_grad()
-def _features(model, layer: nn.Linear, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(model, layer: nn.Linear, loader, device, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
 
     def hook(_m, args):
@@ -67,7 +67,7 @@ def _features(model, layer: nn.Linear, loader, device) -> tuple[torch.Tensor, to
     try:
         from tqdm.auto import tqdm
 
-        for batch in tqdm(loader, desc="head warm start", leave=False, disable=len(loader) < 10,
+        for batch in tqdm(loader, desc="head warm start", leave=False, disable=not progress or len(loader) < 10,
                           file=sys.stderr):
             labels.append(batch.pop("labels"))
             model(**{k: v.to(device) for k, v in batch.items()})
@@ -119,7 +119,8 @@ def _fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float, bias: bool):
 
 
 def warm_start_head(model: nn.Module, dataset, collator, *, regression: bool, batch_size: int = 64,
-                    max_rows: int = 20000, l2: float = 1e-3, seed: int = 0) -> Optional[WarmStart]:
+                    max_rows: int = 20000, l2: float = 1e-3, seed: int = 0,
+                    progress: bool = True) -> Optional[WarmStart]:
     """Fit the output Linear of ``model``'s task head on the frozen features of ``dataset`` (rows with
     ``labels``). Returns None (and changes nothing) when the model has no trained task head."""
     import time
@@ -136,7 +137,7 @@ def warm_start_head(model: nn.Module, dataset, collator, *, regression: bool, ba
     sub = torch.utils.data.Subset(dataset, rows)
     loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, collate_fn=collator)
     device = layer.weight.device
-    x, y = _features(model, layer, loader, device)
+    x, y = _features(model, layer, loader, device, progress)
     if not torch.isfinite(x).all():
         raise BitFitError("head warm start: the frozen model produced non-finite features; check the base model")
     has_bias = layer.bias is not None
