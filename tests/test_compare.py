@@ -1,8 +1,12 @@
-"""`bitfit compare` end to end on a tiny BERT and a small local CSV; `bitfit analyze`; option parsing."""
+"""`bitfit compare` end to end on a tiny BERT and a small local CSV; `bitfit analyze`; option parsing;
+runs in their own processes (memory, time and load figures, command.json that reproduces a run)."""
 
 import json
+import os
 import random
+import shlex
 import struct
+import time
 
 import pytest
 
@@ -64,7 +68,7 @@ def _common(tiny, out):
 def compared(tiny):
     out = tiny / "cmp"
     argv = ["compare", *_common(tiny, out), "--methods", "bitfit,full,frozen,lora,rand/seed=7",
-            "--seeds", "2", "--lr-grid", "bitfit=1e-3,1e-2"]
+            "--seeds", "2", "--lr-grid", "bitfit=1e-3,1e-2", "--in-process"]  # isolation: test_isolated_*
     assert main(argv) == 0
     return out
 
@@ -128,7 +132,8 @@ def test_compare_end_to_end_table_plots_heatmap(compared):
 @pytest.mark.slow
 def test_compare_reuses_finished_runs_and_train_sizes(tiny, compared, capsys):
     out = tiny / "cmp_sizes"
-    argv = ["compare", *_common(tiny, out), "--methods", "bitfit,full", "--train-sizes", "16,48", "--no-analysis"]
+    argv = ["compare", *_common(tiny, out), "--methods", "bitfit,full", "--train-sizes", "16,48", "--no-analysis",
+            "--in-process"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["n_train"]) for r in res["summary"]] == [
@@ -216,3 +221,216 @@ def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
     assert seen["dropout"] == 0.0
     assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", str(tmp_path)]) == 0
     assert seen["dropout"] is None
+
+
+# ----------------------------------------------------------------------------- honest numbers (issue 11)
+def test_run_clock_excludes_evaluation_and_checkpointing():
+    from bitfit.timing import RunClock
+
+    clock, nap = RunClock(), 0.03
+    clock.on_train_begin(None, None, None)
+    for _ in range(2):  # two steps of training, then an evaluation and a checkpoint
+        time.sleep(nap)
+        clock.on_step_end(None, None, None)
+    time.sleep(3 * nap)  # logging + evaluation
+    clock.on_evaluate(None, None, None)
+    time.sleep(3 * nap)  # checkpoint
+    clock.on_save(None, None, None)
+    time.sleep(nap)
+    clock.on_step_end(None, None, None)
+    clock.on_epoch_end(None, None, None)
+    f = clock.figures()
+    assert f["timed_steps"] == 3
+    assert 3 * nap * 0.9 <= f["train_time_s"] < 3 * nap + 2 * nap  # the two waits of 3 naps are not in it
+    assert f["step_time_s"] == pytest.approx(f["train_time_s"] / 3)
+    assert f["total_time_s"] >= f["train_time_s"] + 6 * nap * 0.9
+    assert 0.0 <= f["step_cpu_s"] <= f["step_time_s"] + 0.01 and f["total_cpu_s"] >= f["train_cpu_s"]
+
+
+def test_load_readings_and_busy_rule():
+    from bitfit.timing import busy, load_now
+
+    ld = load_now()
+    assert ld["cpus"] == os.cpu_count() and ld["threads"] >= 1
+    assert ld["load1"] is None or ld["load1"] >= 0.0
+    assert busy([{"load1": 1.4, "cpus": 2, "threads": 1}]) is False
+    assert busy([{"load1": 1.6, "cpus": 2, "threads": 1}]) is True
+    assert busy([{"load1": 0.1, "cpus": 2, "threads": 2}, {"load1": 2.6, "cpus": 2, "threads": 2}]) is True
+    assert busy([{"load1": None, "cpus": 2, "threads": 1}, None]) is False
+
+
+def _rec(seed, busy, load1=0.5):
+    return {"spec": "bitfit", "method": "bitfit", "lr": 1e-3, "seed": seed, "train_size": None, "n_train": 10,
+            "primary": "accuracy", "task_metrics": ["accuracy"], "score": 0.7, "eval": {"eval_accuracy": 0.7},
+            "trainable": 5, "base_params": 100, "trainable_pct": 5.0, "artifact_bytes": 10, "step_time_s": 0.12,
+            "step_cpu_s": 0.2, "total_time_s": 3.0, "peak_memory_mb": 700.0,
+            "memory_kind": "peak RSS of the run's own process", "busy": busy,
+            "load": {"start": {"load1": load1, "cpus": 2, "threads": 1}, "end": {"load1": load1, "cpus": 2,
+                                                                                  "threads": 1}}}
+
+
+def test_table_reports_cpu_time_and_flags_busy_machine():
+    quiet = C.summarize([_rec(1, False), _rec(2, False)], ["bitfit"])
+    md = C.markdown_table(quiet, "rte")
+    assert "| 120 ms | 200 ms | 700 MB |" in md and "busy" not in md
+    assert "own process" in md and "without evaluation and checkpointing" in md
+    (row,) = C.summarize([_rec(1, False), _rec(2, True, load1=3.7)], ["bitfit"])
+    assert row["busy"] and row["step_cpu_s"] == pytest.approx(0.2) and row["load"]["max_load1"] == 3.7
+    md = C.markdown_table([row], "rte")
+    assert f"| 120 ms{C.BUSY_MARK} | 200 ms{C.BUSY_MARK} |" in md
+    assert "machine was busy" in md and "3.7 on 2 CPUs" in md
+
+
+def test_rerun_command_for_bitfit_and_other_methods(tmp_path):
+    from bitfit.train import DataArguments, ModelArguments
+
+    m, d = ModelArguments(model="minilm", dropout=0.0), DataArguments(task="rte", data_dir=str(tmp_path))
+    sub, argv = C.rerun_command("paper-subset/frozen_dtype=bfloat16", 4e-4, 43, 300, m, d,
+                                ["--num_train_epochs", "2"], "/x/rerun")
+    assert sub == "train"
+    line = " ".join(argv)
+    for part in ("--model minilm", "--task rte", f"--data-dir {tmp_path}", "--preset paper-subset",
+                 "--frozen_dtype bfloat16", "--learning_rate 0.0004", "--seed 43", "--train_size 300",
+                 "--dropout 0.0", "--output-dir /x/rerun --num_train_epochs 2"):
+        assert part in line, part
+    sub, argv = C.rerun_command("lora/r=4", 5e-4, 44, None, m, d, [], "/x/rerun")
+    assert sub == "compare"
+    line = " ".join(argv)
+    assert "--methods lora/r=4 --seeds 1 --seed 44 --lr-grid 0.0005" in line and "--train-sizes" not in line
+    assert C._override_argv({"num_train_epochs": 2.0, "bf16": True, "report_to": ["none"]}) == [
+        "--num_train_epochs", "2.0", "--bf16", "true", "--report_to", "none"]
+
+
+def test_worker_writes_one_line_error(tmp_path):
+    from bitfit.commands import compare_worker
+
+    result = tmp_path / "result.json"
+    job = {"spec": "no-such-method", "lr": 1e-3, "seed": 1, "size": None, "model_args": {"model": "x"},
+           "data_args": {"task": "rte"}, "overrides": {}, "out_dir": str(tmp_path), "keep_checkpoints": False,
+           "overwrite": False, "result": str(result)}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    assert compare_worker.main([str(tmp_path / "job.json")]) == 1
+    err = json.loads(result.read_text())
+    assert "unknown method 'no-such-method'" in err["error"] and "\n" not in err["error"]
+
+
+@pytest.fixture(scope="module")
+def wide(tiny):
+    """A one-layer BERT with wide embeddings (7.8M parameters): full fine-tuning's gradients and Adam state
+    add ~90 MB over BitFit, so a memory figure that carried over between runs would show."""
+    import torch
+    import transformers as T
+
+    cfg = T.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
+                       vocab_size=30522, max_position_embeddings=64)
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(tiny / "wide")
+    for f in (tiny / "model").iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            (tiny / "wide" / f.name).write_bytes(f.read_bytes())
+    return tiny / "wide"
+
+
+def _wide_args(tiny, wide, out):
+    return [a if a != str(tiny / "model") else str(wide) for a in _common(tiny, out)] + ["--no-analysis"]
+
+
+@pytest.fixture(scope="module")
+def isolated(tiny, wide):
+    """Two compares with a fresh process per run: A = bitfit alone; B = full fine-tuning, then bitfit."""
+    a, b = tiny / "iso_a", tiny / "iso_b"
+    argv_a = ["compare", *_wide_args(tiny, wide, a), "--methods", "bitfit"]
+    argv_b = ["compare", *_wide_args(tiny, wide, b), "--methods", "full,bitfit"]
+    return {"a": a, "b": b, "argv_a": argv_a, "argv_b": argv_b}
+
+
+@pytest.mark.parametrize("stub, why", [
+    ("import json, sys; print('loading...'); job = json.load(open(sys.argv[1])); "
+     "json.dump({'error': 'bitfit+last-9: the model has 1 layers'}, open(job['result'], 'w')); sys.exit(1)",
+     "failed: bitfit+last-9: the model has 1 layers"),
+    ("import os, signal; print('loading...', flush=True); os.kill(os.getpid(), signal.SIGKILL)",
+     "killed by signal 9 (out of memory?)"),
+])
+def test_failed_worker_is_one_line_and_keeps_finished_runs(tmp_path, monkeypatch, capsys, stub, why):
+    """The parent's side of a worker failure (the worker's side: test_worker_writes_one_line_error), with a
+    stub worker: one error line, the worker's output in the run's train.log, finished runs kept."""
+    monkeypatch.setattr(C, "WORKER_CODE", stub)
+    out = tmp_path / "cmp"
+    done = C.run_dir_for(out, "bitfit", 1e-3, 42, None)
+    done.mkdir(parents=True)
+    (done / "run.json").write_text(json.dumps({"primary": "accuracy", "score": 0.5, "total_time_s": 1.0}))
+    stamp = (done / "run.json").stat().st_mtime_ns
+    argv = ["compare", "--model", "m", "--task", "rte", "--output-dir", str(out), "--methods", "bitfit,bitfit+last-9"]
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("bitfit compare: error: run bitfit+last-9 lr=0.0001 seed=42 ")
+    assert why in err[0] and "finished runs are kept" in err[0]
+    assert (done / "run.json").stat().st_mtime_ns == stamp and not (out / "results.md").exists()
+    log = C.run_dir_for(out, "bitfit+last-9", 1e-4, 42, None) / "train.log"
+    assert log.read_text().startswith("loading...")
+    assert json.loads((out / "command.json").read_text())["argv"] == argv[1:]
+
+
+def _run(out, method):
+    f = next((out / "runs" / method).rglob("run.json"))
+    return json.loads(f.read_text()), f.parent
+
+
+@pytest.mark.slow
+def test_isolated_runs_memory_times_load_commands(isolated, capsys):
+    a, b = isolated["a"], isolated["b"]
+    # A: bitfit first, in its own process
+    assert main(isolated["argv_a"]) == 0
+    first, first_dir = _run(a, "bitfit")
+    # B: bitfit after full fine-tuning; each run reports its own process's peak
+    assert main(isolated["argv_b"]) == 0
+    full, _ = _run(b, "full")
+    after, after_dir = _run(b, "bitfit")
+    pids = {first["pid"], full["pid"], after["pid"], os.getpid()}
+    assert len(pids) == 4 and all(r["isolated"] for r in (first, full, after))
+    assert "own process" in after["memory_kind"]
+    assert full["peak_memory_mb"] > after["peak_memory_mb"] + 40  # a shared process would carry this over
+    assert after["peak_memory_mb"] == pytest.approx(first["peak_memory_mb"], abs=25)
+    # one definition of step time: run.json has metrics.json's figures; evaluation is not in them
+    for rec, folder in ((after, after_dir), (first, first_dir)):
+        m = json.loads((folder / "metrics.json").read_text())
+        for k in ("step_time_s", "step_cpu_s", "train_time_s", "train_cpu_s", "total_time_s", "total_cpu_s"):
+            assert rec[k] == m[k] and m[k] > 0, k
+        assert m["timed_steps"] == m["global_steps"] == rec["global_steps"]
+        assert rec["step_time_s"] == pytest.approx(rec["train_time_s"] / rec["global_steps"])
+        evals = sum(e.get("eval_runtime", 0.0) for e in m["eval_history"])
+        assert rec["total_time_s"] - rec["train_time_s"] >= 0.9 * evals > 0
+        assert m["train_runtime"] > rec["train_time_s"]
+        # load at both ends, and the busy flag follows the rule
+        from bitfit.timing import busy
+
+        for end in ("start", "end"):
+            ld = rec["load"][end]
+            assert ld["cpus"] == os.cpu_count() and ld["threads"] >= 1 and (ld["load1"] is None or ld["load1"] >= 0)
+        assert rec["busy"] == busy([rec["load"]["start"], rec["load"]["end"]])
+    md = (b / "results.md").read_text()
+    assert "| step time (wall) | step time (CPU) |" in md
+    assert ("machine was busy" in md) == any(r["busy"] for r in (full, after))
+    # command.json: the compare's argv; per run the command that reproduces it
+    top = json.loads((b / "command.json").read_text())
+    assert top["argv"] == isolated["argv_b"][1:] and top["command"].startswith("bitfit compare ")
+    fc = json.loads(next((b / "runs" / "full").rglob("command.json")).read_text())
+    assert fc["subcommand"] == "compare" and "--methods full --seeds 1 --seed 42 --lr-grid 2e-05" in fc["command"]
+    bc = json.loads((first_dir / "command.json").read_text())
+    assert bc["subcommand"] == "train" and bc["command"] == first["command"]
+    assert "--learning_rate 0.001 --seed 42" in bc["command"] and f"--frozen_dtype {first['frozen_dtype']}" in \
+        bc["command"]
+    # ... and running it gives the same scores
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(first["load"]["start"]["threads"])
+    try:
+        assert main(shlex.split(bc["command"])[1:]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    again = json.loads((first_dir / "rerun" / "metrics.json").read_text())
+    orig = json.loads((first_dir / "metrics.json").read_text())
+    assert again["eval_accuracy"] == orig["eval_accuracy"]
+    assert again["eval_loss"] == pytest.approx(orig["eval_loss"], abs=1e-6)
+    assert again["train_loss"] == pytest.approx(orig["train_loss"], abs=1e-6)

@@ -398,6 +398,11 @@ def _one_line(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# the worker process: `python -c` rather than `-m` (the package imports every command module first, which
+# makes runpy warn); tests swap it for a stub
+WORKER_CODE = "import sys; from bitfit.commands.compare_worker import main; sys.exit(main(sys.argv[1:]))"
+
+
 def run_one_isolated(spec: str, lr: float, seed: int, size: Optional[int], model_args, data_args, overrides: dict,
                      out_dir: Path, keep_checkpoints: bool = False, overwrite: bool = False, *,
                      train_argv: Optional[list] = None) -> dict:
@@ -417,8 +422,7 @@ def run_one_isolated(spec: str, lr: float, seed: int, size: Optional[int], model
             "out_dir": str(Path(out_dir).resolve()), "keep_checkpoints": keep_checkpoints, "overwrite": overwrite,
             "train_argv": train_argv, "result": str(result)})
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-c", "import sys; from bitfit.commands.compare_worker import main; "
-               "sys.exit(main(sys.argv[1:]))", str(job)]
+        cmd = [sys.executable, "-c", WORKER_CODE, str(job)]
         log, tail = [], deque(maxlen=20)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 text=True, errors="replace", env=env)
