@@ -4,39 +4,50 @@ A BitFit task differs from its base only in its biases (and its head), so one co
 base weights can serve any number of tasks. :class:`BiasBank` keeps the base once and, per
 task, only what the task's artifact holds: the trained bias values and the head.
 
-Each call runs every row with its own task's biases and head, with one of two strategies:
+Per bias slot the bank keeps one table ``[tasks that train it, size]`` (the tasks' own
+values, nothing else). A call runs every row with its own task's biases and head; the
+biases are applied *inside* the layers' own computation:
 
-``"group"``
-    Rows are grouped by task. For each group the task's bias values are copied into the
-    shared base modules (added biases are added by a hook), the task's head is put in place,
-    and the group runs. One forward pass per distinct task.
-``"gather"``
-    One forward pass over all rows. A forward hook on every bias slot adds
-    ``delta[task_of_row]`` (task bias minus base bias) to the module's output, broadcast over
-    the sequence; LayerNorm/RMSNorm biases are added after the norm the same way. The head
-    children dispatch their rows to each task's head.
+* for the duration of a call, each biased module of the base whose slot a task in the batch
+  trains has its class switched to a bank subclass (no hook, no copy, no parameter written);
+  the bank sets, once per call, the per-row bias rows ``table[row's task]`` on the module;
+* ``nn.Linear`` / GPT-2's ``Conv1D``: the output buffer is filled with the row's bias
+  (broadcast over tokens) and the matmul accumulates into it (``addmm_``): the same
+  arithmetic as the base's own ``addmm(bias, x, W.T)``, so each row is bit for bit what its
+  task's own model computes on the same batch;
+* ``nn.LayerNorm``: ``addcmul(bias_rows, layer_norm(x), weight)``, bit for bit the fused
+  affine norm; added biases after a norm (RMSNorm) or other module types: ``out + bias_rows``
+  (as the BitFit model's own hook computes);
+* one task in the batch: the module calls ``F.linear(x, W, task_bias)`` (the task's own op).
 
-``"auto"`` (default) picks per call with :func:`choose_strategy` (rule measured by
-``benchmarks/bank_throughput.py``; see docs/SERVING.md). After every call, also one that
-raised, the base model is exactly what it was (bit for bit, no hooks left).
+Strategies: ``"gather"`` runs all rows in one pass (the head children dispatch their rows to
+each task's head); ``"group"`` runs one pass per task over that task's rows (the fallback for
+models that flatten activations to ``[batch*seq, hidden]`` inside a layer, e.g. OPT's MLP);
+``"auto"`` (default) uses ``gather`` whenever the batch holds more than one task. The base
+model's parameters are never written; after every call (also one that raised) the base's
+modules are back to their own classes.
+
+:meth:`BiasBank.generate` decodes a batch whose rows belong to different causal-LM tasks in
+one ``generate`` call (KV cache included).
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import BitFitError
 
-# Crossover measured by benchmarks/bank_throughput.py (docs/SERVING.md): the per-row gathered
-# pass wins once the groups get small, i.e. when the average rows per distinct task is at
-# most this many.
-GATHER_MAX_ROWS_PER_TASK = 4.0
+# Kept for compatibility: the per-row pass now costs what the plain base costs, so ``auto``
+# gathers at any number of rows per task (docs/SERVING.md, benchmarks/bank_throughput.py).
+GATHER_MAX_ROWS_PER_TASK = float("inf")
 
 STRATEGIES = ("auto", "group", "gather")
 
@@ -151,6 +162,169 @@ class _RowDispatch(nn.Module):
         return result
 
 
+# ----------------------------------------------------------------- per-row bias modules
+# During a call the bank switches the class of each biased module it touches to one of these
+# subclasses and stores the bias rows on the module (``__dict__["_bitfit_rows"]``): a tensor
+# ``[size]`` (every row the same task) or ``[rows, size]`` (row i: its task's value). Nothing
+# else changes: the module keeps its own parameters; its own class comes back after the call.
+_ROWS = "_bitfit_rows"
+_CDIM = "_bitfit_cdim"
+
+
+def _not_batch_first(module: nn.Module, x, n: int) -> _GatherUnsupported:
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    return _GatherUnsupported(
+        f"per-row biases need batch-first activations; {type(module).__name__} got {shape} for {n} rows"
+    )
+
+
+def _addmm_rows(module: nn.Module, x: torch.Tensor, wt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x @ wt + rows[row]`` for ``x`` ``[rows, ..., in]``: the output is filled with each row's bias
+    and the matmul accumulates into it, which is what ``addmm(bias, x, wt)`` does for one bias."""
+    n, size = rows.shape
+    if x.dim() < 2 or x.shape[0] != n:
+        raise _not_batch_first(module, x, n)
+    lead = x.shape[:-1]
+    out = torch.empty((*lead, size), dtype=x.dtype, device=x.device)
+    out.copy_(rows.view(n, *([1] * (len(lead) - 1)), size))
+    if x.dim() == 2 or x.is_contiguous():  # the layout F.linear runs as one addmm
+        out.view(-1, size).addmm_(x.reshape(-1, x.shape[-1]), wt)
+        return out
+    return torch.matmul(x, wt).add_(out)
+
+
+def _linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+    rows = self.__dict__[_ROWS]
+    if rows.dim() == 1:
+        return F.linear(input, self.weight, rows)
+    return _addmm_rows(self, input, self.weight.t(), rows)
+
+
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """transformers' Conv1D (GPT-2): ``addmm(bias, x, weight)`` with a [in, out] weight."""
+    rows = self.__dict__[_ROWS]
+    if rows.dim() == 1:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(rows, x.view(-1, x.size(-1)), self.weight).view(size_out)
+    return _addmm_rows(self, x, self.weight, rows)
+
+
+def _layer_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+    rows = self.__dict__[_ROWS]
+    if rows.dim() == 1:
+        return F.layer_norm(input, self.normalized_shape, self.weight, rows, self.eps)
+    n, size = rows.shape
+    if input.dim() < 2 or input.shape[0] != n:
+        raise _not_batch_first(self, input, n)
+    z = F.layer_norm(input, self.normalized_shape, None, None, self.eps)
+    view = rows.view(n, *([1] * (input.dim() - 2)), size)
+    if self.weight is None:
+        return z.add_(view)
+    return torch.addcmul(view, z, self.weight, out=z)  # bit for bit the fused affine norm
+
+
+def _post_forward(self, *args, **kwargs):
+    """Any other module: its own forward, then ``+ rows`` along its channel dimension (the rows hold
+    the task's value for an added bias, task minus base where the module has a bias of its own)."""
+    out = type(self)._bitfit_orig.forward(self, *args, **kwargs)
+    rows = self.__dict__[_ROWS]
+    cdim = self.__dict__[_CDIM]
+    if not isinstance(out, torch.Tensor):
+        raise BitFitError(f"cannot add a bias after {type(self).__name__}: it returns {type(out).__name__}")
+    shape = [1] * out.dim()
+    shape[cdim] = rows.shape[-1]
+    if rows.dim() == 2:
+        if out.dim() < 2 or out.shape[0] != rows.shape[0]:
+            raise _not_batch_first(self, out, rows.shape[0])
+        shape[0] = rows.shape[0]
+    return out + rows.to(out.dtype).view(shape)
+
+
+_FORWARDS = {"linear": _linear_forward, "conv1d": _conv1d_forward, "norm": _layer_norm_forward,
+             "post": _post_forward}
+_CLASSES: dict = {}
+
+
+def _bank_class(cls: type, kind: str) -> type:
+    key = (cls, kind)
+    sub = _CLASSES.get(key)
+    if sub is None:
+        sub = type(f"BitFitBank{cls.__name__}", (cls,), {"forward": _FORWARDS[kind], "_bitfit_orig": cls,
+                                                           "__module__": __name__})
+        _CLASSES[key] = sub
+    return sub
+
+
+def _kind(module: nn.Module, added: bool) -> str:
+    """How the bank applies per-row biases to ``module`` (see the module docstring)."""
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return "linear"
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = None
+    if Conv1D is not None and isinstance(module, Conv1D) and cls.forward is Conv1D.forward:
+        return "conv1d"
+    if (not added and isinstance(module, nn.LayerNorm) and cls.forward is nn.LayerNorm.forward
+            and len(module.normalized_shape) == 1):
+        return "norm"
+    return "post"
+
+
+class _SlotTable:
+    """One bias slot: the values of the tasks that train it, stacked ``[tasks, size]`` (their only copy)."""
+
+    def __init__(self, slot: str, module: nn.Module, added: bool):
+        self.slot = slot
+        self.module = module
+        self.added = added  # the base has no bias here
+        self.kind = _kind(module, added)
+        self.cls = _bank_class(type(module), self.kind)
+        self.cdim = _channel_dim(module)
+        self.values: Optional[torch.Tensor] = None
+        self.owners: list = []
+        self.row_of: dict = {}
+
+    def fill(self) -> torch.Tensor:
+        """The value for a task that does not train this slot: the base's bias (zeros if added)."""
+        ref = self.values[0]
+        return torch.zeros_like(ref) if self.added else self.module.bias.detach().to(ref.dtype)
+
+    def rows(self, picks: list, row_task: Optional[torch.Tensor]) -> torch.Tensor:
+        """Bias rows for a batch: ``picks`` = table row (or -1) per distinct task of the batch,
+        ``row_task`` = the distinct-task index of every batch row (None: one task, a ``[size]`` vector)."""
+        if all(p >= 0 for p in picks):
+            if row_task is None:
+                out = self.values[picks[0]]
+            else:
+                idx = torch.tensor(picks, dtype=torch.long, device=self.values.device)[row_task]
+                out = self.values.index_select(0, idx)
+        else:
+            fill = self.fill()
+            per = torch.stack([self.values[p] if p >= 0 else fill for p in picks])
+            out = per[0] if row_task is None else per.index_select(0, row_task)
+        if self.kind == "post" and not self.added:  # the module adds its own base bias
+            out = out - self.module.bias.detach().to(out.dtype)
+        return out
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.reshape(1, -1)
+        self.values = value.clone() if self.values is None else torch.cat([self.values, value])
+        self.owners.append(name)
+        self.row_of = {n: i for i, n in enumerate(self.owners)}
+
+    def remove(self, name: str) -> None:
+        row = self.row_of[name]
+        keep = [i for i in range(len(self.owners)) if i != row]
+        self.values = self.values[keep].clone() if keep else None
+        self.owners.pop(row)
+        self.row_of = {n: i for i, n in enumerate(self.owners)}
+
+    def value(self, name: str) -> torch.Tensor:
+        return self.values[self.row_of[name]]
+
+
 # ------------------------------------------------------------------------------------- bank
 class BiasBank:
     """Serve many BitFit tasks from one frozen base model.
@@ -195,6 +369,7 @@ class BiasBank:
         self._head_names, _ = head_module_names(self.base)
         self._modules = dict(self.base.named_modules())
         self._gather_ok = True  # set False when the model turns out not to allow per-row biases
+        self._tables: dict[str, _SlotTable] = {}  # slot name -> the tasks' values for it
         self.stats = {"calls": 0, "rows": 0, "group": 0, "gather": 0}
         for name, source in (tasks or {}).items():
             self.add_task(name, source)
@@ -253,12 +428,46 @@ class BiasBank:
         tt = task_tensors(self.base, source, strict=self.strict)
         task = self._build_task(name, tt)
         with self._lock:
-            self._tasks[name] = task
+            if name in self._tasks:
+                self._drop(name)
+            self._store(task)
 
     def remove_task(self, name: str) -> None:
         with self._lock:
             self._get(name)
-            del self._tasks[name]
+            self._drop(name)
+
+    def _store(self, task: _Task) -> None:
+        """Move the task's bias values into the slot tables (their only copy) and keep views."""
+        touched = []
+        for values, added in ((task.swap, False), (task.hooked, True)):
+            for slot, value in values.items():
+                table = self._tables.get(slot)
+                if table is None:
+                    table = self._tables[slot] = _SlotTable(slot, self._modules[_split_name(slot)[0]], added)
+                table.add(task.name, value)
+                touched.append(table)
+        self._tasks[task.name] = task
+        self._refresh(touched)
+
+    def _drop(self, name: str) -> None:
+        task = self._tasks.pop(name)
+        touched = []
+        for slot in list(task.swap) + list(task.hooked):
+            table = self._tables[slot]
+            table.remove(name)
+            if table.values is None:
+                del self._tables[slot]
+            else:
+                touched.append(table)
+        self._refresh(touched)
+
+    def _refresh(self, tables) -> None:
+        """Point every owner's bias views at the (re-allocated) tables."""
+        for table in tables:
+            for owner in table.owners:
+                t = self._tasks[owner]
+                (t.hooked if table.added else t.swap)[table.slot] = table.value(owner)
 
     def _build_task(self, name: str, tt) -> _Task:
         meta = dict(getattr(tt, "meta", {}) or {})
@@ -350,10 +559,17 @@ class BiasBank:
 
     # ---------------------------------------------------------------------- memory
     def memory(self) -> dict:
-        """Bytes held: ``base`` (shared model), ``tasks`` (name -> the task's own tensors), ``total``."""
+        """Bytes held: ``base`` (shared model), ``tasks`` (name -> the task's own tensors), ``total``.
+
+        A task's biases live in the bank's per-slot tables (views), counted by their own size."""
         base_tensors = list(self.base.parameters()) + list(self.base.buffers())
         base_ptrs = {t.untyped_storage().data_ptr() for t in base_tensors}
-        per_task = {n: _tensor_bytes(t.own_tensors(base_ptrs)) for n, t in self._tasks.items()}
+        per_task = {}
+        for n, t in self._tasks.items():
+            biases = sum(v.numel() * v.element_size() for v in list(t.swap.values()) + list(t.hooked.values()))
+            heads = [x for m in t.heads.values() for x in list(m.parameters()) + list(m.buffers())
+                     if x.untyped_storage().data_ptr() not in base_ptrs]
+            per_task[n] = biases + _tensor_bytes(heads)
         base = _tensor_bytes(base_tensors)
         return {"base": base, "tasks": per_task, "total": base + sum(per_task.values())}
 
@@ -424,93 +640,153 @@ class BiasBank:
             raise BitFitError(f"the base model returned {type(out).__name__} without logits")
         return logits
 
-    def _run_group(self, groups, n, inputs) -> list:
-        result: list = [None] * n
+    @contextmanager
+    def _installed(self, tasks: list, row_task: Optional[torch.Tensor], n: int, groups=None):
+        """Per-row biases (and heads) of ``tasks`` in place on the base for one forward pass or one
+        ``generate`` call.
+
+        ``tasks``: the distinct tasks of the batch; ``row_task``: the index into ``tasks`` of every
+        row (None when there is one task: each module then runs its own op with that task's bias).
+        ``groups``: (task, row index tensor) pairs for the head dispatch (several tasks only).
+        The bias rows are gathered here, once per call, one per touched slot; the modules read them.
+        """
         base = self.base
-        for task, idx in groups:
-            sub = {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
-                   for k, v in inputs.items()}
-            saved, hooks, heads = {}, [], {}
-            try:
-                for slot, value in task.swap.items():
-                    mod_name, _ = _split_name(slot)
-                    b = self._modules[mod_name].bias
-                    saved[slot] = b.detach().clone()
-                    b.data.copy_(value)
-                for slot, value in task.hooked.items():
-                    mod_name, _ = _split_name(slot)
-                    module = self._modules[mod_name]
-                    hooks.append(module.register_forward_hook(_const_hook(value, _channel_dim(module))))
+        names = [t.name for t in tasks]
+        switched, heads = [], {}
+        picks_cache: dict = {}
+        try:
+            for table in self._tables.values():
+                key = id(table.row_of)
+                picks = picks_cache.get(key)
+                if picks is None:
+                    picks = picks_cache[key] = [table.row_of.get(nm, -1) for nm in names]
+                if all(p < 0 for p in picks):
+                    continue  # no task of this batch trains the slot: the base's own bias
+                rows = table.rows(picks, row_task)
+                module = table.module
+                d = module.__dict__
+                d[_ROWS] = rows
+                d[_CDIM] = table.cdim
+                orig = type(module)
+                module.__class__ = table.cls
+                switched.append((module, orig))
+            if row_task is None:
+                task = tasks[0]
                 for child, mod in task.heads.items():
                     heads[child] = getattr(base, child)
                     setattr(base, child, mod)
+            else:
+                for child in self._head_names:
+                    if not any(child in task.heads for task, _ in groups):
+                        continue
+                    per = [(task.heads.get(child, getattr(base, child)), idx, task.num_labels) for task, idx in groups]
+                    heads[child] = getattr(base, child)
+                    setattr(base, child, _RowDispatch(child, per))
+            yield
+        finally:
+            for child, mod in heads.items():
+                setattr(base, child, mod)
+            for module, orig in reversed(switched):
+                module.__class__ = orig
+                module.__dict__.pop(_ROWS, None)
+                module.__dict__.pop(_CDIM, None)
+
+    def _run_group(self, groups, n, inputs) -> list:
+        """One pass per task over its own rows (each module runs its own op with the task's bias)."""
+        result: list = [None] * n
+        base = self.base
+        for task, idx in groups:
+            if len(groups) == 1:
+                sub = inputs
+            else:
+                sub = {k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v)
+                       for k, v in inputs.items()}
+            with self._installed([task], None, int(idx.numel())):
                 logits = self._logits(base(**sub))
-            finally:
-                for child, mod in heads.items():
-                    setattr(base, child, mod)
-                for h in hooks:
-                    h.remove()
-                for slot, value in saved.items():
-                    self._modules[_split_name(slot)[0]].bias.data.copy_(value)
             L = task.num_labels
             for j, i in enumerate(idx.tolist()):
                 result[i] = logits[j][..., :L] if task.heads else logits[j]
         return result
 
-    def _run_gather(self, groups, n, inputs) -> list:
-        base = self.base
-        device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
-        # row -> index into the per-call table of the distinct tasks in this batch
+    def _row_task(self, groups, n: int, device) -> torch.Tensor:
         row_task = torch.empty(n, dtype=torch.long, device=device)
         for k, (_, idx) in enumerate(groups):
             row_task[idx] = k
-        slots: dict[str, list] = {}
-        for k, (task, _) in enumerate(groups):
-            for slot in list(task.swap) + list(task.hooked):
-                slots.setdefault(slot, []).append(k)
-        hooks, heads = [], {}
-        try:
-            for slot in slots:
-                mod_name, _ = _split_name(slot)
-                module = self._modules[mod_name]
-                base_b = getattr(module, "bias", None)
-                rows = []
-                for task, _ in groups:
-                    v = task.swap.get(slot)
-                    if v is None:
-                        v = task.hooked.get(slot)
-                    if v is None:  # this task keeps the base value here
-                        rows.append(None)
-                    else:
-                        rows.append(v)
-                ref = next(r for r in rows if r is not None)
-                if isinstance(base_b, torch.Tensor):  # swapped slot: add task minus base
-                    b0 = base_b.detach()
-                    table = torch.stack([(r - b0) if r is not None else torch.zeros_like(ref) for r in rows])
-                else:
-                    table = torch.stack([r if r is not None else torch.zeros_like(ref) for r in rows])
-                delta = table[row_task]  # [rows, size]
-                hooks.append(module.register_forward_hook(_row_hook(delta, n, _channel_dim(module), slot)))
-            for child in self._head_names:
-                per = []
-                for task, idx in groups:
-                    per.append((task.heads.get(child, getattr(base, child)), idx, task.num_labels))
-                if not any(child in task.heads for task, _ in groups):
-                    continue
-                heads[child] = getattr(base, child)
-                setattr(base, child, _RowDispatch(child, per))
-            logits = self._logits(base(**inputs))
-        finally:
-            for child, mod in heads.items():
-                setattr(base, child, mod)
-            for h in hooks:
-                h.remove()
+        return row_task
+
+    def _run_gather(self, groups, n, inputs) -> list:
+        """One pass over all rows, each with its own task's biases (in the layers' own ops) and head."""
+        if len(groups) == 1:
+            return self._run_group(groups, n, inputs)
+        device = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).device
+        row_task = self._row_task(groups, n, device)
+        with self._installed([t for t, _ in groups], row_task, n, groups):
+            logits = self._logits(self.base(**inputs))
         result: list = [None] * n
         for task, idx in groups:
             L = task.num_labels
             for i in idx.tolist():
                 result[i] = logits[i][..., :L] if task.heads else logits[i]
         return result
+
+    # -------------------------------------------------------------------- generation
+    def generate(self, tasks: Sequence[str], input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 **kwargs):
+        """Decode a batch whose rows belong to different causal-LM tasks in one ``generate`` call.
+
+        ``tasks[i]`` names row i's task; the other arguments are those of the base model's
+        ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``, ``pad_token_id``, ...; pad
+        prompts on the left). Each row's biases are applied inside the layers on every step, the
+        KV cache included, so greedy decoding gives each row what its task's own model gives on the
+        same batch. Returns what the base's ``generate`` returns (token ids ``[rows x n, length]``).
+        """
+        if not callable(getattr(self.base, "generate", None)) or not hasattr(self.base, "can_generate") \
+                or not self.base.can_generate():
+            raise BitFitError(
+                f"bank.generate needs a causal-LM base model (AutoModelForCausalLM); this bank's base is "
+                f"{type(self.base).__name__}"
+            )
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+            raise BitFitError("tasks must be a list with one task name per row")
+        tasks = list(tasks)
+        n = len(tasks)
+        if n == 0:
+            raise BitFitError("empty batch: tasks has no rows")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != n:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise BitFitError(f"input_ids must be [rows, length] with one row per task; got {shape} for {n} tasks")
+        gen_cfg = getattr(self.base, "generation_config", None)
+        beams = int(kwargs.get("num_beams") or getattr(gen_cfg, "num_beams", 1) or 1)
+        returns = int(kwargs.get("num_return_sequences") or getattr(gen_cfg, "num_return_sequences", 1) or 1)
+        expand = beams if beams > 1 else returns  # how generate repeats each prompt row
+        rows = [t for t in tasks for _ in range(expand)]
+        with self._lock:
+            order: dict[str, list] = {}
+            for i, t in enumerate(rows):
+                self._get(t)
+                order.setdefault(t, []).append(i)
+            device = input_ids.device
+            groups = [(self._tasks[t], torch.tensor(r, dtype=torch.long, device=device)) for t, r in order.items()]
+            row_task = None if len(groups) == 1 else self._row_task(groups, len(rows), device)
+            was_training = self.base.training
+            if was_training:
+                self.base.eval()
+            try:
+                with torch.no_grad(), self._installed([t for t, _ in groups], row_task, len(rows), groups):
+                    try:
+                        out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                    except _GatherUnsupported as exc:
+                        raise BitFitError(
+                            f"mixed-task generation is not supported for {type(self.base).__name__}: {exc}; "
+                            "generate one task at a time"
+                        ) from None
+            finally:
+                if was_training:
+                    self.base.train()
+            self.stats["calls"] += 1
+            self.stats["rows"] += n
+            self.stats["gather" if row_task is not None else "group"] += 1
+        return out
 
 
 def _check_finite(name: str, biases: dict, heads: dict) -> None:
@@ -530,35 +806,6 @@ def _check_finite(name: str, biases: dict, heads: dict) -> None:
 def _channel_dim(module: nn.Module) -> int:
     """Where a module's output keeps its bias dimension: 1 for convolutions, else the last."""
     return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
-
-
-def _shape_for(out: torch.Tensor, size: int, channel_dim: int, batch: bool) -> list:
-    shape = [1] * out.dim()
-    shape[channel_dim] = size
-    if batch:
-        shape[0] = out.shape[0]
-    return shape
-
-
-def _const_hook(value: torch.Tensor, channel_dim: int):
-    def hook(module, args, out):
-        if not isinstance(out, torch.Tensor):
-            raise BitFitError(f"cannot add a bias after {type(module).__name__}: it returns {type(out).__name__}")
-        return out + value.to(out.dtype).view(_shape_for(out, value.shape[0], channel_dim, False))
-
-    return hook
-
-
-def _row_hook(delta: torch.Tensor, n: int, channel_dim: int, slot: str):
-    def hook(module, args, out):
-        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != n:
-            raise _GatherUnsupported(
-                f"per-row biases need batch-first outputs; {slot} gave "
-                f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-            )
-        return out + delta.to(out.dtype).view(_shape_for(out, delta.shape[1], channel_dim, True))
-
-    return hook
 
 
 __all__ = ["BiasBank", "BankOutput", "choose_strategy", "GATHER_MAX_ROWS_PER_TASK"]
