@@ -91,7 +91,7 @@ def test_bitfit_defaults_and_flag_forms(glue_dir):
     assert t.lr_scheduler_type.value == "linear" and t.eval_strategy.value == "epoch"
     assert t.load_best_model_at_end and t.metric_for_best_model == "matthews_correlation" and t.greater_is_better
     assert t.per_device_train_batch_size == 32 and t.save_total_limit == 1
-    assert t.num_train_epochs == auto_epochs(8551, 32) == 12  # ceil(3000 / 268 steps)
+    assert t.num_train_epochs == auto_epochs(8551, 32) == 6  # ceil(1500 / 268 steps)
     m, d, t = parse_train_args(["--model=minilm", "--task", "rte", "--data_dir", str(glue_dir), "--output_dir", "/tmp/x",
                                 "--learning_rate", "4e-4", "--num-train-epochs", "2", "--frozen-dtype", "bfloat16",
                                 "--preset", "paper-subset", "--train-size", "50", "--max_seq_length", "64"])
@@ -100,7 +100,7 @@ def test_bitfit_defaults_and_flag_forms(glue_dir):
     assert d.data_dir == str(glue_dir) and d.train_size == 50 and d.max_seq_length == 64
     m, d, t = parse_train_args(["--model", "minilm", "--task", "stsb", "--data-dir", str(glue_dir),
                                 "--output-dir", "/tmp/x", "--train-size", "320"])
-    assert t.metric_for_best_model == "combined_score" and t.num_train_epochs == 20  # 10 steps/epoch -> capped
+    assert t.metric_for_best_model == "combined_score" and t.num_train_epochs == 10  # 10 steps/epoch -> capped
     assert auto_epochs(67349, 32) == 3
     # --bf16 on a machine without a GPU: autocast on the CPU, not transformers' "needs a GPU" error
     m, d, t = parse_train_args(["--model", "minilm", "--task", "rte", "--data-dir", str(glue_dir),
@@ -331,3 +331,41 @@ def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(T.AutoConfig, "from_pretrained", lambda *a, **k: T.PretrainedConfig())
     with pytest.raises(bitfit.BitFitError, match="has no dropout setting"):
         dropout_overrides(str(bert), 0.0)
+
+
+def test_bitfit_runs_default_to_dropout_zero_full_fine_tuning_keeps_the_models(monkeypatch, tmp_path):
+    import bitfit.train as tr
+    from bitfit.train import DataArguments
+
+    seen = []
+
+    def fake_load_base(model_args, info, dropout_required=True):
+        seen.append((model_args.dropout, dropout_required))
+        raise RuntimeError("stop after load_base")
+
+    monkeypatch.setattr(tr, "load_base", fake_load_base)
+    data = write_csv(tmp_path / "t.csv", sentiment_rows(8))
+    runs = [("bitfit", ModelArguments(model="x"), None), ("full", ModelArguments(model="x"), lambda m: m),
+            ("bitfit", ModelArguments(model="x", dropout=0.1), None)]
+    for method, margs, prepare in runs:
+        with pytest.raises(RuntimeError, match="stop after load_base"):
+            tr.run_train(margs, DataArguments(train_file=data), {"output_dir": str(tmp_path / method)},
+                         prepare=prepare, method=method)
+    # BitFit's default 0 is skipped where a config has no dropout setting; the user's --dropout is not
+    assert seen == [(0.0, False), (None, True), (0.1, True)]
+
+
+def test_default_dropout_is_skipped_for_a_config_without_dropout(tiny_dir, monkeypatch):
+    import bitfit.models
+    from bitfit.errors import BitFitConfigError
+    from bitfit.train import load_base, task_info, DataArguments
+
+    def no_dropout(*a, **k):
+        raise BitFitConfigError("--dropout: the config has no dropout setting")
+
+    monkeypatch.setattr(bitfit.models, "dropout_overrides", no_dropout)
+    info = task_info(DataArguments(train_file="x.csv"), (["neg", "pos"], False))
+    model, _ = load_base(ModelArguments(model=tiny_dir, dropout=0.0), info, dropout_required=False)
+    assert model.config.num_labels == 2
+    with pytest.raises(BitFitConfigError, match="no dropout setting"):
+        load_base(ModelArguments(model=tiny_dir, dropout=0.0), info)

@@ -36,8 +36,10 @@ from .io import atomic_write_json as _atomic_write_json
 # the randomly initialised head gets its own (higher) learning rate, see HEAD_LR_FACTOR.
 METHOD_LR = {"bitfit": 1e-3, "full": 2e-5, "lora": 5e-4, "rand": 1e-3, "frozen": 1e-3, "head": 1e-3}
 HEAD_LR_FACTOR = 5.0  # head lr = factor x bias lr for BitFit (not for full fine-tuning)
-TARGET_UPDATES = 3000  # auto epochs: enough epochs for about this many optimizer steps ...
-MIN_EPOCHS, MAX_EPOCHS = 3, 20  # ... within these bounds
+TARGET_UPDATES = 1500  # auto epochs: enough epochs for about this many optimizer steps ...
+MIN_EPOCHS, MAX_EPOCHS = 3, 10  # ... within these bounds (the head warm start removed the slow first epochs)
+BITFIT_METHODS = ("bitfit", "rand", "frozen", "head")  # run_train methods that train a BitFit model
+BITFIT_DROPOUT = 0.0  # default dropout of BitFit runs: bias-only training underfits, dropout only slows it
 INSTRUCT_TASKS = ("instruct", "causal-lm", "alpaca")
 
 
@@ -86,8 +88,8 @@ class ModelArguments:
     dropout: Optional[float] = field(
         default=None,
         metadata={"help": "Set every dropout probability of the model (hidden, attention, ...) to this value for "
-                  "training, e.g. 0; default: the model's own. Bias-only training fits better without dropout on "
-                  "some tasks (docs/RESULTS.md)."},
+                  "training. Default: 0 for BitFit (bias-only training underfits rather than overfits; "
+                  "docs/RESULTS.md), the model's own for full fine-tuning and LoRA in `bitfit compare`."},
     )
     warm_start_head: bool = field(
         default=True,
@@ -294,8 +296,10 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
 
 
 # ----------------------------------------------------------------------------- model
-def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
-    """(model, tokenizer) for the task: causal LM, or sequence classification with the task's labels."""
+def load_base(model_args: ModelArguments, info: Optional[TaskInfo], dropout_required: bool = True):
+    """(model, tokenizer) for the task: causal LM, or sequence classification with the task's labels.
+    ``dropout_required=False``: a ``model_args.dropout`` that the model's config has no setting for is
+    ignored (BitFit's default dropout) instead of an error (the user's ``--dropout``)."""
     from . import models
 
     name = model_args.model
@@ -310,7 +314,11 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo]):
         kwargs["gguf_file"] = gguf
     tok_kwargs = dict(kwargs)
     if model_args.dropout is not None:
-        kwargs.update(models.dropout_overrides(name, model_args.dropout, **tok_kwargs))
+        try:
+            kwargs.update(models.dropout_overrides(name, model_args.dropout, **tok_kwargs))
+        except BitFitConfigError:
+            if dropout_required:
+                raise
     if gguf:
         import transformers
 
@@ -836,7 +844,10 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         check_output_dir(training_args.output_dir, overwrite, training_args.resume_from_checkpoint)
     transformers.set_seed(training_args.seed)
 
-    model, tokenizer = load_base(model_args, info)
+    default_dropout = model_args.dropout is None and method in BITFIT_METHODS
+    if default_dropout:
+        model_args = dataclasses.replace(model_args, dropout=BITFIT_DROPOUT)
+    model, tokenizer = load_base(model_args, info, dropout_required=not default_dropout)
     dtype_choice = None
     if prepare is not None:
         model = prepare(model)
@@ -873,7 +884,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
     is_bitfit = get_state(model) is not None
-    if is_bitfit and method in ("bitfit", "rand", "frozen", "head"):
+    if is_bitfit and method in BITFIT_METHODS:
         trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
     elif model_args.head_learning_rate:
         trainer.head_learning_rate = model_args.head_learning_rate
