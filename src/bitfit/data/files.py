@@ -151,8 +151,6 @@ def check_regression_labels(values: Sequence, path: str, column: str,
 
 def infer_labels(values: Sequence, path: str, column: str):
     """(label_names, is_regression) from a training label column, by the rule above (MISSING_MARKERS)."""
-    import math
-
     import numpy as np
 
     values = list(values)
