@@ -154,7 +154,7 @@ class World:
             TOKENIZERS_PARALLELISM="false",
             TRANSFORMERS_VERBOSITY="error",
             OMP_NUM_THREADS="1",
-            PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}",
+            PATH=os.pathsep.join([str(self.bin), str(Path(sys.executable).parent), env.get("PATH", "")]),
         )
         return env
 

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,8 @@ def test_tutorial_runs(path, tmp_path, monkeypatch):
     for k, v in {"BITFIT_TUTORIAL_SMALL": "1", "BITFIT_GLUE_DIR": str(GLUE_DIR), "OMP_NUM_THREADS": "1",
                  "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(k, v)
+    # the notebooks call `bitfit` like a user in an activated environment
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     work = tmp_path / "repo" / "docs" / "tutorials"
     work.mkdir(parents=True)
     shutil.copy(path, work / path.name)
