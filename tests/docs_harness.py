@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,13 +181,22 @@ class BlockFailed(AssertionError):
     pass
 
 
-def run_bash(block: Block, world: World, timeout: float = 900) -> str:
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=world.work, env=world.env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+def run_bash(block: Block, world: World, timeout: float = 2400) -> str:
+    """Run a bash block; on failure or timeout (wall time: generous, the machine may be shared) the
+    whole process group is ended and the error shows the block and the end of its output."""
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", block.code], cwd=world.work, env=world.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise BlockFailed(f"{block.where}: bash block still running after {timeout:.0f} s\n--- block ---\n"
+                          f"{block.code}--- output (last 4000 characters) ---\n{out[-4000:]}")
     if proc.returncode != 0:
         raise BlockFailed(f"{block.where}: bash block exited {proc.returncode}\n--- block ---\n{block.code}"
-                          f"--- output (last 4000 characters) ---\n{proc.stdout[-4000:]}")
-    return proc.stdout
+                          f"--- output (last 4000 characters) ---\n{out[-4000:]}")
+    return out
 
 
 def run_python(block: Block, namespace: dict) -> None:
