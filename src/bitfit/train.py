@@ -492,6 +492,17 @@ def build_training_arguments(output_dir: str, method: str = "bitfit", task: Opti
     return TrainingArguments(**kwargs)
 
 
+def length_grouping() -> dict:
+    """The TrainingArguments setting that batches examples of similar length together (instruction tuning's
+    default: short instructions then do not pay for a long one's padding)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:  # transformers >= 5
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True} if "group_by_length" in names else {}
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
@@ -850,6 +861,8 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             over.setdefault("load_best_model_at_end", False)
         bs = over.get("per_device_train_batch_size", 32)
         defaults = training_defaults(method, info.primary, n_train, bs)
+        if info.kind == "instruct":
+            defaults.update(length_grouping())
         defaults.update(over)
         overwrite = defaults.pop("overwrite_output_dir", False) if not _has_overwrite_field() else \
             defaults.get("overwrite_output_dir", False)
@@ -1023,6 +1036,8 @@ def parse_train_args(argv: list):
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
     if data_args.is_instruct and not data_args.validation_file:
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
+    if data_args.is_instruct:
+        defaults.update(length_grouping())  # short instructions batched together: less padding
     if (_given(argv, "bf16") or _given(argv, "fp16")) and not _has_accelerator():
         defaults["use_cpu"] = True  # autocast on the CPU instead of transformers' "needs a GPU" error
     parser.set_defaults(**defaults)

@@ -1,0 +1,238 @@
+"""bitfit.lmloss: the chunked LM-head loss equals the plain (full-logits) loss and its gradients, in float32,
+bf16 and int8 frozen modes, tied and untied heads, at chunk boundaries, with ignored and absent labels; and the
+lean modes with gradient checkpointing on decoder families (LLaMA, Qwen2, Mistral, GPT-2, BLOOM, OPT)."""
+
+import pytest
+import torch
+
+import bitfit
+from bitfit import lmloss
+from bitfit.lmloss import IGNORE_INDEX, chunked_lm_loss, plain_lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tensors(seed=0, B=2, T=9, H=16, V=37, bias=False, weight_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_(weight_grad)
+    b = (torch.randn(V, generator=g) * 0.1).requires_grad_() if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[1, :2] = IGNORE_INDEX
+    labels[1, -2:] = IGNORE_INDEX  # padding
+    return hidden, weight, b, labels
+
+
+def _grads(loss, tensors):
+    tensors = [t for t in tensors if t is not None and t.requires_grad]
+    return torch.autograd.grad(loss, tensors)
+
+
+def _close(a, b, rel=1e-5):
+    scale = max(b.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= rel * scale, ((a - b).abs().max().item(), scale)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 1000])
+@pytest.mark.parametrize("bias,weight_grad", [(False, False), (True, False), (True, True)])
+def test_exact_against_plain_float32(chunk, bias, weight_grad):
+    hidden, weight, b, labels = _tensors(bias=bias, weight_grad=weight_grad)
+    ref = plain_lm_loss(hidden, weight, labels, b)
+    out = chunked_lm_loss(hidden, weight, labels, b, chunk_size=chunk)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for g_out, g_ref in zip(_grads(out, (hidden, weight, b)), _grads(ref, (hidden, weight, b))):
+        _close(g_out, g_ref)
+
+
+def test_sum_over_num_items_in_batch_and_upstream_gradient():
+    hidden, weight, b, labels = _tensors(bias=True)
+    ref = plain_lm_loss(hidden, weight, labels, b, num_items_in_batch=torch.tensor(23))
+    out = chunked_lm_loss(hidden, weight, labels, b, num_items_in_batch=torch.tensor(23), chunk_size=4)
+    assert torch.allclose(out, ref, rtol=1e-6)
+    for g_out, g_ref in zip(_grads(out * 3.5, (hidden, b)), _grads(ref * 3.5, (hidden, b))):
+        _close(g_out, g_ref)
+
+
+def test_only_labelled_positions_get_gradient():
+    hidden, weight, _, labels = _tensors()
+    out = chunked_lm_loss(hidden, weight, labels, chunk_size=2)
+    (gh,) = _grads(out, (hidden,))
+    # position t predicts label t+1: rows whose next label is ignored (and the last position) get nothing
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    assert (gh[target == IGNORE_INDEX] == 0).all()
+    assert (gh[target != IGNORE_INDEX].abs().sum(-1) > 0).all()
+
+
+def test_no_labelled_token_gives_zero_loss_and_zero_gradients():
+    hidden, weight, b, labels = _tensors(bias=True)
+    labels[:] = IGNORE_INDEX
+    out = chunked_lm_loss(hidden, weight, labels, b)
+    assert out.item() == 0.0
+    gh, gb = _grads(out, (hidden, b))
+    assert (gh == 0).all() and (gb == 0).all()
+    assert torch.isnan(plain_lm_loss(hidden, weight, labels, b))  # the plain mean: 0/0
+    # with num_items_in_batch (gradient accumulation) both give 0
+    assert plain_lm_loss(hidden, weight, labels, b, num_items_in_batch=5).item() == 0.0
+    assert chunked_lm_loss(hidden, weight, labels, b, num_items_in_batch=5).item() == 0.0
+
+
+def test_custom_ignore_index_and_no_grad():
+    hidden, weight, _, labels = _tensors()
+    labels[labels == IGNORE_INDEX] = -1
+    ref = plain_lm_loss(hidden, weight, labels, ignore_index=-1)
+    with torch.no_grad():
+        out = chunked_lm_loss(hidden, weight, labels, ignore_index=-1, chunk_size=3)
+    assert not out.requires_grad and torch.allclose(out, ref, rtol=1e-6)
+
+
+def test_bf16_autocast_matches_plain():
+    hidden, weight, b, labels = _tensors(H=64, V=301, T=17, bias=True)
+    w16 = weight.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, w16, b)  # what a bf16-frozen head computes
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    ref = ForCausalLMLoss(logits.float(), labels, 301)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_lm_loss(hidden, w16, labels, b, chunk_size=4)
+    assert torch.allclose(out, ref, rtol=1e-5)
+    for g_out, g_ref in zip(_grads(out, (hidden, b)), _grads(ref, (hidden, b))):
+        _close(g_out, g_ref, rel=2e-2)  # bf16 rounding of the logit gradient; the same ops
+
+
+def test_default_chunk_size():
+    assert lmloss.default_chunk_size(151936) == 110
+    assert lmloss.default_chunk_size(50) == lmloss.MAX_CHUNK
+
+
+# ------------------------------------------------------------------ on models
+
+
+def tiny_causal(family="llama", tied=True, seed=0, vocab=97, **over):
+    import transformers as T
+
+    common = dict(vocab_size=vocab, tie_word_embeddings=tied)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[family]
+        cfg = cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **common)  # grouped-query attention
+    elif family == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+    elif family == "bloom":
+        cfg = T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+    elif family == "opt":
+        cfg = T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=64, word_embed_proj_dim=32, **common)
+    else:
+        raise ValueError(family)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def batch(vocab=97, B=3, T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    mask[-1, -5:] = 0
+    labels = ids.clone()
+    labels[:, :5] = IGNORE_INDEX  # the prompt
+    labels[mask == 0] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _trained_grads(model, loss):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names], allow_unused=True)
+    return {n: (torch.zeros_like(dict(model.named_parameters())[n]) if g is None else g) for n, g in zip(names, grads)}
+
+
+def _compare(model, b, rel, chunk=5):
+    model.train()
+    torch.manual_seed(0)
+    ref = model(**b).loss
+    g_ref = _trained_grads(model, ref)
+    torch.manual_seed(0)
+    out, _ = lmloss.model_loss(model, b, chunk_size=chunk)
+    g_out = _trained_grads(model, out)
+    assert torch.isfinite(out)
+    assert abs(out.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item())) * (100 if rel > 1e-3 else 1)
+    top = max(g.abs().max().item() for g in g_ref.values())
+    for n in g_ref:
+        diff = (g_out[n] - g_ref[n]).abs().max().item()
+        assert diff <= rel * top, (n, diff, top)
+    return out, g_out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("frozen_dtype,rel", [(None, 1e-5), ("bfloat16", 2e-2), ("int8", 2e-2)])
+def test_model_loss_equals_model_loss_plain(tied, frozen_dtype, rel):
+    model = tiny_causal("llama", tied=tied)
+    bitfit.apply(model, add_missing=True, frozen_dtype=frozen_dtype)
+    assert lmloss.applies(model)
+    head = model.get_output_embeddings().weight
+    assert not head.requires_grad  # a tied or untied lm_head is frozen under BitFit
+    _compare(model, batch(), rel)
+
+
+def test_trained_untied_head_gets_its_weight_gradient():
+    model = tiny_causal("qwen2", tied=False)
+    bitfit.apply(model, add_missing=True)
+    model.lm_head.weight.requires_grad_(True)  # e.g. a user training the head too
+    _, g = _compare(model, batch(), 1e-5)
+    assert g["lm_head.weight"].abs().sum() > 0
+
+
+def test_applies_only_to_plain_causal_heads(tiny_bert):
+    assert not lmloss.applies(tiny_bert)
+    assert lmloss.applies(tiny_causal("gpt2"))
+    m = tiny_causal("llama")
+    m.config.final_logit_softcapping = 30.0
+    assert not lmloss.applies(m)
+
+
+def test_bf16_step_keeps_no_logits():
+    from bitfit.lean import saved_activation_bytes
+
+    model = tiny_causal("llama", vocab=4000)
+    bitfit.apply(model, add_missing=True, frozen_dtype="bfloat16")
+    model.train()
+    b = batch(vocab=4000, B=2, T=32)
+    params = [*model.parameters(), *model.buffers()]
+    plain, _ = saved_activation_bytes(lambda: model(**b).loss, params)
+    ours, _ = saved_activation_bytes(lambda: lmloss.model_loss(model, b)[0], params)
+    logits = 2 * 32 * 4000 * 4
+    assert plain > logits and ours < plain - logits  # the plain path keeps at least one float32 logits tensor
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bloom", "opt"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lean_auto_and_gradient_checkpointing(family, monkeypatch):
+    """frozen_dtype=auto (bf16 here via the override) + lean + gradient checkpointing + the chunked loss: one
+    AdamW step, finite loss, trained tensors move; checkpointing on/off give the same gradients."""
+    monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "bfloat16")
+    grads = {}
+    for gc in (False, True):
+        model = tiny_causal(family)
+        bitfit.apply(model, add_missing=True, frozen_dtype="auto")
+        if gc:
+            model.gradient_checkpointing_enable()
+        model.train()
+        b = batch()
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        loss, _ = lmloss.model_loss(model, b)
+        assert torch.isfinite(loss)
+        loss.backward()
+        grads[gc] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        opt.step()
+        moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+        assert len(moved) >= 0.9 * len(before), (family, gc, len(moved), len(before))
+    top = max(g.abs().max().item() for g in grads[False].values())
+    for n, g in grads[False].items():
+        assert (grads[True][n] - g).abs().max().item() <= 1e-6 * top + 1e-12, n
