@@ -41,6 +41,6 @@ def test_tutorial_runs(path, tmp_path, monkeypatch):
     work.mkdir(parents=True)
     shutil.copy(path, work / path.name)
     nb = nbformat.read(work / path.name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=2400, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=2400, startup_timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(work)}})
     client.execute()
