@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ["full", "naive", "lora", "bitfit-plain-loss", "bitfit-no-gc", "bitfit"]
-SHAPES = ["smollm2-135m", "qwen2.5-0.5b"]
+METHODS = ["bitfit", "bitfit-no-gc", "bitfit-plain-loss", "lora", "naive", "full"]  # cheapest first
+SHAPES = ["qwen2.5-0.5b", "smollm2-135m"]
 IGNORE = -100
 
 
@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="steps per method (the first is the warm-up)")
     ap.add_argument("--markdown", help="also write the tables to this file")
+    ap.add_argument("--json", help="append each method's raw result to this JSONL file as it finishes")
     ap.add_argument("--loss-curve", action="store_true", help="the chunked vs plain loss curve on instruction data")
     ap.add_argument("--steps-curve", type=int, default=8)
     ap.add_argument("--_child", dest="child", help=argparse.SUPPRESS)
@@ -369,6 +370,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             r = run_child(shape, m, args)
             results[m] = r
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"shape": shape, "method": m, "result": r, "head": head}) + "\n")
             if r is not None:
                 print(f"  {shape} {m}: cpu/step {[round(x, 2) for x in r['cpu']]}, peak {r['peak'] / 2**20:,.0f} MiB, "
                       f"loss {r['losses'][0]:.4f}, {r['trainable']:,} trainable ({time.perf_counter() - t0:.0f} s wall)",

@@ -40,7 +40,7 @@ from torch import nn
 from .errors import BitFitError
 
 IGNORE_INDEX = -100
-LOGITS_BUDGET = 64 * 2**20  # bytes of float32 logits per chunk (chunk_size default)
+LOGITS_BUDGET = 32 * 2**20  # bytes of float32 logits per chunk (chunk_size default)
 MAX_CHUNK = 4096
 
 # causal-LM families whose head is a plain projection of the final hidden states (no logit soft-capping
@@ -57,8 +57,10 @@ def enabled() -> bool:
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk: about ``LOGITS_BUDGET`` bytes of float32 logits (110 at a 151,936-token vocab)."""
-    return int(max(16, min(MAX_CHUNK, LOGITS_BUDGET // (4 * max(1, vocab_size)))))
+    """Tokens per chunk: at most ``LOGITS_BUDGET`` bytes of float32 logits, a multiple of 16 rows (48 at a
+    151,936-token vocab, 160 at 49,152)."""
+    n = LOGITS_BUDGET // (4 * max(1, vocab_size))
+    return int(max(16, min(MAX_CHUNK, n // 16 * 16)))
 
 
 class _Int8Head:
@@ -104,11 +106,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 hc_c = hc if hc.dtype == cdtype else hc.to(cdtype)
                 logits = nn.functional.linear(hc_c, w_c, b_c).float()  # the plain path's logits.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            # log-sum-exp and softmax in place: one [chunk, vocab] float32 buffer
+            picked = logits.gather(1, tc[:, None]).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            g = logits.sub_(top).exp_()
+            denom_c = g.sum(dim=1, keepdim=True)
+            total += (top.squeeze(1) + denom_c.log().squeeze(1) - picked).sum()
+            del logits
             if not any_grad:
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g.div_(denom_c)  # softmax
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
             g.mul_(scale)
             if gb is not None:
