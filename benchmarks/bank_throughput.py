@@ -1,26 +1,28 @@
-"""Bias bank throughput: task mixes K = 1, 2, 8, 32 over one frozen base.
+"""Bias bank throughput: mixed-task batches against the plain base, and mixed-task generation.
 
-For each mix of K tasks in a batch of R rows (row i uses task i % K) it measures rows/s of
+Classification (BERT shapes, random weights): for K = 1, 2, 8, 32 tasks and batches of R rows
+(row i uses task i % K), the bank's call (``auto``: one pass with per-row biases whenever the
+batch mixes tasks) against the plain base model on the same batch (no bank: the one-task
+ceiling). Generation (causal LMs, random weights: a LLaMA-style model whose tasks add the
+missing biases, norms included, and GPT-2): greedy decoding of R prompts, K tasks mixed in one
+``bank.generate`` call against one task's own BitFit model on the same batch.
 
-* ``plain``    the base model alone on the whole batch (one task, no bank): the ceiling;
-* ``group``    the bank, rows grouped by task, biases swapped per group;
-* ``gather``   the bank, one pass with per-row gathered biases;
-* ``auto``     the bank's automatic choice (bitfit.bank.choose_strategy);
-* ``separate`` K separate task models, each running its own rows (timed with one loaded
-  model per group; its memory is K full models, computed, not allocated);
+Times are **process CPU time** (``time.process_time``: what this process computed, not the
+time it waited for a shared CPU), with one torch thread, the median of ``--repeats`` runs,
+contenders interleaved so that load from other processes hits every one alike.
 
-and prints ratios side by side, plus the memory of the bank vs K separate models.
-A second table sweeps rows per task at a fixed batch to locate the group/gather crossover.
-
-    python benchmarks/bank_throughput.py                  # small BERT shape, 1 thread, ~1 min
-    python benchmarks/bank_throughput.py --shape base     # BERT-base shape (random weights)
+    python benchmarks/bank_throughput.py                          # small shape + LLaMA-style generation
+    python benchmarks/bank_throughput.py --shape base --skip-generate
+    python benchmarks/bank_throughput.py --skip-classify --lm gpt2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -34,16 +36,31 @@ import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
 import bitfit  # noqa: E402
-from bitfit.bank import BiasBank, choose_strategy  # noqa: E402
+from bitfit.bank import BiasBank  # noqa: E402
+from bitfit.hardware import cpu_flags, cpu_model  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
+BERT_BASE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "bert-base-uncased-noweights"
 
 
-def build(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
-    cfg = T.BertConfig(vocab_size=30522, max_position_embeddings=512, **SHAPES[shape])
+def bert_config(shape: str):
+    if shape == "base" and (BERT_BASE_DIR / "config.json").exists():
+        return T.BertConfig.from_pretrained(str(BERT_BASE_DIR))
+    return T.BertConfig(vocab_size=30522, max_position_embeddings=512, **SHAPES[shape])
+
+
+def perturb(model, gen, scale=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def build_classify(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
+    cfg = bert_config(shape)
     torch.manual_seed(0)
     base = T.BertForSequenceClassification(cfg).eval()
     g = torch.Generator().manual_seed(1)
@@ -57,119 +74,154 @@ def build(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
     paths = {}
     for k in range(n_tasks):
         m = work[labels[k % len(labels)]]
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        perturb(m, g)
         paths[f"t{k}"] = bitfit.save(m, tmp / f"t{k}")
     return base, paths
 
 
-def timeit(fns: dict, repeats: int) -> dict:
-    """Best-of-``repeats`` seconds per function, interleaved so that load from other processes
-    hits every contender alike."""
-    for fn in fns.values():  # warm-up
+def cpu_times(fns: dict, repeats: int) -> dict:
+    """Median process CPU seconds per function over ``repeats`` interleaved runs (after one warm-up)."""
+    for fn in fns.values():
         fn()
-    best = {k: float("inf") for k in fns}
+    runs = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            runs[k].append(time.process_time() - t0)
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def fmt_mb(b: float) -> str:
     return f"{b / 2**20:,.1f} MB"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    p.add_argument("--rows", type=int, default=32, help="rows per batch (default 32)")
-    p.add_argument("--seq", type=int, default=32, help="tokens per row (default 32)")
-    p.add_argument("--mixes", default="1,2,8,32", help="task counts K to measure (default 1,2,8,32)")
-    p.add_argument("--sweep-rows", default="8,32", help="batch sizes for the crossover sweep ('' to skip)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per contender; the best is kept")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steadier timings on a shared machine; 0 = torch's choice)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    mixes = [int(x) for x in args.mixes.split(",") if x]
-    sweep = [int(x) for x in args.sweep_rows.split(",") if x]
-    n_tasks = max(mixes + [args.rows])
+def header(args) -> None:
+    try:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        load = "n/a"
+    print(f"# bank throughput, {datetime.date.today().isoformat()}: CPU {cpu_model()} "
+          f"(flags: {', '.join(cpu_flags()) or 'none'}), {os.cpu_count()} logical CPUs, load average {load}")
+    print(f"# torch {torch.__version__}, transformers {T.__version__}, Python {platform.python_version()}; "
+          f"torch threads {torch.get_num_threads()}; process CPU time, median of {args.repeats} interleaved runs\n")
 
+
+def classify(args) -> None:
+    mixes = [int(x) for x in args.mixes.split(",") if x]
+    rows_list = [int(x) for x in args.rows.split(",") if x]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
-        base, paths = build(args.shape, n_tasks, Path(d))
+        base, paths = build_classify(args.shape, max(mixes), Path(d))
         art_bytes = sum(f.stat().st_size for f in Path(paths["t0"]).iterdir())
-        print(f"# bank throughput: BERT {args.shape} shape {SHAPES[args.shape]}, {args.rows} rows x {args.seq} "
-              f"tokens, torch threads {torch.get_num_threads()}, best of {args.repeats}, interleaved")
-        print(f"# {n_tasks} task artifacts built in {time.time() - t0:.0f} s; "
-              f"one artifact = {art_bytes / 1024:.1f} KiB on disk\n")
-        bank = BiasBank(base, {})
-        for name in list(paths)[: max(mixes)]:
-            bank.add_task(name, paths[name])
-        g = torch.Generator().manual_seed(2)
-        ids = torch.randint(1000, 30000, (args.rows, args.seq), generator=g)
-        mask = torch.ones_like(ids)
-        single = bitfit.load(copy.deepcopy(base), paths["t0"]).eval()  # one task model, for plain/separate
-
-        def run_separate(tasks):
-            for t in dict.fromkeys(tasks):
-                idx = torch.tensor([i for i, x in enumerate(tasks) if x == t])
-                single(input_ids=ids[idx], attention_mask=mask[idx])
-
+        cfg = base.config
+        print(f"## Classification: BERT {args.shape} shape (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+              f"FFN {cfg.intermediate_size}), {args.seq} tokens per row; {max(mixes)} task artifacts of "
+              f"{art_bytes / 1024:.0f} KiB built in {time.time() - t0:.0f} s\n")
+        bank = BiasBank(base, paths)
         mem = bank.memory()
+        g = torch.Generator().manual_seed(2)
+        print("| rows | plain rows/s | " + " | ".join(f"K={k} rows/s" for k in mixes) + " | "
+              + " | ".join(f"K={k} / plain" for k in mixes) + " |")
+        print("|---:|---:|" + "---:|" * (2 * len(mixes)))
+        worst = float("inf")
+        for R in rows_list:
+            ids = torch.randint(1000, 30000, (R, args.seq), generator=g)
+            mask = torch.ones_like(ids)
+            fns = {"plain": lambda: base(input_ids=ids, attention_mask=mask)}
+            for K in mixes:
+                tasks = [f"t{i % K}" for i in range(R)]
+                fns[K] = lambda tasks=tasks: bank(tasks=tasks, input_ids=ids, attention_mask=mask)
+            t = cpu_times(fns, args.repeats)
+            ratios = [t["plain"] / t[K] for K in mixes]
+            worst = min(worst, *ratios)
+            print(f"| {R} | {R / t['plain']:,.1f} | " + " | ".join(f"{R / t[K]:,.1f}" for K in mixes) + " | "
+                  + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
         per_task = statistics.mean(mem["tasks"].values())
-        full_model = mem["base"] + per_task
-        rows = []
-        print("| K tasks | rows/task | plain rows/s | group rows/s | gather rows/s | gather/group | auto picks "
-              "| auto / plain | separate models rows/s | bank memory | K models memory |")
-        print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-        for K in mixes:
-            tasks = [f"t{i % K}" for i in range(args.rows)]
-            t = timeit({
-                "plain": lambda: single(input_ids=ids, attention_mask=mask),
-                "group": lambda: bank(tasks=tasks, strategy="group", input_ids=ids, attention_mask=mask),
-                "gather": lambda: bank(tasks=tasks, strategy="gather", input_ids=ids, attention_mask=mask),
-                "separate": lambda: run_separate(tasks),
-            }, args.repeats)
-            t_plain, tg, th, ts = t["plain"], t["group"], t["gather"], t["separate"]
-            pick = choose_strategy(args.rows, K)
-            ta = tg if pick == "group" else th  # auto = the strategy it picks
-            bank_mem = mem["base"] + per_task * K
-            r = args.rows
-            rows.append((K, tg, th))
-            print(f"| {K} | {r / K:g} | {r / t_plain:,.0f} | {r / tg:,.0f} | {r / th:,.0f} | {tg / th:.2f}x | {pick} "
-                  f"| {t_plain / ta:.2f}x | {r / ts:,.0f} | {fmt_mb(bank_mem)} | {fmt_mb(full_model * K)} "
-                  f"({full_model * K / bank_mem:.1f}x) |", flush=True)
+        print(f"\nworst mixed / plain: {worst:.2f}x. Memory: base {fmt_mb(mem['base'])}, one task "
+              f"{per_task / 1024:,.0f} KiB; {max(mixes)} tasks: bank {fmt_mb(mem['total'])} against "
+              f"{fmt_mb((mem['base'] + per_task) * max(mixes))} for {max(mixes)} separate models "
+              f"({time.time() - t0:.0f} s)\n", flush=True)
 
-        if sweep:
-            print("\n# crossover sweep: gather/group throughput ratio (>1: per-row gathering is faster)\n")
-            ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n_tasks]
-            print("| rows \\ rows per task | " + " | ".join(f"K={k}" for k in ks) + " |")
-            print("|---|" + "---:|" * len(ks))
-            for R in sweep:
-                ids_r = ids[:R] if R <= args.rows else ids.repeat(R // args.rows + 1, 1)[:R]
-                mask_r = torch.ones_like(ids_r)
-                cells = []
-                for K in ks:
-                    if K > R:
-                        cells.append("")
-                        continue
-                    tasks = [f"t{i % K}" for i in range(R)]
-                    for name in {t for t in tasks} - set(bank.tasks):
-                        bank.add_task(name, paths[name])
-                    t = timeit({
-                        "group": lambda: bank(tasks=tasks, strategy="group", input_ids=ids_r, attention_mask=mask_r),
-                        "gather": lambda: bank(tasks=tasks, strategy="gather", input_ids=ids_r, attention_mask=mask_r),
-                    }, args.repeats)
-                    tg, th = t["group"], t["gather"]
-                    cells.append(f"{tg / th:.2f}x ({R / K:g})")
-                print(f"| {R} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n# total {time.time() - t0:.0f} s")
+
+# ------------------------------------------------------------------------------ generation
+def build_lm(kind: str, n_tasks: int):
+    """A random causal LM and ``n_tasks`` 'trained' BitFit tasks of it (in memory)."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = T.GPT2Config(pad_token_id=0)  # GPT-2 small: 12 x 768, vocab 50257
+        base = T.GPT2LMHeadModel(cfg).eval()
+        apply_kw = {}
+    else:  # LLaMA-style, bias-free: tasks add the missing biases (attention, MLP, RMSNorm)
+        cfg = T.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            pad_token_id=0, tie_word_embeddings=True)
+        base = T.LlamaForCausalLM(cfg).eval()
+        apply_kw = {"add_missing": True}
+    g = torch.Generator().manual_seed(1)
+    tasks = {}
+    for k in range(n_tasks):
+        m = bitfit.apply(copy.deepcopy(base), **apply_kw)
+        perturb(m, g, 0.2)
+        tasks[f"t{k}"] = m.eval()
+    return base, tasks
+
+
+def generate(args) -> None:
+    mixes = [int(x) for x in args.gen_mixes.split(",") if x]
+    R, P, N = args.gen_rows, args.gen_prompt, args.gen_new
+    for kind in [x for x in args.lm.split(",") if x]:
+        t0 = time.time()
+        base, tasks = build_lm(kind, max(mixes))
+        own = tasks["t0"]
+        bank = BiasBank(base, tasks)
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(3, base.config.vocab_size, (R, P), generator=g)
+        mask = torch.ones_like(ids)
+        kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+        cfg = base.config
+        print(f"## Generation: {kind} ({cfg.num_hidden_layers} layers x {cfg.hidden_size}, vocab {cfg.vocab_size}"
+              f"{', tasks add the missing biases' if kind != 'gpt2' else ''}), {R} prompts x {P} tokens, "
+              f"{N} new tokens each, greedy, KV cache\n")
+        with torch.no_grad():
+            fns = {"plain base": lambda: base.generate(input_ids=ids, attention_mask=mask, **kw),
+                   "one task's own model": lambda: own.generate(input_ids=ids, attention_mask=mask, **kw)}
+            for K in mixes:
+                names = [f"t{i % K}" for i in range(R)]
+                fns[f"bank, K={K}"] = lambda names=names: bank.generate(names, input_ids=ids, attention_mask=mask,
+                                                                          **kw)
+            t = cpu_times(fns, args.repeats)
+        ref = t["one task's own model"]
+        print("| contender | new tokens/s | vs one task's own model |")
+        print("|---|---:|---:|")
+        for k, v in t.items():
+            print(f"| {k} | {R * N / v:,.1f} | {ref / v:.2f}x |")
+        print(f"\n({time.time() - t0:.0f} s)\n", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                   help="BERT shape: small (4 x 256) or base (12 x 768; the bert-base-uncased config)")
+    p.add_argument("--rows", default="8,16,32,64", help="rows per batch (default 8,16,32,64)")
+    p.add_argument("--seq", type=int, default=32, help="tokens per row (default 32)")
+    p.add_argument("--mixes", default="1,2,8,32", help="task counts K (default 1,2,8,32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per contender; the median is kept")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--lm", default="llama", help="causal LMs for the generation table: llama, gpt2 (comma list)")
+    p.add_argument("--gen-rows", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--gen-prompt", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--gen-new", type=int, default=32, help="new tokens per prompt (default 32)")
+    p.add_argument("--gen-mixes", default="1,2,8", help="task counts K in a generate call (default 1,2,8)")
+    p.add_argument("--skip-classify", action="store_true")
+    p.add_argument("--skip-generate", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    header(args)
+    if not args.skip_classify:
+        classify(args)
+    if not args.skip_generate:
+        generate(args)
     return 0
 
 

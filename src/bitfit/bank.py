@@ -291,14 +291,14 @@ class _SlotTable:
         ref = self.values[0]
         return torch.zeros_like(ref) if self.added else self.module.bias.detach().to(ref.dtype)
 
-    def rows(self, picks: list, row_task: Optional[torch.Tensor]) -> torch.Tensor:
+    def rows(self, picks: list, row_task: Optional[torch.Tensor], idx: Optional[torch.Tensor]) -> torch.Tensor:
         """Bias rows for a batch: ``picks`` = table row (or -1) per distinct task of the batch,
-        ``row_task`` = the distinct-task index of every batch row (None: one task, a ``[size]`` vector)."""
-        if all(p >= 0 for p in picks):
+        ``row_task`` = the distinct-task index of every batch row (None: one task, a ``[size]`` vector),
+        ``idx`` = the table row of every batch row (when every pick is a row)."""
+        if idx is not None or all(p >= 0 for p in picks):
             if row_task is None:
                 out = self.values[picks[0]]
             else:
-                idx = torch.tensor(picks, dtype=torch.long, device=self.values.device)[row_task]
                 out = self.values.index_select(0, idx)
         else:
             fill = self.fill()
@@ -463,11 +463,15 @@ class BiasBank:
         self._refresh(touched)
 
     def _refresh(self, tables) -> None:
-        """Point every owner's bias views at the (re-allocated) tables."""
+        """Point every owner's bias views at the (re-allocated) tables; tables with the same owners
+        share one ``row_of`` dict, so a call looks each batch's rows up once per distinct owner list."""
         for table in tables:
             for owner in table.owners:
                 t = self._tasks[owner]
                 (t.hooked if table.added else t.swap)[table.slot] = table.value(owner)
+        shared: dict = {}
+        for table in self._tables.values():
+            table.row_of = shared.setdefault(tuple(table.owners), table.row_of)
 
     def _build_task(self, name: str, tt) -> _Task:
         meta = dict(getattr(tt, "meta", {}) or {})
@@ -656,13 +660,18 @@ class BiasBank:
         picks_cache: dict = {}
         try:
             for table in self._tables.values():
-                key = id(table.row_of)
-                picks = picks_cache.get(key)
-                if picks is None:
-                    picks = picks_cache[key] = [table.row_of.get(nm, -1) for nm in names]
-                if all(p < 0 for p in picks):
+                key = id(table.row_of)  # tables with the same owners share one row_of (see _refresh)
+                hit = picks_cache.get(key)
+                if hit is None:
+                    picks = [table.row_of.get(nm, -1) for nm in names]
+                    idx = None
+                    if row_task is not None and all(p >= 0 for p in picks):
+                        idx = torch.tensor(picks, dtype=torch.long, device=row_task.device)[row_task]
+                    hit = picks_cache[key] = (picks, idx, all(p < 0 for p in picks))
+                picks, idx, none = hit
+                if none:
                     continue  # no task of this batch trains the slot: the base's own bias
-                rows = table.rows(picks, row_task)
+                rows = table.rows(picks, row_task, idx)
                 module = table.module
                 d = module.__dict__
                 d[_ROWS] = rows
