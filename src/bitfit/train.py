@@ -945,7 +945,6 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         metrics.update(best if best is not None else trainer.evaluate())
         if info.kind == "instruct" and "eval_loss" in metrics:
             metrics["eval_perplexity"] = float(math.exp(min(50.0, metrics["eval_loss"])))
-    steps = max(1, trainer.state.global_step)
     metrics.update(clock.figures())  # step_time_s, step_cpu_s, train/total wall and CPU time: bitfit.timing
     metrics.update(
         trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(1, total),
