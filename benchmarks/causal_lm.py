@@ -10,9 +10,9 @@ method on randomly initialised models of real shapes, side by side in one run:
 - ``lora``: peft LoRA r=8, alpha 16 (peft's default targets: q_proj, v_proj), float32, the model's loss;
 - ``bitfit-plain-loss``: ``bitfit train --task instruct`` before the chunked loss: ``frozen_dtype="auto"``
   and the lean modes, the model's own loss;
-- ``bitfit``: ``bitfit train --task instruct`` now: ``frozen_dtype="auto"``, lean modes, the chunked
-  LM-head loss of :mod:`bitfit.lmloss` (no logits) and gradient checkpointing;
-- ``bitfit-no-gc``: the same without gradient checkpointing.
+- ``bitfit-no-gc``: ``bitfit train --task instruct`` now (its defaults): ``frozen_dtype="auto"``, lean
+  modes and the chunked LM-head loss of :mod:`bitfit.lmloss` (no logits);
+- ``bitfit``: the same with gradient checkpointing (``bitfit train ... --gradient_checkpointing true``).
 
 Shapes (random weights from configs written here): SmolLM2-135M (LLaMA: hidden 576, 30 layers, 9 heads,
 3 kv heads, intermediate 1536, vocab 49,152, tied) and Qwen2.5-0.5B (Qwen2: hidden 896, 24 layers, 14

@@ -279,6 +279,7 @@ def model_loss(model: nn.Module, inputs: dict, num_items_in_batch=None, chunk_si
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     inputs.pop("num_items_in_batch", None)
+    inputs.setdefault("use_cache", False)  # a training or eval-loss forward needs no key/value cache
     hook = _HeadInput()
     handle = head.register_forward_pre_hook(hook)
     try:
