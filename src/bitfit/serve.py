@@ -4,6 +4,9 @@
 
 Endpoints
     ``POST /v1/predict``  ``{"task": "sst2", "inputs": ["text", ["text a", "text b"], ...]}``
+    ``POST /v1/generate`` ``{"task": "chat", "inputs": ["instruction", ["instruction", "input"]],
+                          "max_new_tokens": 64}`` (a bank over a causal LM: greedy decoding,
+                          rows of different tasks in one ``generate`` call)
     ``GET /v1/tasks``     names, labels and problem type of every task
     ``GET /health``       liveness plus batching counters
 
@@ -168,6 +171,7 @@ class _Item:
     n: int = field(init=False)
     queued: bool = True  # counted in Batcher.waiting
     started: bool = False  # taken into a bank call
+    options: dict = field(default_factory=dict)  # per-request options (generation: max_new_tokens)
 
     def __post_init__(self):
         self.n = len(self.features)
@@ -224,7 +228,7 @@ class Batcher:
             item.queued = False
             self.waiting -= 1
 
-    async def submit(self, task: str, features: list, wait_disconnect=None) -> list:
+    async def submit(self, task: str, features: list, wait_disconnect=None, options: Optional[dict] = None) -> list:
         """Queue one request and wait for its rows of logits.
 
         Raises a 503 :class:`ApiError` when ``max_queue`` requests already wait. With
@@ -235,7 +239,7 @@ class Batcher:
         if self.full():
             raise self.busy_error()
         loop = asyncio.get_running_loop()
-        item = _Item(task, features, loop.create_future())
+        item = _Item(task, features, loop.create_future(), options=dict(options or {}))
         self.waiting += 1
         item.future.add_done_callback(lambda _f, it=item: self._unqueue(it))
         self.queue.put_nowait(item)
@@ -337,6 +341,87 @@ class Batcher:
         return results
 
 
+class GenerateBatcher(Batcher):
+    """Collects generation requests (any tasks) into one :meth:`BiasBank.generate` call: prompts
+    padded on the left, greedy decoding up to the largest ``max_new_tokens`` of the batch, each
+    row cut at its own limit and at the end-of-sequence token."""
+
+    def __init__(self, bank, tokenizer, **kwargs):
+        super().__init__(bank, tokenizer, **kwargs)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise BitFitError("the tokenizer has neither a pad nor an end-of-sequence token; generation needs one")
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.stats["tokens"] = 0
+
+    def _run(self, items: list) -> list:
+        results: list = [None] * len(items)
+        live = []
+        for k, it in enumerate(items):
+            if it.task in self.bank:
+                live.append(k)
+            else:
+                results[k] = ApiError(404, "unknown_task", f"task {it.task!r} was removed")
+        if not live:
+            return results
+        features = [f for k in live for f in items[k].features]
+        tasks = [items[k].task for k in live for _ in items[k].features]
+        limits = [items[k].options.get("max_new_tokens", 64) for k in live for _ in items[k].features]
+        batch = _pad_left(self.tokenizer, features, self.pad_id)
+        prompt_len = batch["input_ids"].shape[1]
+        out = self.bank.generate(tasks, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max(limits), do_sample=False, num_beams=1,
+                                 pad_token_id=self.pad_id)
+        rows = []
+        n_tokens = 0
+        for i, limit in enumerate(limits):
+            new = out[i, prompt_len: prompt_len + limit].tolist()
+            finish = "length"
+            for j, tok in enumerate(new):
+                if tok in self.eos_ids:
+                    new, finish = new[:j], "stop"
+                    break
+            n_tokens += len(new)
+            rows.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new),
+                         "finish_reason": finish})
+        with self._stats_lock:
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(tasks)
+            self.stats["requests"] += len(live)
+            self.stats["tokens"] += n_tokens
+            distinct = len(set(tasks))
+            self.stats["mixed_batches"] += distinct > 1
+            self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
+        pos = 0
+        for k in live:
+            n = items[k].n
+            results[k] = rows[pos: pos + n]
+            pos += n
+        return results
+
+
+def _pad_left(tokenizer, features: list, pad_id: int) -> dict:
+    """input_ids / attention_mask ``[rows, longest]`` with the prompts right-aligned (decoder-only models)."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, width - n:] = torch.tensor(f["input_ids"], dtype=torch.long)
+        mask[i, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def is_generative(bank) -> bool:
+    """Whether the bank's base is a causal LM (served with /v1/generate)."""
+    can = getattr(bank.base, "can_generate", None)
+    try:
+        return bool(callable(can) and can()) and not getattr(bank, "_head_names", None)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def postprocess(logits: torch.Tensor, info: dict) -> dict:
     """One prediction from one row of logits, by the task's problem type."""
     labels = info["labels"]
@@ -370,6 +455,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_queue: int = DEFAULT_MAX_QUEUE,
     api_key: Optional[str] = None,
+    max_new_tokens: int = 256,
 ):
     """A FastAPI app serving ``bank`` (a :class:`bitfit.BiasBank`) with ``tokenizer``.
 
@@ -377,18 +463,20 @@ def create_app(
     ``max_queue``: most requests waiting for the worker (503 with Retry-After beyond).
     ``api_key``: when set, every endpoint except ``/health`` needs ``Authorization: Bearer KEY``
     or ``X-API-Key: KEY`` (401 otherwise).
+    ``max_new_tokens``: the most tokens a ``/v1/generate`` request may ask for (a bank over a
+    causal LM serves ``/v1/generate``; one over a classifier, ``/v1/predict``).
     """
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
-        from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+        from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
         from starlette.concurrency import run_in_threadpool
         from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError as exc:  # pragma: no cover
         raise BitFitError(f"the HTTP service needs fastapi and uvicorn: pip install 'bitfit[serve]' ({exc})") from None
 
     for name, v in (("max_batch", max_batch), ("max_inputs", max_inputs), ("max_length", max_length),
-                    ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
+                    ("max_queue", max_queue), ("max_body_bytes", max_body_bytes), ("max_new_tokens", max_new_tokens)):
         if not isinstance(v, int) or v < 1:
             raise BitFitError(f"{name} must be a positive integer, got {v!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
@@ -403,7 +491,16 @@ def create_app(
         task: StrictStr
         inputs: Annotated[list[Union[StrictStr, Pair]], Field(min_length=1)]
 
-    batcher = Batcher(bank, tokenizer, max_batch=max_batch, window_s=batch_window_ms / 1000.0, max_queue=max_queue)
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        task: StrictStr
+        inputs: Annotated[list[Union[StrictStr, Pair]], Field(min_length=1)]
+        max_new_tokens: Annotated[StrictInt, Field(ge=1, le=max_new_tokens)] = min(64, max_new_tokens)
+        raw: StrictBool = False
+
+    generative = is_generative(bank)
+    kind = GenerateBatcher if generative else Batcher
+    batcher = kind(bank, tokenizer, max_batch=max_batch, window_s=batch_window_ms / 1000.0, max_queue=max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -418,7 +515,9 @@ def create_app(
     app.state.bank = bank
     app.state.limits = {"max_batch": max_batch, "batch_window_ms": batch_window_ms, "max_inputs": max_inputs,
                         "max_length": max_length, "max_body_bytes": max_body_bytes, "max_queue": max_queue,
-                        "api_key_required": api_key is not None}
+                        "api_key_required": api_key is not None,
+                        **({"max_new_tokens": max_new_tokens} if generative else {})}
+    app.state.generative = generative
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key)
 
     def error(status: int, type_: str, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
@@ -466,9 +565,80 @@ def create_app(
             if message["type"] == "http.disconnect":
                 return
 
+    def wrong_endpoint(path: str) -> ApiError:
+        if generative:
+            return ApiError(400, "wrong_endpoint", f"this server serves causal-LM (generation) tasks: POST "
+                            f"/v1/generate, not {path}")
+        return ApiError(400, "wrong_endpoint", f"this server serves classification/regression tasks: POST "
+                        f"/v1/predict, not {path}")
+
+    def validation_error(exc, expected: str) -> JSONResponse:
+        details = [
+            {"loc": [str(p) for p in e["loc"]], "msg": e["msg"]}
+            for e in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        msg = "; ".join(f"{'.'.join(d['loc']) or 'body'}: {d['msg']}" for d in details[:5])
+        return error(422, "validation_error", f"{msg}. Expected {expected}", details=details)
+
+    def tokenize_prompts(inputs: list, raw: bool) -> list:
+        from .data.instruct import format_prompt
+
+        char_limit = max_length * CHARS_PER_TOKEN_LIMIT
+        features = []
+        for i, x in enumerate(inputs):
+            if sum(len(t) for t in (x if isinstance(x, list) else [x])) > char_limit:
+                raise ApiError(413, "input_too_long", f"inputs[{i}] is longer than this server accepts "
+                               f"({char_limit} characters); shorten it")
+            if raw:
+                text = " ".join(x) if isinstance(x, list) else x
+            else:
+                text = format_prompt(x[0], x[1]) if isinstance(x, list) else format_prompt(x)
+            enc = tokenizer(text, truncation=False)
+            n = len(enc["input_ids"])
+            if n > max_length:
+                raise ApiError(413, "input_too_long",
+                               f"inputs[{i}] is {n} tokens long as a prompt, more than max_length={max_length}; "
+                               "shorten it")
+            features.append({"input_ids": list(enc["input_ids"])})
+        return features
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        check_content_type(request.headers.get("content-type"))
+        if not generative:
+            raise wrong_endpoint("/v1/generate")
+        if batcher.full():
+            raise batcher.busy_error()
+        body = await request.body()
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise ApiError(400, "invalid_request", 'the body must be a JSON object: {"task": "<name>", '
+                           '"inputs": ["instruction", ...], "max_new_tokens": 64}')
+        try:
+            req = GenerateRequest.model_validate(payload)
+        except ValidationError as exc:
+            return validation_error(exc, '{"task": str, "inputs": [instruction or [instruction, input], ...], '
+                                    f'"max_new_tokens": 1..{max_new_tokens}, "raw": bool}}')
+        if req.task not in bank:
+            raise ApiError(404, "unknown_task", f"unknown task {req.task!r}; available: {', '.join(bank.tasks)}")
+        if len(req.inputs) > max_inputs:
+            raise ApiError(413, "too_many_inputs",
+                           f"{len(req.inputs)} inputs in one request; at most {max_inputs} are accepted")
+        features = await run_in_threadpool(tokenize_prompts, req.inputs, req.raw)
+        try:
+            rows = await batcher.submit(req.task, features, lambda: wait_disconnect(request.receive),
+                                        options={"max_new_tokens": req.max_new_tokens})
+        except (ApiError, _ClientGone):
+            raise
+        except BitFitError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        return {"task": req.task, "generations": rows}
+
     @app.post("/v1/predict")
     async def predict(request: Request):
         check_content_type(request.headers.get("content-type"))
+        if generative:
+            raise wrong_endpoint("/v1/predict")
         if batcher.full():  # refuse before reading and tokenizing
             raise batcher.busy_error()
         body = await request.body()  # RequestGuard raises BodyTooLarge past max_body_bytes
@@ -593,4 +763,5 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["create_app", "serve", "postprocess", "Batcher", "RequestGuard", "check_content_type", "parse_json"]
+__all__ = ["create_app", "serve", "postprocess", "Batcher", "GenerateBatcher", "RequestGuard", "check_content_type",
+           "parse_json", "is_generative"]

@@ -20,8 +20,9 @@ def _task_arg(value: str) -> tuple[str, str]:
 def main(argv: list) -> int:
     p = argparse.ArgumentParser(
         prog="bitfit serve",
-        description="Serve BitFit task artifacts over one frozen base model: POST /v1/predict, GET /v1/tasks, "
-        "GET /health. Requests for different tasks arriving together run as one batch.",
+        description="Serve BitFit task artifacts over one frozen base model: POST /v1/predict (classification / "
+        "regression tasks) or POST /v1/generate (instruction-tuned causal-LM tasks), GET /v1/tasks, GET /health. "
+        "Requests for different tasks arriving together run as one batch.",
     )
     p.add_argument("--model", required=True, help="the base model: local folder, Hub name, or 'minilm'; "
                    "its tokenizer is loaded from the same place")
@@ -35,6 +36,8 @@ def main(argv: list) -> int:
     p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default 64)")
     p.add_argument("--max-length", type=int, default=512,
                    help="longest input in tokens; longer ones are refused with 413 (default 512, capped by the model)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most new tokens a /v1/generate request may ask for (default 256; causal-LM tasks)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="most requests waiting for the model; more are answered 503 with Retry-After (default 64)")
     p.add_argument("--api-key", default=None,
@@ -55,7 +58,7 @@ def main(argv: list) -> int:
 
     if args.max_queue is None:
         args.max_queue = DEFAULT_MAX_QUEUE
-    for opt in ("max_batch", "max_inputs", "max_length", "max_queue"):
+    for opt in ("max_batch", "max_inputs", "max_length", "max_queue", "max_new_tokens"):
         if getattr(args, opt) < 1:
             raise BitFitError(f"--{opt.replace('_', '-')} must be at least 1")
     api_key = args.api_key if args.api_key is not None else os.environ.get("BITFIT_API_KEY")
@@ -74,23 +77,37 @@ def main(argv: list) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    artifacts = {}
+    artifacts, kinds = {}, {}
     for name, path in args.task:
         art = read_artifact(path)  # clean error for a missing or damaged folder, before loading the model
         arch = art.meta.get("base_model", {}).get("architecture") or ""
-        if not arch.endswith("ForSequenceClassification"):
+        if arch.endswith("ForSequenceClassification"):
+            kinds[name] = "classification"
+        elif arch.endswith("ForCausalLM"):
+            kinds[name] = "causal-lm"
+        else:
             raise BitFitError(
                 f"task {name!r} ({path}) was saved from a {arch or 'model without a task head'}; bitfit serve "
-                "serves sequence-classification tasks (AutoModelForSequenceClassification)"
+                "serves sequence-classification tasks (AutoModelForSequenceClassification) and instruction-tuned "
+                "causal-LM tasks (AutoModelForCausalLM)"
             )
         artifacts[name] = art
+    if len(set(kinds.values())) > 1:
+        lm = sorted(n for n, k in kinds.items() if k == "causal-lm")
+        raise BitFitError(
+            f"tasks {', '.join(lm)} are causal-LM tasks and the others classification tasks; one server serves one "
+            "kind over one base model: start one bitfit serve per kind"
+        )
+    kind = next(iter(kinds.values()))
     import transformers
 
     tokenizer = load_tokenizer(args.model)
+    if kind == "causal-lm" and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the base's own head is never used: no "newly initialized" noise
     try:
-        base = load_model(args.model, task="classification").eval()
+        base = load_model(args.model, task=kind).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
     bank = BiasBank(base, artifacts, strategy=args.strategy)
@@ -100,8 +117,10 @@ def main(argv: list) -> int:
         print(f"bitfit serve: --max-length {max_length} is more than the model's {limit} positions; using {limit}")
         max_length = limit
     app = create_app(bank, tokenizer, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                     max_inputs=args.max_inputs, max_length=max_length, max_queue=args.max_queue, api_key=api_key)
-    print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model} on "
+                     max_inputs=args.max_inputs, max_length=max_length, max_queue=args.max_queue, api_key=api_key,
+                     max_new_tokens=args.max_new_tokens)
+    endpoint = "/v1/generate" if kind == "causal-lm" else "/v1/predict"
+    print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model}, {endpoint} on "
           f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"bitfit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
