@@ -69,7 +69,6 @@ def test_export_command(tmp_path, capsys):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ref = task(input_ids=ids, attention_mask=mask).logits
-        args = [ids, mask] + ([torch.zeros_like(ids)] if loaded.code.count("token_type_ids") or True else [])
         try:
             got = loaded(ids, mask, torch.zeros_like(ids))
         except Exception:  # noqa: BLE001 - exported without token_type_ids
