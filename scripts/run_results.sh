@@ -8,7 +8,9 @@
 #   scripts/run_results.sh grid    # what docs/RESULTS.md reports: 5 tasks x 5 methods x 3 seeds on
 #                                  # 1,000-row training subsets, 5 epochs, bf16 autocast (~3 CPU-hours)
 #   scripts/run_results.sh fidelity  # `bitfit train` defaults on the full training sets (SST-2: 5,000
-#                                  # rows), one seed, bf16 frozen base (~2 CPU-hours, 1 thread)
+#                                  # rows), one seed (~1.5 CPU-hours, 1 thread)
+#   scripts/run_results.sh ablation  # issue 11's default candidates on 1,000-row subsets (~1.5 CPU-hours)
+#   scripts/run_results.sh e2e       # benchmarks/end_to_end.py (~30 CPU-minutes)
 #   scripts/run_results.sh probes  # CoLA with one change each (lr, batch, --dropout 0); --dropout 0 on
 #                                  # MRPC and SST-2 (~3 CPU-hours, 1 thread)
 #
@@ -70,14 +72,32 @@ grid)
   done
   ;;
 fidelity)
-  # `bitfit train` exactly as a user runs it (auto epochs, lr 1e-3 with the head at 5e-3, batch 32,
-  # 10% warm-up, best dev epoch), with the frozen weights in bf16 to halve the CPU time.
+  # `bitfit train` exactly as a user runs it: every default (issue 11: frozen_dtype auto, dropout 0,
+  # ~1500 updates within 3-10 epochs, lr 1e-3 with the head at 5e-3, batch 32, 10% warm-up, best dev
+  # epoch). The third session's run (old defaults) passed --frozen-dtype bfloat16 and had dropout 0.1
+  # and ~3000 updates within 3-20 epochs.
   for task in ${TASKS:-cola sst2 stsb mrpc rte}; do
     size=()
     [ "$task" = sst2 ] && size=(--train-size 5000)
     bitfit train --model "$MODEL" --task "$task" --data-dir "$GLUE" "${size[@]}" \
-      --frozen-dtype bfloat16 --output-dir "$OUT/fidelity/$task"
+      --output-dir "$OUT/fidelity-defaults/$task"
   done
+  ;;
+ablation)
+  # Issue 11's candidates at the grid's budget (1,000 rows, 5 epochs, batch 16, seed 42), one change
+  # each against the new defaults: O = the old defaults (dropout 0.1, random head), A = head warm
+  # start, B = warm start with dropout 0.1, C = the new defaults (dropout 0, random head).
+  for task in ${TASKS:-cola rte mrpc stsb sst2}; do
+    for spec in "O:--dropout 0.1" "A:--warm_start_head" "B:--warm_start_head --dropout 0.1" "C:"; do
+      name=${spec%%:*}; extra=${spec#*:}
+      bitfit train --model "$MODEL" --task "$task" --data-dir "$GLUE" --train-size 1000 --num_train_epochs 5 \
+        --per_device_train_batch_size 16 --seed 42 $extra --output-dir "$OUT/ablation/$name/$task"
+    done
+  done
+  ;;
+e2e)
+  # End-to-end cost on SST-2 (5,000 rows): the tutorial recipe against `bitfit train`'s defaults.
+  python3 benchmarks/end_to_end.py --data-dir "$GLUE" --json "$OUT/end_to_end.json"
   ;;
 probes)
   # One change each against the fidelity defaults on CoLA (and --dropout 0 on MRPC and SST-2).
@@ -97,7 +117,7 @@ sizes)
     --output-dir "$OUT/grid/sst2"
   ;;
 *)
-  echo "usage: $0 quick|grid|fidelity|probes|full|sizes" >&2
+  echo "usage: $0 quick|grid|fidelity|ablation|e2e|probes|full|sizes" >&2
   exit 2
   ;;
 esac
