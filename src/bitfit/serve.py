@@ -491,11 +491,13 @@ def create_app(
         task: StrictStr
         inputs: Annotated[list[Union[StrictStr, Pair]], Field(min_length=1)]
 
+    token_limit = max_new_tokens  # a class body that assigns a name cannot read the function's variable of that name
+
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         task: StrictStr
         inputs: Annotated[list[Union[StrictStr, Pair]], Field(min_length=1)]
-        max_new_tokens: Annotated[StrictInt, Field(ge=1, le=max_new_tokens)] = min(64, max_new_tokens)
+        max_new_tokens: Annotated[StrictInt, Field(ge=1, le=token_limit)] = min(64, token_limit)
         raw: StrictBool = False
 
     generative = is_generative(bank)
