@@ -1009,6 +1009,13 @@ def _indices_from_meta(model: nn.Module, meta: dict, name: str, prefix: str) -> 
 
 # ----------------------------------------------------------------------------- load
 def _load_base(name: str, meta: dict) -> nn.Module:
+    from .train import quiet_loading
+
+    with quiet_loading():  # the artifact restores the head: no "MISSING ... newly initialized" report
+        return _load_base_model(name, meta)
+
+
+def _load_base_model(name: str, meta: dict) -> nn.Module:
     import transformers
 
     from .models import load_model, resolve_model

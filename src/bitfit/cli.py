@@ -61,14 +61,22 @@ def main(argv: Optional[list] = None) -> int:
         print("usage: bitfit COMMAND [options]\n\ncommands:")
         for name, (help_, _) in COMMANDS.items():
             print(f"  {name:10s} {help_}")
-        print("\nRun 'bitfit COMMAND --help' for a command's options.")
+        print("\nRun 'bitfit COMMAND --help' for a command's options; add --verbose to any command for "
+              "transformers' load reports and warnings (hidden by default).")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from . import __version__
 
         print(f"bitfit {__version__}")
         return 0
+    if argv[0] == "--verbose":  # bitfit --verbose COMMAND ...
+        argv = argv[1:] + ["--verbose"]
     name, rest = argv[0], argv[1:]
+    if "--verbose" in rest:  # transformers' load reports and warnings back (quiet by default)
+        import os
+
+        rest = [a for a in rest if a != "--verbose"]
+        os.environ["BITFIT_VERBOSE"] = "1"
     if name not in COMMANDS:
         print(f"bitfit: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ def dropout_overrides(name: str, p: float, **kwargs) -> dict:
     if not 0.0 <= p < 1.0:
         raise BitFitConfigError(f"--dropout must be in [0, 1), got {p}")
     try:
-        config = transformers.AutoConfig.from_pretrained(resolve_model(name), **kwargs)
+        path = name if kwargs.get("gguf_file") else resolve_model(name)  # a GGUF's folder has no config.json
+        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(name, exc) from None
     keys = {k: p for k, v in config.to_dict().items()
@@ -64,15 +65,84 @@ def _wrap_load_error(name: str, exc: Exception) -> BitFitError:
     )
 
 
+def split_gguf(name: str) -> tuple:
+    """(folder, gguf file name) for a path to a ``.gguf`` file, else (name, None)."""
+    p = Path(os.path.expanduser(str(name)))
+    if str(name).endswith(".gguf") and p.is_file():
+        return str(p.parent), p.name
+    return name, None
+
+
+def dequantized(model):
+    """Make a model loaded from a GGUF file trainable: transformers unpacks GGUF weights to float on load
+    (``GgufConfig(dequantize=True)``) but leaves the model marked as quantized, and ``Trainer`` then refuses it
+    ("You cannot perform fine-tuning on purely quantized models"). The weights are plain float tensors, so the
+    quantizer state is cleared (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``)."""
+    import transformers
+
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed:
+        raise BitFitError(f"the GGUF model kept packed weights ({', '.join(packed)}): BitFit needs float weights")
+    for mod in model.modules():
+        if not isinstance(mod, transformers.PreTrainedModel):
+            continue
+        if getattr(mod, "hf_quantizer", None) is not None:
+            mod.hf_quantizer = None
+        for obj, attr in ((mod, "quantization_method"), (mod.config, "quantization_config")):
+            if attr in vars(obj):
+                delattr(obj, attr)
+        if getattr(mod.config, "_is_quantized", False):
+            mod.config._is_quantized = False
+        if getattr(mod, "is_quantized", False):
+            try:
+                mod.is_quantized = False
+            except AttributeError:  # a read-only property: follows hf_quantizer
+                pass
+    return model
+
+
+def load_gguf_model(folder: str, cls, **kwargs):
+    """``cls.from_pretrained(folder, gguf_file=..., **kwargs)`` with the weights unpacked to float and the
+    quantizer state cleared (:func:`dequantized`), so the model trains like any other."""
+    import transformers
+
+    kwargs.setdefault("quantization_config", transformers.GgufConfig(dequantize=True))
+    return dequantized(cls.from_pretrained(folder, **kwargs))
+
+
+# encoder-only families: their causal-LM class is a freshly initialised LM head on an encoder
+def check_causal_lm(name: str) -> None:
+    """Refuse ``--task instruct`` on a model that is not a causal (decoder) language model: a BERT-style
+    encoder gets a randomly initialised LM head, trains and then generates gibberish."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError):
+        return  # load_model reports a missing or broken model
+    mt = getattr(config, "model_type", None)
+    if mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False) \
+            and not getattr(config, "is_decoder", False):
+        raise BitFitError(
+            f"--task instruct needs a causal (decoder) language model, and {name!r} is a {mt} encoder: its "
+            "language-model head would start from random values and generate gibberish. Pass a causal LM "
+            "(GPT-2, LLaMA, Qwen2 ... a local folder, or a .gguf file: --model path/to/model.gguf), or train this "
+            "model on a classification task (--task sst2, or --train-file with --label-column)")
+
+
 def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", **kwargs):
-    """Load ``name`` with the right Auto class.
+    """Load ``name`` with the right Auto class (``name`` may be a ``.gguf`` file: loaded dequantized).
 
     task: "base" (AutoModel), "classification" (AutoModelForSequenceClassification with
     ``num_labels``), "causal-lm" (AutoModelForCausalLM).
     """
     import transformers
 
-    path = resolve_model(name)
+    folder, gguf = split_gguf(name)
+    if gguf:
+        name, kwargs = folder, dict(kwargs, gguf_file=kwargs.get("gguf_file") or gguf)
+    path = resolve_model(name) if not kwargs.get("gguf_file") else name
     cls = {
         "base": transformers.AutoModel,
         "classification": transformers.AutoModelForSequenceClassification,
@@ -82,6 +152,8 @@ def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", 
         kwargs["num_labels"] = num_labels
         kwargs.setdefault("ignore_mismatched_sizes", True)  # a new head replaces a saved one of another size
     try:
+        if kwargs.get("gguf_file"):
+            return load_gguf_model(path, cls, **kwargs)
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         if Path(path).exists():

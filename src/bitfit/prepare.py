@@ -222,7 +222,8 @@ def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> 
         roles = sorted({r for rs in sel.missing.values() for r in rs})
         warnings.warn(
             f"{len(sel.missing)} selected bias slots ({', '.join(roles)}) have no bias in this "
-            f"{model_map.family} model and are skipped; pass add_missing=True to add zero-initialised ones",
+            f"{model_map.family} model and are skipped; pass --add-missing (bitfit train / info; add_missing=True in Python) to add zero-initialised "
+            "ones",
             stacklevel=3,
         )
     if not sel.chosen and not sel.head_params:

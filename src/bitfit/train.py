@@ -136,6 +136,10 @@ class DataArguments:
     eval_size: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on the first N dev rows only (quick checks; not official)."}
     )
+    positive_label: Optional[str] = field(
+        default=None, metadata={"help": "Own two-class data: the label binary F1 is computed for (default: the "
+                                "second of the sorted label names; the choice is printed and kept in task.json)."}
+    )
 
     @property
     def is_instruct(self) -> bool:
@@ -157,6 +161,7 @@ class TaskInfo:
     text_pair_column: Optional[str] = None
     label_column: str = "label"
     max_seq_length: int = 128
+    positive_label: Optional[str] = None  # own binary data: the label F1 is for (None: label id 1)
 
     @property
     def num_labels(self) -> int:
@@ -185,8 +190,19 @@ def task_info(data_args: DataArguments, train=None) -> TaskInfo:
         raise DataError("no data: give --task (a GLUE task or 'instruct') or --train-file (your own data)")
     label_names, regression = train
     primary = "pearson" if regression else "accuracy"
-    return TaskInfo("files", data_args.task, label_names, regression, [], primary, data_args.text_column,
+    info = TaskInfo("files", data_args.task, label_names, regression, [], primary, data_args.text_column,
                     data_args.text_pair_column, data_args.label_column, data_args.max_seq_length)
+    if data_args.positive_label is not None:
+        if regression or len(label_names) != 2:
+            raise DataError(f"--positive-label {data_args.positive_label}: binary F1 needs two classes, and the "
+                            f"training file has {'a regression label' if regression else f'{len(label_names)} classes'}")
+        if str(data_args.positive_label) not in label_names:
+            raise DataError(f"--positive-label {data_args.positive_label}: not a label of the training file "
+                            f"(its labels: {', '.join(map(str, label_names))})")
+        info.positive_label = str(data_args.positive_label)
+    elif not regression and len(label_names) == 2:
+        info.positive_label = str(label_names[1])
+    return info
 
 
 # ----------------------------------------------------------------------------- data
@@ -325,13 +341,21 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo], dropout_requ
 
         cls = transformers.AutoModelForCausalLM if info is None or info.kind == "instruct" else \
             transformers.AutoModelForSequenceClassification
+        if cls is not transformers.AutoModelForCausalLM:
+            if info.regression:
+                kwargs.update(problem_type="regression")
+            else:
+                kwargs.update(id2label=dict(enumerate(info.label_names)),
+                              label2id={n: i for i, n in enumerate(info.label_names)})
         try:
-            model = cls.from_pretrained(name, **kwargs) if cls is transformers.AutoModelForCausalLM else \
-                cls.from_pretrained(name, num_labels=info.num_labels, **kwargs)
+            model = models.load_gguf_model(name, cls, **(kwargs if cls is transformers.AutoModelForCausalLM
+                                                         else dict(kwargs, num_labels=info.num_labels)))
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, **tok_kwargs)
         except (OSError, ValueError) as exc:
             raise BitFitError(f"could not load GGUF model {gguf!r} from {name!r}: {exc}") from None
     else:
+        if info is not None and info.kind == "instruct":
+            models.check_causal_lm(name)
         tokenizer = models.load_tokenizer(name)
         if info is None or info.kind == "instruct":
             model = models.load_model(name, task="causal-lm", **kwargs)
@@ -429,7 +453,7 @@ def apply_bitfit(model, model_args: ModelArguments):
         sel = resolve(bitfit.discover(model), cfg)
         if not sel.chosen and sel.missing:
             print("bitfit: this model has no bias in the selection; adding zero-initialised biases "
-                  "(add_missing=True)", file=sys.stderr)
+                  "(--add-missing)", file=sys.stderr)
             cfg = bitfit_config(model_args, add_missing=True)
     return bitfit.apply(model, config=cfg)
 
@@ -519,6 +543,14 @@ def _glue_primary(task: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- metrics
+def positive_label(info: TaskInfo) -> Optional[str]:
+    """The label binary F1 is computed for on the user's own two-class data: label id 1 (the second of the
+    sorted label names)."""
+    if info.regression or len(info.label_names) != 2:
+        return None
+    return info.positive_label if info.positive_label in info.label_names else info.label_names[1]
+
+
 def make_compute_metrics(info: TaskInfo):
     from .data import metrics as M
 
@@ -530,7 +562,9 @@ def make_compute_metrics(info: TaskInfo):
             return M.compute(info.metrics, preds, labels)
         if info.regression:
             return M.regression_metrics(preds, labels)
-        return M.classification_metrics(preds, labels, len(info.label_names))
+        pos = positive_label(info)
+        return M.classification_metrics(preds, labels, len(info.label_names),
+                                        pos_label=info.label_names.index(pos) if pos is not None else 1)
 
     return compute
 
@@ -953,16 +987,20 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric,
         eval_history=history, frozen_dtype=model_args.frozen_dtype if prepare is None else None,
         head_warm_start=warm.to_dict() if warm is not None else None,
+        f1_positive_label=positive_label(info) if info.kind == "files" else None,
     )
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, model_args.model)
+        metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, _abs_local(model_args.model))
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
-        atomic_write_json(out / "task.json", {**info.to_dict(), "base_model": model_args.model,
-                                        "gguf_file": model_args.gguf_file,
-                                        "data_dir": os.path.abspath(data_args.data_dir) if data_args.data_dir else None})
+        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info)})
+        try:
+            tokenizer.save_pretrained(str(out))  # the run folder carries its tokenizer
+        except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot be saved: the base's is used on load
+            print(f"bitfit: the tokenizer was not saved with the run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        write_model_card(out, info, model_args, data_args, metrics, method)
         atomic_write_json(out / "command.json", {
             "argv": list(argv) if argv is not None else None,
             "command": ("bitfit train " + " ".join(_quote(a) for a in argv)) if argv is not None else None,
@@ -972,6 +1010,70 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
         })
     return metrics
+
+
+def _abs_local(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute when it names a local file or folder (aliases and Hub names stay as given)."""
+    if not path:
+        return path
+    p = Path(os.path.expanduser(str(path)))
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def run_record(model_args: ModelArguments, data_args: DataArguments, info: TaskInfo) -> dict:
+    """What task.json records beyond the TaskInfo so that eval/predict/generate and bitfit.load work from the
+    run folder alone, in a new shell: the base model (an absolute path when local), the GGUF file, and the
+    resolved absolute data location (the GLUE folder, also when it came from $BITFIT_GLUE_DIR; the user's own
+    train/validation/test files)."""
+    data_dir = data_args.data_dir or (os.environ.get("BITFIT_GLUE_DIR") if info.kind == "glue" else None)
+    return {"base_model": _abs_local(model_args.model), "gguf_file": model_args.gguf_file,
+            "data_dir": os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None,
+            "train_file": _abs_local(data_args.train_file), "validation_file": _abs_local(data_args.validation_file),
+            "test_file": _abs_local(data_args.test_file)}
+
+
+def write_model_card(out: Path, info: TaskInfo, model_args: ModelArguments, data_args: DataArguments, metrics: dict,
+                     method: str = "bitfit") -> Path:
+    """A Hugging Face model card (README.md with Hub metadata in YAML front matter) with the run's scores."""
+    base = model_args.model or "unknown"
+    base_meta = base if not Path(os.path.expanduser(base)).exists() else Path(base).name
+    if info.kind == "glue":
+        dataset, name = "nyu-mll/glue", f"GLUE {info.task.upper()}"
+    elif info.kind == "instruct":
+        dataset, name = None, "instruction data"
+    else:
+        dataset, name = None, "own data"
+    scores = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
+              and not isinstance(v, bool) and not k.endswith(("_runtime", "_samples_per_second", "_steps_per_second"))
+              and k != "eval_epoch"}
+    metric_names = [m for m in (info.metrics or [info.primary]) if m != "loss"] or [info.primary]
+    lines = ["---", "library_name: bitfit", f"base_model: {json.dumps(base_meta)}", "tags:", "- bitfit", "- peft"]
+    if info.kind == "instruct":
+        lines += ["- text-generation"]
+    else:
+        lines += ["- text-classification"]
+    if dataset:
+        lines += ["datasets:", f"- {dataset}"]
+    lines += ["metrics:"] + [f"- {m}" for m in metric_names] + ["---", ""]
+    lines += [f"# BitFit: {base_meta} on {name}", "",
+              f"Bias-only fine-tuning (BitFit, Ben Zaken et al. 2022) of `{base_meta}` on {name}, trained with "
+              f"`bitfit train` ({method}). Only the bias terms{' and the task head' if info.kind != 'instruct' else ''} "
+              f"trained: {metrics.get('trainable_params', '?')} of {metrics.get('total_params', '?')} parameters.", "",
+              "## Scores (dev)", ""]
+    if scores:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in sorted(scores.items())]
+    else:
+        lines += ["No validation data was given; no scores."]
+    if info.kind == "files" and not info.regression and len(info.label_names) == 2:
+        lines += ["", f"Binary F1 is for the positive label `{positive_label(info)}`."]
+    lines += ["", "## Use", "", "```bash", f"bitfit eval --adapter {out.name}" if info.kind != "instruct" else
+              f"bitfit generate --adapter {out.name} --prompt \"...\"", f"bitfit merge {out.name} --output merged",
+              "```", "", "```python", "import bitfit", f"model = bitfit.load({base!r}, {out.name!r})", "```", ""]
+    path = out / "README.md"
+    tmp = out / "README.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _quote(a: str) -> str:
@@ -1119,13 +1221,51 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
             info = task_info(data_args, (names, regression))
     _check_artifact_labels(model_args.adapter, info)
     if data_args is not None:
-        if not data_args.data_dir and meta.get("data_dir") and not os.environ.get("BITFIT_GLUE_DIR"):
+        if not data_args.data_dir and meta.get("data_dir") and not os.environ.get("BITFIT_GLUE_DIR") \
+                and info.kind == "glue":
             data_args.data_dir = meta["data_dir"]  # the GLUE folder the run was trained from
+        if info.kind in ("files", "instruct"):  # the run's own files, unless the user names others
+            for name in ("train_file", "validation_file", "test_file"):
+                if not getattr(data_args, name) and meta.get(name) and os.path.exists(meta[name]):
+                    setattr(data_args, name, meta[name])
 
-    model, tokenizer = load_base(model_args, info)
+    with quiet_loading():  # the artifact restores the head: no "classifier MISSING ... newly initialized" report
+        model, tokenizer = load_base(model_args, info)
+    if (Path(os.path.expanduser(model_args.adapter)) / "tokenizer_config.json").exists():
+        import transformers
+
+        try:  # the tokenizer saved with the run
+            own = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(model_args.adapter))
+            if own.pad_token is None:
+                own.pad_token = tokenizer.pad_token
+            tokenizer = own
+        except (OSError, ValueError):
+            pass
     model = bitfit.load(model, model_args.adapter)
     model.eval()
     return model, tokenizer, info
+
+
+class quiet_loading:
+    """Silence transformers' load report (MISSING / UNEXPECTED keys, "newly initialized") while a run's base is
+    loaded: the run's artifact then restores the head and biases, so the report would be untrue. ``--verbose``
+    (BITFIT_VERBOSE=1) keeps it."""
+
+    def __enter__(self):
+        import transformers
+
+        self.level = None
+        if not os.environ.get("BITFIT_VERBOSE"):
+            self.level = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        import transformers
+
+        if self.level is not None:
+            transformers.logging.set_verbosity(self.level)
+        return False
 
 
 def _artifact_labels(adapter: str) -> Optional[tuple]:
@@ -1204,7 +1344,8 @@ def check_eval_args(model_args: ModelArguments, data_args: DataArguments, info: 
                "not GLUE; pass --validation-file / --test-file")
     defaults = DataArguments()
     for name, flag in (("text_column", "--text-column"), ("text_pair_column", "--text-pair-column"),
-                       ("label_column", "--label-column"), ("max_seq_length", "--max-seq-length")):
+                       ("label_column", "--label-column"), ("max_seq_length", "--max-seq-length"),
+                       ("positive_label", "--positive-label")):
         value, recorded = getattr(data_args, name), getattr(info, name)
         if value != getattr(defaults, name) and value != recorded:
             refuse(f"{flag} {value}", f"the run was trained with {recorded!r}")
@@ -1286,6 +1427,8 @@ def evaluate_run(model_args: ModelArguments, data_args: DataArguments, split: st
 
         prefix = f"eval_{name}_" if name else "eval_"
         metrics.update({prefix + k: v for k, v in compute(P).items()})
+        if info.kind == "files" and positive_label(info) is not None:
+            metrics[prefix + "f1_positive_label"] = positive_label(info)
         metrics[prefix + "samples"] = len(part)
     return metrics
 
@@ -1330,6 +1473,26 @@ def predict_run(model_args: ModelArguments, data_args: DataArguments, split: str
             os.replace(tmp, out)
             written.append(str(out))
     return written
+
+
+@torch.no_grad()
+def predict_text(model_args: ModelArguments, text: str, text_pair: Optional[str] = None) -> tuple:
+    """(label, score) of one input with a trained classification run: the label name and its softmax
+    probability; for regression ("value", the prediction)."""
+    model, tokenizer, info = load_trained(model_args, DataArguments())
+    if info.kind == "instruct":
+        raise BitFitError(f"{model_args.adapter} is an instruction-tuned run: use `bitfit generate --prompt`")
+    enc = tokenizer(text, text_pair, truncation=True, max_length=info.max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
+                    return_tensors="pt")
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()
+           if k in ("input_ids", "attention_mask", "token_type_ids")}
+    logits = model(**enc).logits.float()[0]
+    if info.regression:
+        return "value", float(logits.squeeze())
+    probs = torch.softmax(logits, -1)
+    i = int(probs.argmax())
+    names = info.label_names or [f"LABEL_{j}" for j in range(len(probs))]
+    return names[i], float(probs[i])
 
 
 def generate(model_args: ModelArguments, prompt: str, input: Optional[str] = None, max_new_tokens: int = 128,

@@ -11,9 +11,17 @@ from ..errors import BitFitError
 
 def _env():
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    if os.environ.get("BITFIT_VERBOSE"):  # bitfit --verbose COMMAND / COMMAND --verbose: everything
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+        return
+    # quiet by default: transformers' load reports (a head that is trained or restored from the run shows as
+    # "MISSING ... newly initialized") and known deprecation noise
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|accelerate|datasets)\b")
 
 
 @command("train", "train a model's biases on a GLUE task, your own files, or instruction data")
@@ -32,6 +40,9 @@ def train_main(argv: list) -> int:
             "train_loss", "train_runtime", "trainable_params", "total_params", "peak_memory_mb", "num_train_epochs",
             "global_steps")}
         print(json.dumps(json_safe(shown), indent=2, default=str))
+        if "eval_f1" in metrics and metrics.get("f1_positive_label") is not None:
+            print(f"bitfit: eval_f1 is binary F1 for the label {metrics['f1_positive_label']!r} "
+                  "(--positive-label to choose)", file=sys.stderr)
         print(f"saved to {training_args.output_dir}", file=sys.stderr)
     return 0
 
@@ -88,11 +99,22 @@ def predict_main(argv: list) -> int:
 
     def extra(p):
         p.add_argument("--split", default="test", help="test (default) or dev")
-        p.add_argument("--output", required=True,
+        p.add_argument("--output", default=None,
                        help="file to write (e.g. RTE.tsv), or a folder for the leaderboard file(s)")
         p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--text", default=None, help="predict this one sentence: prints the label and its score")
+        p.add_argument("--text-pair", default=None, help="(with --text) the second sentence of a pair task")
 
     model_args, data_args, ns = _parse(argv, "bitfit predict", extra)
+    if ns.text is not None:
+        from ..train import predict_text
+
+        label, score = predict_text(model_args, ns.text, ns.text_pair)
+        print(f"{label}\t{score:.4f}")
+        return 0
+    if not ns.output:
+        raise BitFitError("--output is required (a file, or a folder for GLUE leaderboard files); or pass "
+                          "--text \"...\" to predict one sentence")
     for path in predict_run(model_args, data_args, ns.split, ns.output, ns.batch_size):
         print(path)
     return 0

@@ -77,14 +77,15 @@ def glue_metrics(task: str, predictions, references) -> dict[str, float]:
     return compute(METRICS[task], predictions, references)
 
 
-def classification_metrics(predictions, references, num_labels: int) -> dict[str, float]:
+def classification_metrics(predictions, references, num_labels: int, pos_label: int = 1) -> dict[str, float]:
     """Metrics for a user's own classification data: accuracy, plus macro F1 when more than 2 labels
-    and binary F1 for 2."""
+    and binary F1 (of class id ``pos_label``) for 2."""
     from sklearn.metrics import f1_score
 
     out = compute(("accuracy",), predictions, references)
     if num_labels == 2:
-        out["f1"] = float(f1_score(references, predictions, pos_label=1, average="binary", zero_division=0.0))
+        out["f1"] = float(f1_score(references, predictions, pos_label=pos_label, average="binary",
+                                   zero_division=0.0))
     else:
         out["macro_f1"] = float(f1_score(references, predictions, average="macro", zero_division=0.0))
     return out
