@@ -116,3 +116,43 @@ def test_positive_label_choice_and_f1():
         label_ids = refs
 
     assert make_compute_metrics(info)(P)["f1"] == pytest.approx(2 / 3)
+
+
+def test_reload_has_no_newly_initialized_report(tiny_bert, tmp_path, monkeypatch):
+    """The artifact restores the head: loading its base must not print transformers' "MISSING ... newly
+    initialized" report (it does with BITFIT_VERBOSE=1, i.e. --verbose)."""
+    import logging
+
+    import transformers
+
+    import bitfit
+
+    base = tmp_path / "base"
+    tiny_bert.bert.save_pretrained(base)
+    bitfit.apply(tiny_bert)
+    bitfit.save(tiny_bert, tmp_path / "art", base_name=str(base))
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.texts = []
+
+        def emit(self, record):
+            self.texts.append(record.getMessage())
+
+    grab = Grab()
+    root = transformers.utils.logging.get_logger("transformers")
+    root.addHandler(grab)
+    level = transformers.logging.get_verbosity()
+    try:
+        transformers.logging.set_verbosity_warning()
+        monkeypatch.delenv("BITFIT_VERBOSE", raising=False)
+        bitfit.load(str(base), tmp_path / "art")
+        assert not any("MISSING" in t or "newly initialized" in t for t in grab.texts), grab.texts
+        assert transformers.logging.get_verbosity() == transformers.logging.WARNING  # restored
+        monkeypatch.setenv("BITFIT_VERBOSE", "1")
+        bitfit.load(str(base), tmp_path / "art")
+        assert any("MISSING" in t or "newly initialized" in t for t in grab.texts)
+    finally:
+        root.removeHandler(grab)
+        transformers.logging.set_verbosity(level)
