@@ -1,5 +1,6 @@
 """The HTTP service: a real uvicorn server on loopback, talked to with httpx."""
 
+import contextlib
 import json
 import os
 import socket
@@ -33,6 +34,25 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free loopback port in a thread; yields the base URL."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not srv.started:
+        if time.time() - t0 > 30 or not th.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -82,19 +102,8 @@ def server(setup):
     bank = BiasBank(base, {n: str(p) for n, p in setup["paths"].items()})
     app = create_app(bank, setup["tok"], max_batch=16, batch_window_ms=WINDOW_MS, max_inputs=MAX_INPUTS,
                      max_length=MAX_LENGTH)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        if time.time() - t0 > 30 or not th.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
-    srv.should_exit = True
-    th.join(timeout=10)
 
 
 def reference(setup, task, x):

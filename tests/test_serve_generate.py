@@ -1,9 +1,7 @@
 """/v1/generate: instruction-tuned causal-LM tasks over one base, mixed tasks in one generate call."""
 
 import copy
-import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -13,6 +11,8 @@ from bitfit.bank import BiasBank
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+
+from test_serve import running  # noqa: E402
 pytest.importorskip("fastapi")
 
 WINDOW_MS = 400
@@ -50,21 +50,8 @@ def client(setup):
     bank = BiasBank(setup["base"], setup["models"])
     app = create_app(bank, setup["tok"], max_batch=16, batch_window_ms=WINDOW_MS, max_inputs=4, max_length=64,
                      max_new_tokens=16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        if time.time() - t0 > 30 or not th.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         yield c
-    srv.should_exit = True
-    th.join(timeout=10)
 
 
 def reference(setup, task, instruction, new=NEW):

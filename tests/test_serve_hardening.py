@@ -21,30 +21,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from test_serve import free_port, setup  # noqa: E402,F401  (module fixture: tiny BERT + 3 task artifacts)
+from test_serve import free_port, running, setup  # noqa: E402,F401  (module fixture: tiny BERT + 3 task artifacts)
 
 BODY_LIMIT = 256 * 1024
 API_KEY = "s3cret-key"
 JS = {"content-type": "application/json"}
 GOOD = {"task": "sst2", "inputs": ["a fine film"]}
-
-
-@contextlib.contextmanager
-def running(app):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started:
-        if time.time() - t0 > 30 or not th.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
 
 
 def make_app(setup, **kw):  # noqa: F811
