@@ -311,6 +311,18 @@ class Batcher:
 
     def _run(self, items: list) -> list:
         """Worker thread: one bank call for the rows of every item whose task still exists."""
+        results, live, features, tasks = self._live(items)
+        if not live:
+            return results
+        batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+        inputs = {k: v for k, v in batch.items() if k in self.input_names}
+        out = self.bank(tasks=tasks, **inputs)
+        self._count(tasks, len(live), last_strategy=out.strategy)
+        return self._split(results, items, live, [row.detach().float().cpu() for row in out.logits])
+
+    def _live(self, items: list):
+        """(results with a 404 for items whose task was removed, indices of the rest, their rows' features,
+        each row's task)."""
         results: list = [None] * len(items)
         live = []
         for k, it in enumerate(items):
@@ -318,25 +330,29 @@ class Batcher:
                 live.append(k)
             else:
                 results[k] = ApiError(404, "unknown_task", f"task {it.task!r} was removed")
-        if not live:
-            return results
         features = [f for k in live for f in items[k].features]
         tasks = [items[k].task for k in live for _ in items[k].features]
-        batch = self.tokenizer.pad(features, padding=True, return_tensors="pt")
-        inputs = {k: v for k, v in batch.items() if k in self.input_names}
-        out = self.bank(tasks=tasks, **inputs)
+        return results, live, features, tasks
+
+    def _count(self, tasks: list, requests: int, tokens: int = 0, **last) -> None:
         with self._stats_lock:
             self.stats["batches"] += 1
             self.stats["rows"] += len(tasks)
-            self.stats["requests"] += len(live)
+            self.stats["requests"] += requests
+            if tokens:
+                self.stats["tokens"] += tokens
             distinct = len(set(tasks))
             self.stats["mixed_batches"] += distinct > 1
             self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
-            self.stats["last_strategy"] = out.strategy
+            self.stats.update(last)
+
+    @staticmethod
+    def _split(results: list, items: list, live: list, rows: list) -> list:
+        """Hand each live item its own slice of the batch's rows."""
         pos = 0
         for k in live:
             n = items[k].n
-            results[k] = [row.detach().float().cpu() for row in out.logits[pos: pos + n]]
+            results[k] = rows[pos: pos + n]
             pos += n
         return results
 
@@ -356,17 +372,9 @@ class GenerateBatcher(Batcher):
         self.stats["tokens"] = 0
 
     def _run(self, items: list) -> list:
-        results: list = [None] * len(items)
-        live = []
-        for k, it in enumerate(items):
-            if it.task in self.bank:
-                live.append(k)
-            else:
-                results[k] = ApiError(404, "unknown_task", f"task {it.task!r} was removed")
+        results, live, features, tasks = self._live(items)
         if not live:
             return results
-        features = [f for k in live for f in items[k].features]
-        tasks = [items[k].task for k in live for _ in items[k].features]
         limits = [items[k].options.get("max_new_tokens", 64) for k in live for _ in items[k].features]
         batch = _pad_left(self.tokenizer, features, self.pad_id)
         prompt_len = batch["input_ids"].shape[1]
@@ -385,20 +393,8 @@ class GenerateBatcher(Batcher):
             n_tokens += len(new)
             rows.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new),
                          "finish_reason": finish})
-        with self._stats_lock:
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(tasks)
-            self.stats["requests"] += len(live)
-            self.stats["tokens"] += n_tokens
-            distinct = len(set(tasks))
-            self.stats["mixed_batches"] += distinct > 1
-            self.stats["max_tasks_in_batch"] = max(self.stats["max_tasks_in_batch"], distinct)
-        pos = 0
-        for k in live:
-            n = items[k].n
-            results[k] = rows[pos: pos + n]
-            pos += n
-        return results
+        self._count(tasks, len(live), tokens=n_tokens)
+        return self._split(results, items, live, rows)
 
 
 def _pad_left(tokenizer, features: list, pad_id: int) -> dict:
