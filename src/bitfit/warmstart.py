@@ -78,7 +78,7 @@ def _features(model, layer: nn.Linear, loader, device, progress: bool = True) ->
     y = torch.cat(labels)
     if x.shape[0] != y.shape[0]:
         raise BitFitError(f"head warm start: the head saw {x.shape[0]} feature rows for {y.shape[0]} labels "
-                          "(a head that pools per token is not supported); pass --no_warm_start_head")
+                          "(a head that pools per token is not supported); drop --warm_start_head")
     return x, y
 
 
@@ -152,7 +152,7 @@ def warm_start_head(model: nn.Module, dataset, collator, *, regression: bool, ba
         w, b, score = _fit_logistic(x, y, classes, l2, has_bias)
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
         raise BitFitError("head warm start: the probe did not converge to finite weights; pass "
-                          "--no_warm_start_head")
+                          "drop --warm_start_head")
     with torch.no_grad():
         layer.weight.copy_(w.to(layer.weight.dtype))
         if has_bias:
