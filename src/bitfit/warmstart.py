@@ -151,7 +151,7 @@ def warm_start_head(model: nn.Module, dataset, collator, *, regression: bool, ba
             raise BitFitError(f"head warm start: labels outside 0..{classes - 1} for a {classes}-way head")
         w, b, score = _fit_logistic(x, y, classes, l2, has_bias)
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
-        raise BitFitError("head warm start: the probe did not converge to finite weights; pass "
+        raise BitFitError("head warm start: the probe did not converge to finite weights; "
                           "drop --warm_start_head")
     with torch.no_grad():
         layer.weight.copy_(w.to(layer.weight.dtype))
