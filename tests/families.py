@@ -18,8 +18,9 @@ FAM = {
 }
 
 
-def make(family: str, seed: int = 0, **overrides):
-    """A tiny randomly initialised model of ``family`` (eval mode, float32)."""
+def make(family: str, seed: int = 0, pretrained_pooler: bool = True, **overrides):
+    """A tiny randomly initialised model of ``family`` (eval mode, float32). ``pretrained_pooler=False`` leaves
+    a BERT pooler as a fresh init leaves it (all-zero bias), like sentence-transformers checkpoints ship it."""
     import torch
 
     import copy
@@ -29,6 +30,10 @@ def make(family: str, seed: int = 0, **overrides):
     config = config.__class__(**{**config.to_dict(), **overrides}) if overrides else copy.deepcopy(config)
     torch.manual_seed(seed)
     model = cls(config)
+    pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
+    if pooler is not None and pretrained_pooler:
+        with torch.no_grad():  # as in a pretrained checkpoint (bert-base's NSP pooler); an all-zero bias would mark
+            pooler.dense.bias.normal_(0.0, 0.02)  # it untrained, and BitFit would train it with the head
     model.eval()
     return model
 

@@ -117,11 +117,18 @@ def fingerprint(model: nn.Module) -> str:
     state = get_state(target)
     mm = state.model_map if state is not None else discover(target)
     skip = {s.name for s in mm.slots} | set(mm.head_params)
+    kept = {}
+    if mm.pooler_head:  # an untrained pooler in the head: its weight is hashed all the same, from its base
+        # value (the tensors hashed do not depend on pooler_head, nor on training)
+        weights = {n for n in mm.head_params if n.startswith(f"{mm.pooler_head}.") and not n.endswith(".bias")}
+        skip -= weights
+        kept = {n: state.base[n] for n in weights if state is not None and n in state.base}
     body, prefix = _body(target)
     h = hashlib.sha256()
     for name, p in sorted(body.named_parameters(), key=lambda kv: kv[0]):
         if prefix + name in skip or ".parametrizations." in name or p.is_meta:
             continue
+        p = kept.get(prefix + name, p)
         flat = p.detach().reshape(-1)
         n = flat.numel()
         if n > _SAMPLE:
@@ -1053,7 +1060,7 @@ def _plan(target: nn.Module, art: Artifact):
     except TypeError as exc:
         raise _bad(where, f"bitfit_config is malformed ({exc})") from None
     state = get_state(target)
-    mm = state.model_map if state is not None else discover(target)
+    mm = state.model_map if state is not None else discover(target, pooler_head=cfg.pooler_head)
     try:
         sel = resolve(mm, cfg)
     except BitFitError as exc:

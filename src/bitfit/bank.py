@@ -64,6 +64,15 @@ def _split_name(name: str) -> tuple[str, str]:
     return tuple(name.rsplit(".", 1)) if "." in name else ("", name)  # type: ignore[return-value]
 
 
+def _get_child(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
+    owner, leaf = _split_name(path)
+    setattr(model.get_submodule(owner) if owner else model, leaf, module)
+
+
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -473,15 +482,25 @@ class BiasBank:
         for table in self._tables.values():
             table.row_of = shared.setdefault(tuple(table.owners), table.row_of)
 
+    def _head_of(self, pname: str) -> Optional[str]:
+        """The head module (a path: ``classifier``, ``bert.pooler``) that holds parameter ``pname``."""
+        return next((h for h in sorted(self._head_names, key=len, reverse=True) if pname.startswith(h + ".")), None)
+
     def _build_task(self, name: str, tt) -> _Task:
         meta = dict(getattr(tt, "meta", {}) or {})
         added = set(getattr(tt, "added", []) or [])
         swap, hooked = {}, {}
+        head = dict(tt.head or {})
         from .artifact import _locate
 
         prefix = meta.get("base_prefix", "") or ""
         for saved_slot, value in tt.biases.items():
             slot = _locate(self.base, saved_slot, prefix) or saved_slot
+            if saved_slot not in added and self._head_of(slot) is not None:
+                # saved with pooler_head=False: the untrained pooler's bias was a BitFit bias; here that pooler
+                # is a per-task head module (its weight stays the base's)
+                head[slot] = value
+                continue
             mod_name, leaf = _split_name(slot)
             module = self._modules.get(mod_name)
             if module is None or leaf != "bias":
@@ -513,7 +532,7 @@ class BiasBank:
                 if not isinstance(ref, torch.Tensor):
                     raise BitFitError(f"task {name!r}: cannot add a bias after {mod_name!r} (no weight)")
                 hooked[slot] = value.to(ref.device, ref.dtype).contiguous()
-        heads = self._build_heads(name, tt.head or {})
+        heads = self._build_heads(name, head)
         _check_finite(name, {**swap, **hooked}, heads)
         cfg = getattr(self.base, "config", None)
         num_labels = meta.get("num_labels") or getattr(cfg, "num_labels", None) or 1
@@ -536,15 +555,15 @@ class BiasBank:
         heads = {}
         by_child: dict[str, dict] = {}
         for pname, value in head.items():
-            child = pname.split(".", 1)[0]
-            if child not in self._head_names or "." not in pname:
+            child = self._head_of(pname)
+            if child is None:
                 raise BitFitError(
                     f"task {name!r} has head parameter {pname!r}, but the base model's head is "
                     f"{self._head_names}; the task was trained with another head class"
                 )
-            by_child.setdefault(child, {})[pname.split(".", 1)[1]] = value
+            by_child.setdefault(child, {})[pname[len(child) + 1:]] = value
         for child, params in by_child.items():
-            base_child = getattr(self.base, child)
+            base_child = _get_child(self.base, child)
             # Copy the module structure only: parameters the task does not replace stay shared.
             memo = {id(t): t for t in list(base_child.parameters()) + list(base_child.buffers())}
             mod = copy.deepcopy(base_child, memo)
@@ -682,19 +701,20 @@ class BiasBank:
             if row_task is None:
                 task = tasks[0]
                 for child, mod in task.heads.items():
-                    heads[child] = getattr(base, child)
-                    setattr(base, child, mod)
+                    heads[child] = _get_child(base, child)
+                    _set_child(base, child, mod)
             else:
                 for child in self._head_names:
                     if not any(child in task.heads for task, _ in groups):
                         continue
-                    per = [(task.heads.get(child, getattr(base, child)), idx, task.num_labels) for task, idx in groups]
-                    heads[child] = getattr(base, child)
-                    setattr(base, child, _RowDispatch(child, per))
+                    own = _get_child(base, child)
+                    per = [(task.heads.get(child, own), idx, task.num_labels) for task, idx in groups]
+                    heads[child] = own
+                    _set_child(base, child, _RowDispatch(child, per))
             yield
         finally:
             for child, mod in heads.items():
-                setattr(base, child, mod)
+                _set_child(base, child, mod)
             for module, orig in reversed(switched):
                 module.__class__ = orig
                 module.__dict__.pop(_ROWS, None)

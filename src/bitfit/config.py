@@ -160,6 +160,15 @@ class BitFitConfig:
         default=True,
         metadata={"help": "Train the task head (classifier/score/qa_outputs...). A tied lm_head never trains."},
     )
+    pooler_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Train a pooler the checkpoint never trained (all-zero bias: sentence-transformers models such "
+            "as all-MiniLM-L6-v2 pool by mean and ship BERT's pooler at its initial values) as part of the task "
+            "head, weight and bias. False keeps it frozen, its bias a BitFit bias (the paper's set; artifacts "
+            "saved before this option load that way). A pretrained pooler (bert-base) is never affected."
+        },
+    )
     skip_zero_grad: bool = field(
         default=False,
         metadata={
@@ -213,7 +222,7 @@ class BitFitConfig:
             raise BitFitConfigError(f"layers must be a slice string, an int or a list of ints, got {self.layers!r}")
         if isinstance(self.layers, str):
             parse_layers(self.layers, 1000)  # syntax check only; ranges are checked against the model
-        for name in ("add_missing", "train_head", "skip_zero_grad", "lean"):
+        for name in ("add_missing", "train_head", "pooler_head", "skip_zero_grad", "lean"):
             if not isinstance(getattr(self, name), bool):
                 raise BitFitConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.frozen_dtype is not None:
@@ -245,6 +254,8 @@ class BitFitConfig:
         unknown = set(data) - known
         if unknown:
             raise BitFitConfigError(f"unknown BitFitConfig field(s): {sorted(unknown)}")
+        data = dict(data)
+        data.setdefault("pooler_head", False)  # saved before the option existed: the pooler stayed in the body
         return cls(**data)
 
     def to_json(self) -> str:

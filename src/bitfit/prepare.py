@@ -140,6 +140,7 @@ def apply(
     skip_zero_grad: bool = False,
     frozen_dtype: Optional[str] = None,
     lean: bool = True,
+    pooler_head: bool = True,
 ) -> nn.Module:
     """Turn ``model`` into a BitFit model in place and return it.
 
@@ -154,7 +155,7 @@ def apply(
         dict(
             preset=preset, roles=roles, include=include, exclude=exclude, layers=layers,
             add_missing=add_missing, train_head=train_head, skip_zero_grad=skip_zero_grad,
-            frozen_dtype=frozen_dtype, lean=lean,
+            frozen_dtype=frozen_dtype, lean=lean, pooler_head=pooler_head,
         ),
     )
     target = unwrap(model)
@@ -163,7 +164,7 @@ def apply(
             "this model is already a BitFit model (bitfit.apply was called on it before); "
             "load a fresh base model, or use bitfit.report(model) to see its selection"
         )
-    model_map = discover(target)
+    model_map = discover(target, pooler_head=cfg.pooler_head)
     sel = resolve(model_map, cfg)
     _check_selection(model_map, sel, cfg)
 

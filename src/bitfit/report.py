@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
@@ -30,6 +31,7 @@ class Report:
     generic: bool = False
     prepared: bool = True
     modes: list = field(default_factory=list)  # frozen dtype / lean training mode in effect (bitfit.lean)
+    pooler_head: Optional[str] = None  # an untrained pooler that trains with the head
 
     @property
     def fraction(self) -> float:
@@ -52,6 +54,7 @@ class Report:
             "generic_mapping": self.generic,
             "prepared": self.prepared,
             "modes": self.modes,
+            "pooler_head": self.pooler_head,
         }
 
     def to_json(self) -> str:
@@ -87,6 +90,11 @@ class Report:
             notes.append(
                 f"generic mapping: {len(self.other)} biases got role 'other': " + ", ".join(self.other[:8])
                 + (" ..." if len(self.other) > 8 else "")
+            )
+        if self.pooler_head:
+            notes.append(
+                f"the checkpoint never trained its pooler ({self.pooler_head}: all-zero bias, as in sentence-transformers "
+                "models, which pool by mean): it trains as part of the head (pooler_head=False keeps it frozen)"
             )
         notes += list(self.modes)
         if not self.prepared:
@@ -156,6 +164,7 @@ def report(model: nn.Module) -> Report:
         generic=model_map.generic,
         prepared=state is not None,
         modes=_modes(target),
+        pooler_head=model_map.pooler_head,
     )
 
 

@@ -163,6 +163,7 @@ class ModelMap:
     generic: bool = False
     tied_head: list[str] = field(default_factory=list)
     rotary: bool = False  # rotary position embeddings: b_k does receive a gradient
+    pooler_head: Optional[str] = None  # path of an untrained pooler trained as part of the head
 
     @property
     def zero_grad_roles(self) -> tuple:
@@ -266,8 +267,35 @@ def _classify(path: str, in_layer_path: Optional[str], parent_cls: str) -> str:
     return "other"
 
 
-def head_module_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Top-level children that form the task head, and LM heads that never train."""
+def untrained_pooler(model: nn.Module) -> Optional[str]:
+    """Path of a pooler the checkpoint never trained (``"bert.pooler"``), else None.
+
+    BERT-style sequence classifiers put a pooler (dense + tanh over the first token) between the body
+    and the classifier. Checkpoints trained without it (sentence-transformers models such as
+    all-MiniLM-L6-v2 or all-mpnet-base-v2, which pool by mean) still ship one at its initial values:
+    a random matrix and an all-zero bias. Frozen, that random projection sits in front of the head;
+    trained biases cannot undo it. A bias that is exactly zero in every entry is the sign: training
+    never leaves one there.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    pooler = getattr(base, "pooler", None)
+    dense = getattr(pooler, "dense", None) if isinstance(pooler, nn.Module) else None
+    if not isinstance(dense, nn.Linear) or not isinstance(dense.bias, torch.Tensor):
+        return None
+    if dense.bias.is_meta or dense.weight.is_meta:
+        return None
+    with torch.no_grad():
+        if bool(dense.bias.count_nonzero()) or not bool(dense.weight.count_nonzero()):
+            return None
+    return f"{prefix}.pooler"
+
+
+def head_module_names(model: nn.Module, pooler_head: bool = True) -> tuple[list[str], list[str]]:
+    """Modules that form the task head (top-level children, plus an untrained pooler's path when
+    ``pooler_head``, see :func:`untrained_pooler`), and LM heads that never train."""
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, nn.Module) or base is model:
@@ -286,15 +314,23 @@ def head_module_names(model: nn.Module) -> tuple[list[str], list[str]]:
             lm.append(name)
         elif any(True for _ in child.parameters()):
             heads.append(name)
+    if heads and pooler_head:
+        pooler = untrained_pooler(model)
+        if pooler is not None:
+            heads.append(pooler)
     return heads, lm
 
 
-def discover(model: nn.Module) -> ModelMap:
-    """Find every bias slot of ``model`` and give it a role."""
+def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
+    """Find every bias slot of ``model`` and give it a role.
+
+    ``pooler_head``: a pooler the checkpoint never trained (:func:`untrained_pooler`) belongs to the task
+    head (its weight and bias are head parameters); False keeps it in the body (its bias a slot).
+    """
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None) or type(model).__name__
     enc_dec = bool(getattr(config, "is_encoder_decoder", False))
-    heads, lm_heads = head_module_names(model)
+    heads, lm_heads = head_module_names(model, pooler_head)
     skip_prefixes = tuple(f"{h}." for h in heads + lm_heads)
     head_params = [n for n, _ in model.named_parameters() if n.startswith(tuple(f"{h}." for h in heads))]
 
@@ -334,7 +370,8 @@ def discover(model: nn.Module) -> ModelMap:
             n_layers[stack] = max(n_layers.get(stack, 0), layer + 1)
     generic = family not in KNOWN_FAMILIES
     rotary = any("Rotary" in type(m).__name__ or "RoPE" in type(m).__name__ for m in modules.values())
-    return ModelMap(family, slots, head_params, n_layers, generic, lm_heads, rotary)
+    pooler = next((h for h in heads if "." in h), None)
+    return ModelMap(family, slots, head_params, n_layers, generic, lm_heads, rotary, pooler)
 
 
 def roles_of(model_map: ModelMap) -> dict:
@@ -348,4 +385,4 @@ def roles_of(model_map: ModelMap) -> dict:
     return out
 
 
-__all__ = ["BiasSlot", "ModelMap", "discover", "roles_of", "head_module_names", "HEAD", "KNOWN_FAMILIES"]
+__all__ = ["BiasSlot", "ModelMap", "discover", "roles_of", "head_module_names", "untrained_pooler", "HEAD", "KNOWN_FAMILIES"]

@@ -69,6 +69,11 @@ class ModelArguments:
     )
     train_head: bool = field(default=True, metadata={"help": "Train the task head (--no-train-head to freeze it)."})
     skip_zero_grad: bool = field(default=False, metadata={"help": "Leave out b_k (no gradient by construction)."})
+    pooler_head: bool = field(
+        default=True,
+        metadata={"help": "Train a pooler the checkpoint never trained (all-zero bias, as sentence-transformers "
+                  "models ship BERT's) with the head; --pooler_head false keeps it frozen (the paper's set)."},
+    )
     frozen_dtype: Optional[str] = field(
         default="auto",
         metadata={"help": "Precision of the frozen weights: 'auto' (default: the fastest of float32 / bfloat16 / "
@@ -424,7 +429,7 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
         exclude=_split(model_args.exclude), layers=layers,
         add_missing=model_args.add_missing if add_missing is None else add_missing,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
-        frozen_dtype=model_args.frozen_dtype, lean=model_args.lean,
+        frozen_dtype=model_args.frozen_dtype, lean=model_args.lean, pooler_head=model_args.pooler_head,
     )
 
 
@@ -450,7 +455,7 @@ def apply_bitfit(model, model_args: ModelArguments):
 
     cfg = bitfit_config(model_args)
     if not cfg.add_missing and cfg.preset != "none":
-        sel = resolve(bitfit.discover(model), cfg)
+        sel = resolve(bitfit.discover(model, pooler_head=cfg.pooler_head), cfg)
         if not sel.chosen and sel.missing:
             print("bitfit: this model has no bias in the selection; adding zero-initialised biases "
                   "(--add-missing)", file=sys.stderr)
@@ -895,8 +900,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             over.setdefault("load_best_model_at_end", False)
         bs = over.get("per_device_train_batch_size", 32)
         defaults = training_defaults(method, info.primary, n_train, bs)
-        if info.kind == "instruct":
-            defaults.update(length_grouping())
+        defaults.update(length_grouping())  # batches of similar length: less padding, the same scores
         defaults.update(over)
         overwrite = defaults.pop("overwrite_output_dir", False) if not _has_overwrite_field() else \
             defaults.get("overwrite_output_dir", False)
