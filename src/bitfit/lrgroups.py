@@ -166,8 +166,8 @@ def halving_scheduler(optimizer, warmup_steps: int, period: int) -> torch.optim.
 
 
 def halving_period(halve_every_epochs: float, steps_in_epoch: int) -> int:
-    """Optimizer steps between two halvings (at least 1)."""
-    return max(1, int(round(check_factor("--halve_every_epochs", halve_every_epochs) * steps_in_epoch)))
+    """Optimizer steps between two halvings: ``N x steps_in_epoch`` rounded half up, at least 1."""
+    return max(1, math.floor(check_factor("--halve_every_epochs", halve_every_epochs) * steps_in_epoch + 0.5))
 
 
 # ----------------------------------------------------------------------------- norm-gain pull
