@@ -52,6 +52,7 @@ def test_trainable_counts_are_exact():
                  and m is not model.classifier)
     head = c.hidden_size * c.num_labels + c.num_labels
     assert _count(model) == biases + c.hidden_size * len(norms) + head == 434
+    assert bitfit.report(model).trainable == 434
     # LLaMA has no bias at all: the gains alone train (RMSNorm: 2 per layer + the final norm), plus nothing else
     llama = make("llama")
     with pytest.warns(UserWarning, match="have no bias"):
