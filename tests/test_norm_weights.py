@@ -72,6 +72,7 @@ def test_selection_without_a_norm_is_refused():
         bitfit.apply(make("bert"), preset="paper-subset", train_norm_weights=True)
 
 
+@pytest.mark.filterwarnings("ignore:.*have no bias in this llama model")
 @pytest.mark.parametrize("family", ["bert", "gpt2", "bart", "llama", "t5"])
 def test_save_load_merge_unmerge_exact(family, tmp_path):
     model = make(family)
@@ -189,3 +190,26 @@ def test_bank_and_peft_form_refuse_trained_gains(tmp_path):
 
     with pytest.raises(ArtifactError, match="peft adapter form holds biases and the head only"):
         to_peft_tensors(pack(model))
+
+
+def test_artifact_written_by_bitfit_before_issue_16_loads_bit_for_bit():
+    """tests/data/artifact_v1_bert was saved by bitfit at commit cb03bc9 (before norm gains) from
+    families.make("bert") trained by families.train_steps; it loads onto the same base and reproduces that
+    model's logits exactly."""
+    from pathlib import Path
+
+    from families import inputs_for
+
+    data = Path(__file__).parent / "data"
+    meta = json.loads((data / "artifact_v1_bert" / "bitfit_config.json").read_text())
+    assert meta["format_version"] == 1 and "norm_weights" not in meta
+    assert "train_norm_weights" not in meta["bitfit_config"]
+    want = json.loads((data / "artifact_v1_bert.logits.json").read_text())["logits"]
+    base = make("bert")
+    if fingerprint(base) != meta["base_model"]["fingerprint"]:
+        pytest.skip("this torch builds another random tiny BERT from the seed than the one the artifact was saved on")
+    model = bitfit.load(base, data / "artifact_v1_bert")
+    assert not bitfit.get_state(model).selection.norm_weights
+    with torch.no_grad():
+        got = model(**inputs_for("bert")).logits
+    assert got.tolist() == [[float.fromhex(x) for x in row] for row in want]
