@@ -305,6 +305,8 @@ def test_bitfit_train_cli_with_every_option(tiny_files, tmp_path, capsys):
     assert len(logged) == 6 and logged[1] == pytest.approx(logged[0]) and logged[3] == pytest.approx(logged[0] / 2)
     model = bitfit.load(str(tiny_files / "model"), str(out))
     assert bitfit.get_state(model).selection.norm_weights
+    assert main(argv[:-2] + ["--lr_scheduler_type=halving"]) == 1
+    assert "the halving schedule is --halve_every_epochs N" in capsys.readouterr().err
     bad = argv[:-2] + ["--lr_scheduler_type", "cosine"]
     assert main(bad[:bad.index("--output-dir") + 1] + [str(tmp_path / "r2")] + bad[bad.index("--output-dir") + 2:]) == 1
     assert "drop --lr_scheduler_type" in capsys.readouterr().err

@@ -1217,6 +1217,12 @@ def parse_train_args(argv: list):
     defaults for the flags the user did not give (they depend on the task and the training-set size)."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    for i, a in enumerate(argv):  # `--lr_scheduler_type halving`: bitfit's schedule has a flag of its own
+        key, _, val = a.partition("=")
+        if key in ("--lr_scheduler_type", "--lr-scheduler-type") and \
+                (val or (argv[i + 1] if i + 1 < len(argv) else "")).strip().lower() == "halving":
+            raise BitFitConfigError("the halving schedule is --halve_every_epochs N (the learning rate halves every N "
+                                    "epochs after the warm-up); drop --lr_scheduler_type")
     first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False, add_help=False)
     model_args, data_args, rest = first.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     own = () if _has_overwrite_field() else (RunArguments,)
