@@ -315,3 +315,19 @@ def test_bitfit_train_cli_with_every_option(tiny_files, tmp_path, capsys):
                  "--role_lr_multipliers", "bogus=2"]) == 1
     err = capsys.readouterr().err
     assert "unknown role 'bogus'" in err and not (tmp_path / "r3" / "metrics.json").exists()
+
+
+def test_norm_pull_fires_inside_trainer_train(tmp_path):
+    """lr x L2 = 1: every optimizer step of Trainer.train() (through accelerate's optimizer wrapper) puts the
+    gains back on their pretrained values, while the biases move."""
+    model = make("bert")
+    bitfit.apply(model, train_norm_weights=True)
+    state = bitfit.get_state(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tr = _trainer(model, tmp_path, max_steps=3, lr_scheduler_type="constant", warmup_steps=0)
+    tr.norm_weight_l2 = 1.0 / LR
+    tr.train()
+    params = dict(model.named_parameters())
+    for n in state.selection.norm_weights:
+        torch.testing.assert_close(params[n].detach(), state.base[n], rtol=0, atol=1e-6)
+    assert not torch.equal(params["bert.encoder.layer.0.output.dense.bias"], before["bert.encoder.layer.0.output.dense.bias"])

@@ -966,7 +966,7 @@ def _check_fingerprint(model: nn.Module, meta: dict, strict: bool, where) -> Non
     warnings.warn(msg + "; loading anyway because strict=False", stacklevel=3)
 
 
-_NO_GAINS = ("{where} trained norm gains (train_norm_weights): a bias bank and the multi-task server swap biases "
+_NO_GAINS = ("{where} trained norm gains (train_norm_weights): a bias bank (and bitfit serve, which uses one) swaps biases "
              "and heads only; use bitfit.load (or merge) for it")
 
 
