@@ -43,6 +43,9 @@ def test_method_specs_and_their_training_options():
     assert train_options("bitfit-1d") == {} and METHODS["bitfit-1d"].family == "bitfit"
     with pytest.raises(BitFitConfigError, match="apply to BitFit methods only"):
         train_options("full/layer_lr_decay=0.9")
+    assert train_options("bitfit-1d/norm_weight_l2=0.1") == {"norm_weight_l2": 0.1}
+    with pytest.raises(BitFitConfigError, match="only bitfit-1d trains them"):
+        train_options("bitfit/norm_weight_l2=0.1")
     with pytest.raises(BitFitConfigError, match="must be a number"):
         train_options("bitfit-halving/halve_every_epochs=often")
     from families import make

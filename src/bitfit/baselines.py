@@ -407,6 +407,9 @@ def train_options(spec: str) -> dict:
         if bad:
             raise BitFitConfigError(f"method {spec!r}: {', '.join(bad)} apply to BitFit methods only (biases grouped "
                                     "by role and layer)")
+    if out.get("norm_weight_l2") and name != "bitfit-1d":
+        raise BitFitConfigError(f"method {spec!r}: norm_weight_l2 pulls trained norm gains toward their pretrained "
+                                "values; only bitfit-1d trains them (bitfit-1d/norm_weight_l2=0.1)")
     if isinstance(out.get("role_lr_multipliers"), str):
         out["role_lr_multipliers"] = out["role_lr_multipliers"].replace("+", ",")
     return out
