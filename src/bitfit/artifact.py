@@ -51,7 +51,8 @@ from .roles import discover
 from .select import resolve
 
 FORMAT = "bitfit-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this bitfit reads; 2 = with a norm_weights section (train_norm_weights)
+PLAIN_FORMAT_VERSION = 1  # what an artifact without trained norm gains is written as (older bitfits read it)
 WEIGHTS_NAME = "bitfit_model.safetensors"
 CONFIG_NAME = "bitfit_config.json"
 DTYPES = ("float32", "float16", "int8")
@@ -123,13 +124,14 @@ def fingerprint(model: nn.Module) -> str:
         weights = {n for n in mm.head_params if n.startswith(f"{mm.pooler_head}.") and not n.endswith(".bias")}
         skip -= weights
         kept = {n: state.base[n] for n in weights if state is not None and n in state.base}
+    # trained norm gains count with their pretrained values
+    kept.update({n: state.base[n] for n in (state.selection.norm_weights if state is not None else ())})
     body, prefix = _body(target)
     h = hashlib.sha256()
     for name, p in sorted(body.named_parameters(), key=lambda kv: kv[0]):
         if prefix + name in skip or ".parametrizations." in name or p.is_meta:
             continue
-        p = kept.get(prefix + name, p)
-        flat = p.detach().reshape(-1)
+        flat = kept.get(prefix + name, p).detach().reshape(-1)
         n = flat.numel()
         if n > _SAMPLE:
             idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n - 1) // (_SAMPLE - 1)
@@ -216,7 +218,7 @@ def _trained_tensors(target: nn.Module, state):
     for slot in state.trained_slots():
         yield slot.name, bias_tensor(target, slot.name)
     params = dict(target.named_parameters())
-    for name in state.model_map.head_params:
+    for name in list(state.model_map.head_params) + list(state.selection.norm_weights):
         if name in params:
             yield name, params[name]
 
@@ -261,6 +263,33 @@ def _quantise(key: str, t: torch.Tensor, dtype: str, out: dict) -> None:
         out[f"scale:{key}"] = torch.tensor(scale, dtype=torch.float32)
 
 
+def _encode(key: str, name: str, value: torch.Tensor, base: Optional[torch.Tensor], dtype: str, tensors: dict,
+            entry: dict) -> None:
+    """Store ``value`` under ``key``: as the difference from ``base`` (exact in float32, with fixes under
+    ``fix_idx:<name>``/``fix_val:<name>``) or, without a usable base, as the value; ``entry`` records how."""
+    if base is not None and _nonfinite(value - base) is not None:
+        base = None  # the difference overflows float32 (or the base is not finite): store the value
+    if base is None:
+        entry["encoding"] = "value"
+        _quantise(key, value, dtype, tensors)
+        return
+    entry["encoding"] = "delta"
+    if dtype != "float32":
+        _quantise(key, value - base, dtype, tensors)
+        return
+    d, fix_idx, fix_val = _exact_delta(value, base)
+    if 16 * fix_idx.numel() > value.numel():  # many unreachable: store the value (smaller)
+        entry["encoding"] = "value"
+        tensors[key] = value.contiguous()
+        return
+    tensors[key] = d.contiguous()
+    if fix_idx.numel():
+        small = value.numel() <= torch.iinfo(torch.int16).max
+        tensors[f"fix_idx:{name}"] = fix_idx.to(torch.int16 if small else torch.int32)
+        tensors[f"fix_val:{name}"] = fix_val
+    entry["fixes"] = int(fix_idx.numel())
+
+
 def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_name=None,
              with_tensors: bool = True) -> tuple[dict, dict]:
     """(meta, tensors to store) for a BitFit model."""
@@ -290,28 +319,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             if idx is not None:
                 value = value[idx.cpu()]
                 base = None if base is None else base[idx.cpu()]
-            key = f"bias:{slot.name}"
-            if base is not None and _nonfinite(value - base) is not None:
-                base = None  # the difference overflows float32 (or the base is not finite): store the value
-            if base is None:
-                entry["encoding"] = "value"
-                _quantise(key, value, dtype, tensors)
-            else:
-                entry["encoding"] = "delta"
-                if dtype == "float32":
-                    d, fix_idx, fix_val = _exact_delta(value, base)
-                    if 16 * fix_idx.numel() > value.numel():  # many unreachable: store the value (smaller)
-                        entry["encoding"] = "value"
-                        tensors[key] = value.contiguous()
-                    else:
-                        tensors[key] = d.contiguous()
-                        if fix_idx.numel():
-                            small = value.numel() <= torch.iinfo(torch.int16).max
-                            tensors[f"fix_idx:{slot.name}"] = fix_idx.to(torch.int16 if small else torch.int32)
-                            tensors[f"fix_val:{slot.name}"] = fix_val
-                        entry["fixes"] = int(fix_idx.numel())
-                else:
-                    _quantise(key, value - base, dtype, tensors)
+            _encode(f"bias:{slot.name}", slot.name, value, base, dtype, tensors, entry)
         slots_meta[slot.name] = entry
 
     params = dict(target.named_parameters())
@@ -323,6 +331,15 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
         head_params[name] = list(p.shape)
         if with_tensors:
             _quantise(f"head:{name}", p, dtype, tensors)
+
+    norm_meta = {}
+    for name in state.selection.norm_weights:  # train_norm_weights: the gains, as differences from the base
+        p = params[name]
+        entry = {"size": int(p.numel())}
+        if with_tensors:
+            _encode(f"norm:{name}", f"norm:{name}", p.detach().float().cpu().reshape(-1),
+                    state.base[name].detach().float().cpu().reshape(-1), dtype, tensors, entry)
+        norm_meta[name] = entry
 
     config = getattr(target, "config", None)
     num_labels = getattr(config, "num_labels", None) if head_params else None
@@ -336,9 +353,12 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
     name = base_name or (getattr(config, "_name_or_path", None) or None)
     from . import __version__
 
+    bitfit_config = state.config.to_dict()
+    if not bitfit_config.get("train_norm_weights"):
+        bitfit_config.pop("train_norm_weights", None)  # an artifact older bitfits read as before
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
         "bitfit_version": __version__,
         "dtype": dtype,
         "base_model": {
@@ -350,7 +370,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "config": _json_config(config),
         },
         "family": state.model_map.family,
-        "bitfit_config": state.config.to_dict(),
+        "bitfit_config": bitfit_config,
         "slots": slots_meta,
         "added": list(state.added),
         "head": {
@@ -362,6 +382,8 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "problem_type": getattr(config, "problem_type", None) if head_params else None,
         },
     }
+    if norm_meta:
+        meta["norm_weights"] = norm_meta
     return meta, tensors
 
 
@@ -723,6 +745,16 @@ def _validate_meta(meta, path, strict: bool = True) -> None:
             raise _bad(path, f"slot {name}: \"indices\" must be a positive integer or null")
         if s.get("fixes") is not None and not _is_int(s["fixes"]):
             raise _bad(path, f"slot {name}: \"fixes\" must be a non-negative integer")
+    norms = meta.get("norm_weights", {})
+    if not isinstance(norms, dict):
+        raise _bad(path, "field 'norm_weights' is not an object")
+    for name, s in norms.items():
+        if not isinstance(s, dict) or not _is_int(s.get("size"), 1):
+            raise _bad(path, f"norm gain {name} has no size")
+        if s.get("encoding") not in ("delta", "value"):
+            raise _bad(path, f"norm gain {name} has unknown encoding {s.get('encoding')!r}")
+        if s.get("fixes") is not None and not _is_int(s["fixes"]):
+            raise _bad(path, f"norm gain {name}: \"fixes\" must be a non-negative integer")
     if any(a not in meta["slots"] for a in meta["added"]):
         raise _bad(path, "\"added\" names a bias that is not among the slots")
     head = meta["head"]
@@ -760,6 +792,11 @@ def _expected(meta) -> dict:
             keys[f"fix_val:{name}"] = ((torch.float32,), (s["fixes"],))
     for name, shape in meta["head"]["params"].items():
         keys[f"head:{name}"] = (store, tuple(shape))
+    for name, s in meta.get("norm_weights", {}).items():
+        keys[f"norm:{name}"] = (store, (s["size"],))
+        if s.get("fixes"):
+            keys[f"fix_idx:norm:{name}"] = (_INDEX_DTYPES, (s["fixes"],))
+            keys[f"fix_val:norm:{name}"] = ((torch.float32,), (s["fixes"],))
     if meta["dtype"] == "int8":
         for k in [k for k in keys if not k.startswith("fix_")]:
             keys[f"scale:{k}"] = ((torch.float32,), ())
@@ -866,7 +903,7 @@ def read_artifact(path, strict: bool = True) -> Artifact:
             continue
         if k.startswith("fix_idx:"):
             name = k[len("fix_idx:"):]
-            s = meta["slots"][name]
+            s = meta["norm_weights"][name[len("norm:"):]] if name.startswith("norm:") else meta["slots"][name]
             n = s["size"] if s.get("indices") is None else s["indices"]
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                 raise _bad(p, f"tensor {k} holds indices outside its bias (0..{n - 1})")
@@ -880,17 +917,19 @@ def read_artifact(path, strict: bool = True) -> Artifact:
 
 
 # ----------------------------------------------------------------------------- task tensors
-def _slot_value(art: Artifact, name: str, base: Optional[torch.Tensor]) -> torch.Tensor:
-    """The stored part of slot ``name`` (trained indices only for a fused slot), float32."""
-    s = art.meta["slots"][name]
-    stored = art.tensors[f"bias:{name}"]
+def _slot_value(art: Artifact, name: str, base: Optional[torch.Tensor], norm: bool = False) -> torch.Tensor:
+    """The stored part of slot ``name`` (trained indices only for a fused slot), float32; ``norm``: the
+    trained norm gain ``name`` (section norm_weights)."""
+    s = art.meta["norm_weights"][name] if norm else art.meta["slots"][name]
+    key = f"norm:{name}" if norm else name
+    stored = art.tensors[f"norm:{name}" if norm else f"bias:{name}"]
     if s["encoding"] == "value":
         return stored.clone()
     if base is None:
         raise ArtifactError(f"artifact stores a difference for {name} but the base model has no such bias")
     v = base + stored
     if s.get("fixes"):
-        v[art.tensors[f"fix_idx:{name}"]] = art.tensors[f"fix_val:{name}"]
+        v[art.tensors[f"fix_idx:{key}"]] = art.tensors[f"fix_val:{key}"]
     return v
 
 
@@ -934,6 +973,10 @@ def _check_fingerprint(model: nn.Module, meta: dict, strict: bool, where) -> Non
     warnings.warn(msg + "; loading anyway because strict=False", stacklevel=3)
 
 
+_NO_GAINS = ("{where} trained norm gains (train_norm_weights): a bias bank (and bitfit serve, which uses one) swaps biases "
+             "and heads only; use bitfit.load (or merge) for it")
+
+
 def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTensors:
     """Full float32 bias values, added slots and head of one task over ``base_model``.
 
@@ -948,6 +991,8 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
         state = get_state(src)
         if state is None:
             raise ArtifactError("task_tensors: the source model is not a BitFit model (no bitfit.apply on it)")
+        if state.selection.norm_weights:
+            raise ArtifactError(_NO_GAINS.format(where="the model in memory"))
         meta, _ = _collect(src, with_tensors=False)
         if strict and src is not base:
             _check_fingerprint(base, meta, strict, "in memory")
@@ -956,6 +1001,8 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
         head = {n: params[n].detach().float().cpu().clone() for n in state.model_map.head_params}
         return check_finite(TaskTensors(biases, list(state.added), head, _meta_summary(meta)), "the model in memory")
     art = read_artifact(source, strict=strict)
+    if art.meta.get("norm_weights"):
+        raise ArtifactError(_NO_GAINS.format(where=f"artifact {art.path}"))
     _check_fingerprint(base, art.meta, strict, art.path)
     prefix = art.meta["base_model"].get("prefix", "")
     biases = {}
@@ -1094,6 +1141,16 @@ def _plan(target: nn.Module, art: Artifact):
         if n != s.get("indices"):
             raise ArtifactError(f"artifact {where}: {name} trains {s.get('indices')} indices there, {n} here")
     params = dict(target.named_parameters())
+    norms = meta.get("norm_weights", {})
+    if set(norms) != set(sel.norm_weights):
+        raise ArtifactError(
+            f"artifact {where} trained the norm gains of {len(norms)} modules, but its config selects "
+            f"{len(sel.norm_weights)} in this {type(target).__name__}{hint}; not the same architecture"
+        )
+    for name, s in norms.items():
+        if params[name].numel() != s["size"]:
+            raise ArtifactError(f"artifact {where}: norm gain {name} has size {s['size']} there, "
+                                f"{params[name].numel()} in this model{hint}; shapes do not fit")
     head = meta["head"]["params"]
     if set(head) != set(mm.head_params):
         raise ArtifactError(
@@ -1169,6 +1226,10 @@ def _write(target: nn.Module, art: Artifact) -> None:
             value = _slot_value(art, name, base[idx.cpu()])
             param[idx.to(param.device)] = value.to(param.dtype).to(param.device)
     params = dict(target.named_parameters())
+    for name in art.meta.get("norm_weights", {}):
+        p = params[name]
+        value = _slot_value(art, name, state.base[name].float().cpu().reshape(-1), norm=True)
+        p.copy_(value.to(p.dtype).reshape(p.shape))
     for name in art.meta["head"]["params"]:
         p = params[name]
         if name not in state.base:  # an untrained head (train_head=False): keep its base value for unmerge
@@ -1179,7 +1240,7 @@ def _write(target: nn.Module, art: Artifact) -> None:
 # ----------------------------------------------------------------------------- unmerge
 def _check_restorable(target: nn.Module, state) -> None:
     missing = [s.name for s in state.trained_slots() if s.name not in state.added and s.name not in state.base]
-    missing += [n for n in state.selection.head_params if n not in state.base]
+    missing += [n for n in state.selection.head_params + state.selection.norm_weights if n not in state.base]
     if missing:
         raise ArtifactError(
             f"cannot restore the base: no copy of the base value of {len(missing)} tensor(s) was kept "
@@ -1219,7 +1280,7 @@ def _restore_base(target: nn.Module, state) -> None:
             b = state.base[slot.name]
             module.bias.copy_(b.to(module.bias.dtype))
     params = dict(target.named_parameters())
-    for name in state.model_map.head_params:
+    for name in list(state.model_map.head_params) + list(state.selection.norm_weights):
         if name in state.base:
             params[name].copy_(state.base[name].to(params[name].dtype))
     _drop_state(target)

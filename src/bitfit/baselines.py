@@ -16,6 +16,12 @@ Methods (``METHODS``; see :func:`parse_method` for the ``name/key=value`` spec s
   ``all`` has biases, drawn uniformly among all entries of the stack's weight matrices, trained
   as a sparse delta (gather/index_add in a forward hook: no dense weight gradient, optimizer
   state of exactly that size);
+- ``bitfit-1d`` (all biases plus the LayerNorm/RMSNorm gains: every 1-D vector of the stack),
+  ``bitfit-halving`` (BitFit with the learning rate halved every 2 epochs after warm-up) and
+  ``bitfit-rolelr`` (BitFit with per-role learning rates, default ``query=2,ffn_in=2``: the paper's
+  most-moving biases at twice the rate); their training options (:data:`TRAIN_OPTIONS`, e.g.
+  ``bitfit-halving/halve_every_epochs=3``, ``bitfit-rolelr/role_lr_multipliers=query=3+ffn_in=3``,
+  ``bitfit-rolelr/layer_lr_decay=0.9``) go to the Trainer, not to the prepare function;
 - ``bitfit+last-N`` (all biases, plus every parameter of the last N layers) and
   ``bitfit+lora`` (all biases plus LoRA).
 
@@ -25,13 +31,14 @@ The task head trains in every method (peft methods through ``modules_to_save``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .errors import BitFitConfigError, BitFitError
+from .lrgroups import PAPER_ROLE_LR
 from .roles import _LAYER_RE, discover, head_module_names
 
 try:  # GPT-2 style Conv1D: weight is [in, out]
@@ -91,6 +98,11 @@ def bitfit(model: nn.Module, preset: str = "all", **options) -> nn.Module:
     from .prepare import apply
 
     return apply(model, preset=preset, **options)
+
+
+def bitfit_1d(model: nn.Module, preset: str = "all", **options) -> nn.Module:
+    """BitFit plus the norm gains: every 1-D vector of the stack trains (``train_norm_weights=True``)."""
+    return bitfit(model, preset=preset, train_norm_weights=True, **options)
 
 
 def paper_subset(model: nn.Module, **options) -> nn.Module:
@@ -349,6 +361,7 @@ class Method:
     lr: float  # default learning rate
     lr_grid: tuple  # default grid for --lr-grid auto
     help: str
+    train_args: dict = field(default_factory=dict)  # ModelArguments defaults of the method (TRAIN_OPTIONS)
 
 
 METHODS: dict[str, Method] = {
@@ -365,13 +378,41 @@ METHODS: dict[str, Method] = {
         Method("ln_tuning", ln_tuning, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft LN tuning"),
         Method("ia3", ia3, "peft", 3e-3, (1e-3, 3e-3, 1e-2), "peft (IA)^3"),
         Method("rand", rand, "rand", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "random weight entries, as many as BitFit's biases"),
+        Method("bitfit-1d", bitfit_1d, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               "all biases + LayerNorm/RMSNorm gains (every 1-D vector)"),
+        Method("bitfit-halving", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               "BitFit, lr halved every 2 epochs after warm-up", {"halve_every_epochs": 2.0}),
+        Method("bitfit-rolelr", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               f"BitFit, role lr multipliers {PAPER_ROLE_LR}", {"role_lr_multipliers": PAPER_ROLE_LR}),
         Method("bitfit+last-N", bitfit_last_n, "dense", 1e-4, (5e-5, 1e-4, 3e-4), "all biases + last N layers fully"),
         Method("bitfit+lora", bitfit_lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "all biases + LoRA"),
     ]
 }
 
 _INT_OPTS = {"r", "alpha", "n", "seed", "count"}
-_FLOAT_OPTS = {"dropout"}
+_FLOAT_OPTS = {"dropout", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2"}
+# method options that are training options (ModelArguments fields read by the Trainer), not prepare options
+TRAIN_OPTIONS = ("role_lr_multipliers", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2")
+BITFIT_ONLY_OPTIONS = ("role_lr_multipliers", "layer_lr_decay", "norm_weight_l2")
+
+
+def train_options(spec: str) -> dict:
+    """The training options of method ``spec``: its defaults (``Method.train_args``) updated by the spec's
+    own (``bitfit-rolelr/layer_lr_decay=0.9``); ``+`` separates roles in ``role_lr_multipliers``."""
+    name, opts = parse_method(spec)
+    out = dict(METHODS[name].train_args)
+    out.update({k: v for k, v in opts.items() if k in TRAIN_OPTIONS})
+    if METHODS[name].family != "bitfit":
+        bad = [k for k in out if k in BITFIT_ONLY_OPTIONS]
+        if bad:
+            raise BitFitConfigError(f"method {spec!r}: {', '.join(bad)} apply to BitFit methods only (biases grouped "
+                                    "by role and layer)")
+    if out.get("norm_weight_l2") and name != "bitfit-1d":
+        raise BitFitConfigError(f"method {spec!r}: norm_weight_l2 pulls trained norm gains toward their pretrained "
+                                "values; only bitfit-1d trains them (bitfit-1d/norm_weight_l2=0.1)")
+    if isinstance(out.get("role_lr_multipliers"), str):
+        out["role_lr_multipliers"] = out["role_lr_multipliers"].replace("+", ",")
+    return out
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -408,6 +449,7 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Modul
     name, opts = parse_method(spec)
     if name == "rand" and seed is not None and "seed" not in opts:
         opts["seed"] = seed
+    opts = {k: v for k, v in opts.items() if k not in TRAIN_OPTIONS}  # the Trainer's (train_options)
     fn = METHODS[name].fn
     try:
         return fn(model, **opts)
@@ -419,7 +461,7 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Modul
 
 __all__ = [
     "METHODS", "Method", "prepare", "parse_method", "method_info", "trainable_count", "total_count", "base_count",
-    "bias_param_count", "bitfit", "bitfit_peft",
+    "bias_param_count", "bitfit", "bitfit_peft", "bitfit_1d", "train_options", "TRAIN_OPTIONS",
     "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
     "bitfit_last_n", "bitfit_lora", "RandDelta", "rand_effective_weights",
 ]

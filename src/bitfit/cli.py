@@ -32,11 +32,14 @@ def info_main(argv: list) -> int:
                    help="load with a sequence-classification head of N labels")
     p.add_argument("--add-missing", action="store_true", help="add zero biases where the model has none")
     p.add_argument("--layers", default=None, help="restrict to layers, e.g. '-2:'")
+    p.add_argument("--train-norm-weights", action="store_true",
+                   help="also train the LayerNorm/RMSNorm gains (counted in 'trainable')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     task = "classification" if args.task_head else "base"
     model = load_model(args.model, num_labels=args.task_head, task=task)
-    apply(model, preset=args.preset, add_missing=args.add_missing, layers=args.layers)
+    apply(model, preset=args.preset, add_missing=args.add_missing, layers=args.layers,
+          train_norm_weights=args.train_norm_weights)
     rep = report(model)
     print(rep.to_json() if args.json else rep.to_markdown())
     return 0

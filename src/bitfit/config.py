@@ -185,6 +185,14 @@ class BitFitConfig:
             "is applied. None keeps the model's dtype."
         },
     )
+    train_norm_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the gains (the 1-D ``weight``) of the LayerNorm/RMSNorm modules whose role the "
+            "selection covers: BitFit extended to every 1-D vector of the stack. Saved, loaded and merged with "
+            "the biases (the artifact's norm_weights section)."
+        },
+    )
     lean: bool = field(
         default=True,
         metadata={
@@ -222,7 +230,7 @@ class BitFitConfig:
             raise BitFitConfigError(f"layers must be a slice string, an int or a list of ints, got {self.layers!r}")
         if isinstance(self.layers, str):
             parse_layers(self.layers, 1000)  # syntax check only; ranges are checked against the model
-        for name in ("add_missing", "train_head", "pooler_head", "skip_zero_grad", "lean"):
+        for name in ("add_missing", "train_head", "pooler_head", "skip_zero_grad", "train_norm_weights", "lean"):
             if not isinstance(getattr(self, name), bool):
                 raise BitFitConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.frozen_dtype is not None:

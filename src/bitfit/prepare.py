@@ -141,6 +141,7 @@ def apply(
     frozen_dtype: Optional[str] = None,
     lean: bool = True,
     pooler_head: bool = True,
+    train_norm_weights: bool = False,
 ) -> nn.Module:
     """Turn ``model`` into a BitFit model in place and return it.
 
@@ -155,7 +156,7 @@ def apply(
         dict(
             preset=preset, roles=roles, include=include, exclude=exclude, layers=layers,
             add_missing=add_missing, train_head=train_head, skip_zero_grad=skip_zero_grad,
-            frozen_dtype=frozen_dtype, lean=lean, pooler_head=pooler_head,
+            frozen_dtype=frozen_dtype, lean=lean, pooler_head=pooler_head, train_norm_weights=train_norm_weights,
         ),
     )
     target = unwrap(model)
@@ -196,6 +197,9 @@ def apply(
     for name in sel.head_params:
         params[name].requires_grad_(True)
         state.base[name] = params[name].detach().clone()
+    for name in sel.norm_weights:  # train_norm_weights: the norms' gains, with their pretrained values kept
+        params[name].requires_grad_(True)
+        state.base[name] = params[name].detach().clone()
 
     object.__setattr__(target, STATE_ATTR, state)
     from .lean import finish_apply  # frozen_dtype (bf16 base) and the memory-lean training mode
@@ -206,7 +210,7 @@ def apply(
 
 def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> None:
     asked_bias = cfg.preset != "none" or cfg.roles or cfg.include
-    if asked_bias and not sel.chosen:
+    if asked_bias and not sel.chosen and not sel.norm_weights:
         if sel.missing:
             roles = sorted({r for rs in sel.missing.values() for r in rs})
             raise BitFitConfigError(
@@ -227,5 +231,10 @@ def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> 
             "ones",
             stacklevel=3,
         )
-    if not sel.chosen and not sel.head_params:
+    if cfg.train_norm_weights and not sel.norm_weights:
+        raise BitFitConfigError(
+            f"train_norm_weights=True but the selection covers no LayerNorm/RMSNorm with a gain in this "
+            f"{model_map.family} model; select a norm role (ln_attn, ln_ffn, embed_ln, final_ln ...) or drop it"
+        )
+    if not sel.chosen and not sel.head_params and not sel.norm_weights:
         raise BitFitConfigError("nothing would train: no bias selected and train_head=False (or no head)")

@@ -124,6 +124,7 @@ class BiasSlot:
     layer: Optional[int] = None
     stack: Optional[str] = None
     exists: bool = True
+    has_weight: bool = False  # a norm module with a 1-D gain parameter of the bias's size (train_norm_weights)
 
     @property
     def name(self) -> str:
@@ -365,7 +366,10 @@ def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
             roles = _fused_indices(role, size, config)
         else:
             roles = {role: None}
-        slots.append(BiasSlot(name, kind, size, roles, layer, stack, exists))
+        w = getattr(module, "weight", None)
+        has_weight = kind in ("layernorm", "norm") and isinstance(w, nn.Parameter) and w.dim() == 1 \
+            and w.shape[0] == size
+        slots.append(BiasSlot(name, kind, size, roles, layer, stack, exists, has_weight))
         if layer is not None:
             n_layers[stack] = max(n_layers.get(stack, 0), layer + 1)
     generic = family not in KNOWN_FAMILIES

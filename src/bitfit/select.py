@@ -9,6 +9,8 @@ from .config import HEAD, ROLES, BitFitConfig, parse_layers
 from .errors import BitFitConfigError
 from .roles import BiasSlot, ModelMap
 
+NORM_KINDS = ("layernorm", "norm")  # slots whose module has a 1-D gain (``weight``) besides the bias
+
 
 @dataclass
 class Selection:
@@ -18,6 +20,7 @@ class Selection:
     missing: dict = field(default_factory=dict)  # slot name -> roles chosen but the bias does not exist
     head_params: list = field(default_factory=list)
     skipped_zero_grad: list = field(default_factory=list)  # slot names/roles left out as zero-gradient
+    norm_weights: list = field(default_factory=list)  # train_norm_weights: "<norm module>.weight" names that train
 
     def roles_for(self, slot: BiasSlot) -> tuple:
         return self.chosen.get(slot.name, ())
@@ -86,6 +89,8 @@ def resolve(model_map: ModelMap, config: BitFitConfig) -> Selection:
         if not roles:
             continue
         ordered = tuple(r for r in slot.roles if r in roles)
+        if config.train_norm_weights and slot.kind in NORM_KINDS and slot.has_weight:
+            sel.norm_weights.append(f"{slot.module_name}.weight")
         if slot.exists or config.add_missing:
             sel.chosen[slot.name] = ordered
         else:

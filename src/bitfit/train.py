@@ -96,6 +96,34 @@ class ModelArguments:
                   "training. Default: 0 for BitFit (bias-only training underfits rather than overfits; "
                   "docs/RESULTS.md), the model's own for full fine-tuning and LoRA in `bitfit compare`."},
     )
+    role_lr_multipliers: Optional[str] = field(
+        default=None,
+        metadata={"help": "Learning-rate multipliers per bias role, e.g. 'query=2,ffn_out=0.5' (roles as in "
+                  "`bitfit info`; '+' also separates): those tensors train at --learning_rate x factor. BitFit "
+                  "runs only; the head keeps --head_learning_rate (docs/TRAINING.md)."},
+    )
+    layer_lr_decay: Optional[float] = field(
+        default=None,
+        metadata={"help": "Layer-wise learning-rate decay, e.g. 0.9: the top layer trains at --learning_rate, each "
+                  "layer below at 0.9 x the one above; embedding biases get the lowest rate, pooler/final norm the "
+                  "top one. BitFit runs only."},
+    )
+    halve_every_epochs: Optional[float] = field(
+        default=None,
+        metadata={"help": "The 'halving' schedule (replaces --lr_scheduler_type): after the linear warm-up the "
+                  "learning rate is halved at the end of every N epochs (optimizer steps per epoch counted with "
+                  "--gradient_accumulation_steps)."},
+    )
+    train_norm_weights: bool = field(
+        default=False,
+        metadata={"help": "Also train the LayerNorm/RMSNorm gains (every 1-D vector of the stack, not only the "
+                  "biases); saved in the artifact with the biases."},
+    )
+    norm_weight_l2: Optional[float] = field(
+        default=None,
+        metadata={"help": "With --train_norm_weights: pull the gains toward their pretrained values after every "
+                  "optimizer step, g -= lr x L2 x (g - g_pretrained) (decoupled, like AdamW's weight decay)."},
+    )
     warm_start_head: bool = field(
         default=False,
         metadata={"help": "Fit the task head's output layer on the frozen model's features (a linear probe over "
@@ -430,6 +458,7 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
         add_missing=model_args.add_missing if add_missing is None else add_missing,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
         frozen_dtype=model_args.frozen_dtype, lean=model_args.lean, pooler_head=model_args.pooler_head,
+        train_norm_weights=model_args.train_norm_weights,
     )
 
 
@@ -583,6 +612,11 @@ def _trainer_class():
         trained tensors to checkpoints, and loads them back without warning about frozen keys."""
 
         head_learning_rate: Optional[float] = None
+        role_lr_multipliers: Optional[dict] = None  # role -> factor on the learning rate (bitfit.lrgroups)
+        layer_lr_decay: Optional[float] = None
+        halve_every_epochs: Optional[float] = None
+        norm_weight_l2: Optional[float] = None
+        _bitfit_steps_per_epoch: Optional[int] = None
 
         def __init__(self, *args, **kwargs):
             from .guard import NonFiniteGuard
@@ -623,28 +657,72 @@ def _trainer_class():
 
             return get_state(self.model)
 
+        def _custom_lrs(self) -> bool:
+            return bool(self.role_lr_multipliers) or self.layer_lr_decay not in (None, 1.0)
+
         def create_optimizer(self, model=None):
+            if self.optimizer is not None:
+                return self.optimizer
             state = self._bitfit()
-            if self.optimizer is not None or state is None or self.head_learning_rate is None:
-                return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+            if state is None and (self._custom_lrs() or self.norm_weight_l2):
+                raise BitFitConfigError("--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit "
+                                        "runs (biases grouped by role and layer); this model has no BitFit state "
+                                        "(full fine-tuning or another method)")
+            if state is None or (self.head_learning_rate is None and not self._custom_lrs()
+                                 and not self.norm_weight_l2):
+                return super().create_optimizer(model)
+            from .lrgroups import add_norm_pull, lr_factors, trained_roles
+
             opt_model = self.model if model is None else model
+            factors = lr_factors(opt_model, self.role_lr_multipliers, self.layer_lr_decay) if self._custom_lrs() else {}
+            unused = sorted(set(self.role_lr_multipliers or ()) - trained_roles(opt_model))
+            if unused:
+                import warnings
+
+                warnings.warn(f"--role_lr_multipliers: role(s) {', '.join(unused)} train no tensor in this run; "
+                              "their multipliers have no effect", stacklevel=2)
             head = set(state.selection.head_params)
             decay = set(self.get_decay_parameter_names(opt_model))
             groups: dict = {}
             for n, p in opt_model.named_parameters():
                 if not p.requires_grad:
                     continue
-                key = (n in head, n in decay)
+                is_head = n in head
+                key = (is_head, n in decay, None if is_head else factors.get(id(p), 1.0))
                 groups.setdefault(key, []).append(p)
             param_groups = []
-            for (is_head, is_decay), params in groups.items():
+            base_lr = self.args.learning_rate
+            for (is_head, is_decay, factor), params in groups.items():
                 g = {"params": params, "weight_decay": self.args.weight_decay if is_decay else 0.0}
                 if is_head:
-                    g["lr"] = self.head_learning_rate
+                    if self.head_learning_rate is not None:
+                        g["lr"] = self.head_learning_rate
+                elif factor != 1.0:
+                    g["lr"] = base_lr * factor
                 param_groups.append(g)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = cls(param_groups, **kwargs)
+            if self.norm_weight_l2:
+                self._norm_pull = add_norm_pull(self.optimizer, opt_model, self.norm_weight_l2)
             return self.optimizer
+
+        def set_initial_training_values(self, *args, **kwargs):
+            values = super().set_initial_training_values(*args, **kwargs)
+            self._bitfit_steps_per_epoch = values[1]  # num_update_steps_per_epoch, the Trainer's own count
+            return values
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.halve_every_epochs is None or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            from .lrgroups import halving_period, halving_scheduler, steps_per_epoch
+
+            spe = self._bitfit_steps_per_epoch or steps_per_epoch(len(self.get_train_dataloader()),
+                                                                  self.args.gradient_accumulation_steps)
+            self.lr_scheduler = halving_scheduler(optimizer if optimizer is not None else self.optimizer,
+                                                  self.args.get_warmup_steps(num_training_steps),
+                                                  halving_period(self.halve_every_epochs, spe))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
 
         def _save(self, output_dir=None, state_dict=None):
             if self._bitfit() is None:
@@ -778,6 +856,30 @@ def check_training_args(training_args) -> None:
         raise BitFitConfigError(f"--learning_rate must be a finite number >= 0, got {lr}")
 
 
+def check_lr_options(model_args: ModelArguments, method: str = "bitfit", prepare=None) -> dict:
+    """Check the learning-rate and norm-gain options of ``model_args`` before anything loads; returns the
+    parsed role multipliers (bitfit.lrgroups)."""
+    from .lrgroups import check_factor, parse_role_multipliers
+
+    role_mult = parse_role_multipliers(model_args.role_lr_multipliers.replace("+", ",")
+                                       if isinstance(model_args.role_lr_multipliers, str)
+                                       else model_args.role_lr_multipliers)
+    for flag, value in (("--layer_lr_decay", model_args.layer_lr_decay),
+                        ("--halve_every_epochs", model_args.halve_every_epochs),
+                        ("--norm_weight_l2", model_args.norm_weight_l2)):
+        if value is not None:
+            check_factor(flag, value)
+    bitfit_only = [f for f, v in (("--role_lr_multipliers", role_mult), ("--layer_lr_decay", model_args.layer_lr_decay),
+                                  ("--norm_weight_l2", model_args.norm_weight_l2)) if v]
+    if bitfit_only and method not in BITFIT_METHODS:
+        raise BitFitConfigError(f"{', '.join(bitfit_only)}: only for BitFit runs (biases grouped by role and layer); "
+                                f"not for {method} (full fine-tuning trains every weight)")
+    if model_args.norm_weight_l2 and not model_args.train_norm_weights and prepare is None:
+        raise BitFitConfigError("--norm_weight_l2 pulls the trained norm gains toward their pretrained values: it "
+                                "needs --train_norm_weights")
+    return role_mult
+
+
 def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> None:
     """Refuse an --output-dir that holds a finished run (unless ``overwrite`` or ``resume``), that is a file,
     or that cannot be written; nothing is left behind by the check."""
@@ -908,6 +1010,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     else:
         overwrite = getattr(training_args, "overwrite_output_dir", False)
     check_training_args(training_args)
+    role_mult = check_lr_options(model_args, method, prepare)
     if training_args.process_index == 0:
         check_output_dir(training_args.output_dir, overwrite, training_args.resume_from_checkpoint)
     transformers.set_seed(training_args.seed)
@@ -952,6 +1055,13 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
     is_bitfit = get_state(model) is not None
+    if not is_bitfit and (role_mult or model_args.layer_lr_decay is not None or model_args.norm_weight_l2):
+        raise BitFitConfigError(f"--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit runs; "
+                                f"this {method} run trains no BitFit model")
+    trainer.role_lr_multipliers = role_mult
+    trainer.layer_lr_decay = model_args.layer_lr_decay
+    trainer.halve_every_epochs = model_args.halve_every_epochs
+    trainer.norm_weight_l2 = model_args.norm_weight_l2
     if is_bitfit and method in BITFIT_METHODS:
         trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
     elif model_args.head_learning_rate:
@@ -1111,6 +1221,12 @@ def parse_train_args(argv: list):
     defaults for the flags the user did not give (they depend on the task and the training-set size)."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    for i, a in enumerate(argv):  # `--lr_scheduler_type halving`: bitfit's schedule has a flag of its own
+        key, _, val = a.partition("=")
+        if key in ("--lr_scheduler_type", "--lr-scheduler-type") and \
+                (val or (argv[i + 1] if i + 1 < len(argv) else "")).strip().lower() == "halving":
+            raise BitFitConfigError("the halving schedule is --halve_every_epochs N (the learning rate halves every N "
+                                    "epochs after the warm-up); drop --lr_scheduler_type")
     first = HfArgumentParser((ModelArguments, DataArguments), allow_abbrev=False, add_help=False)
     model_args, data_args, rest = first.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     own = () if _has_overwrite_field() else (RunArguments,)
@@ -1152,6 +1268,9 @@ def parse_train_args(argv: list):
         model_args, data_args, training_args, *run = parser.parse_args_into_dataclasses(argv)
     except ValueError as exc:  # TrainingArguments' own checks
         raise BitFitConfigError(f"invalid training arguments: {exc}") from None
+    if model_args.halve_every_epochs is not None and _given(argv, "lr_scheduler_type"):
+        raise BitFitConfigError("--halve_every_epochs is a learning-rate schedule of its own: drop --lr_scheduler_type "
+                                "(or --halve_every_epochs)")
     if run:  # our own flag rides on the TrainingArguments object (run_train reads it with getattr)
         training_args.overwrite_output_dir = run[0].overwrite_output_dir
     check_training_args(training_args)

@@ -37,7 +37,8 @@ DEFAULT_METHODS = "bitfit,paper-subset,full,frozen,lora,rand"
 TRAIN_METHOD = {
     "bitfit": "bitfit", "paper-subset": "bitfit", "frozen": "frozen", "full": "full", "lora": "lora",
     "beft": "lora", "ln_tuning": "lora", "ia3": "lora", "rand": "rand", "bitfit+last-N": "bitfit",
-    "bitfit+lora": "lora", "bitfit-peft": "bitfit",
+    "bitfit+lora": "lora", "bitfit-peft": "bitfit", "bitfit-1d": "bitfit", "bitfit-halving": "bitfit",
+    "bitfit-rolelr": "bitfit",
 }
 ARTIFACT_FILES = ("bitfit_model.safetensors", "bitfit_config.json", "adapter_model.safetensors",
                   "adapter_config.json", "model.safetensors", "config.json", "rand_delta.safetensors")
@@ -179,10 +180,13 @@ def run_dir_for(out_dir: Path, spec: str, lr: float, seed: int, size: Optional[i
     return Path(out_dir) / "runs" / slug(spec) / f"lr{lr:g}" / (f"n{size}" if size else "full") / f"seed{seed}"
 
 
-_TRAIN_PRESET = {"bitfit": "all", "paper-subset": "paper-subset", "frozen": "none"}
+_TRAIN_PRESET = {"bitfit": "all", "paper-subset": "paper-subset", "frozen": "none", "bitfit-1d": "all",
+                 "bitfit-halving": "all", "bitfit-rolelr": "all"}
+_TRAIN_EXTRA = {"bitfit-1d": {"train_norm_weights": "true"}}  # `bitfit train` flags a method stands for
 # method options of the BitFit family that `bitfit train` takes as flags of the same name
 _TRAIN_FLAGS = {"preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "skip_zero_grad",
-                "frozen_dtype", "lean"}
+                "frozen_dtype", "lean", "train_norm_weights", "role_lr_multipliers", "layer_lr_decay",
+                "halve_every_epochs", "norm_weight_l2"}
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
@@ -240,7 +244,10 @@ def rerun_command(run_spec: str, lr: float, seed: int, size: Optional[int], mode
     method, learning rate, seed and size. ``run_spec`` is the method spec the run trained with."""
     from ..baselines import parse_method
 
+    from ..baselines import train_options
+
     name, opts = parse_method(run_spec)
+    opts = {**_TRAIN_EXTRA.get(name, {}), **opts, **train_options(run_spec)}
     common = _common_flags(model_args, data_args)
     if name in _TRAIN_PRESET and set(opts) <= _TRAIN_FLAGS:
         argv = [*common, "--preset", str(opts.pop("preset", _TRAIN_PRESET[name]))]
@@ -325,10 +332,11 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
         return prepared
 
     d_args = dataclasses.replace(data_args, train_size=size) if size else data_args
+    m_args = dataclasses.replace(model_args, **baselines.train_options(spec))  # learning-rate / schedule options
     tr = {**overrides, "output_dir": str(run_dir), "learning_rate": lr, "seed": seed}
     sampler = contextlib.nullcontext() if isolated else RssSampler()
     with sampler:
-        metrics = run_train(model_args, d_args, tr, prepare=prepare, method=TRAIN_METHOD[name])
+        metrics = run_train(m_args, d_args, tr, prepare=prepare, method=TRAIN_METHOD[name])
     inner, mm = holder["inner"], holder["mm"]
     if name == "rand":
         _save_rand(inner, run_dir)
@@ -761,7 +769,7 @@ def _int_list(text: Optional[str], flag: str) -> list:
 @command("compare", "train BitFit and its baselines side by side: table, bar chart, learning curves")
 def compare_main(argv: list) -> int:
     _env()
-    from ..baselines import METHODS, parse_method
+    from ..baselines import METHODS, parse_method, train_options
     from ..train import DataArguments, ModelArguments
 
     methods_help = "; ".join(f"{k}: {m.help} (lr {m.lr:g})" for k, m in METHODS.items())
@@ -806,6 +814,7 @@ def compare_main(argv: list) -> int:
         raise BitFitConfigError("--methods is empty")
     for s in specs:
         parse_method(s)
+        train_options(s)  # bad training options fail before any run
     if len(set(specs)) != len(specs):
         raise BitFitConfigError(f"--methods lists a method twice: {args.methods}")
     if args.seeds < 1:

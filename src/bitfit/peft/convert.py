@@ -178,6 +178,9 @@ def artifact_key(key: str, meta: dict, where="") -> str:
 
 
 def to_peft_tensors(packed: Packed) -> dict:
+    if packed.meta.get("norm_weights"):
+        raise ArtifactError("this artifact trained norm gains (train_norm_weights): the peft adapter form holds "
+                            "biases and the head only; keep the bitfit artifact (bitfit.load / bitfit merge)")
     return {peft_key(k, packed.meta): v for k, v in packed.raw.items()}
 
 
