@@ -24,8 +24,11 @@ def main(argv: list) -> int:
         "regression tasks) or POST /v1/generate (instruction-tuned causal-LM tasks), GET /v1/tasks, GET /health. "
         "Requests for different tasks arriving together run as one batch.",
     )
-    p.add_argument("--model", required=True, help="the base model: local folder, Hub name, or 'minilm'; "
-                   "its tokenizer is loaded from the same place")
+    p.add_argument("--model", required=True, help="the base model the tasks were trained on: local folder, Hub "
+                   "name, 'minilm', or a .gguf file (loaded dequantized, as bitfit train loads it); its tokenizer is "
+                   "loaded from the same place")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="a GGUF file inside the --model folder (the same as --model FOLDER/NAME)")
     p.add_argument("--task", action="append", type=_task_arg, required=True, metavar="NAME=PATH",
                    help="a task name and its artifact folder (saved with bitfit.save); repeat for more tasks")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, loopback only)")
@@ -101,13 +104,14 @@ def main(argv: list) -> int:
     kind = next(iter(kinds.values()))
     import transformers
 
-    tokenizer = load_tokenizer(args.model)
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = load_tokenizer(args.model, **gguf)
     if kind == "causal-lm" and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the base's own head is never used: no "newly initialized" noise
     try:
-        base = load_model(args.model, task=kind).eval()
+        base = load_model(args.model, task=kind, **gguf).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
     bank = BiasBank(base, artifacts, strategy=args.strategy)
