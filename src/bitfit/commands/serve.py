@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitError
 
 
@@ -51,6 +51,7 @@ def main(argv: list) -> int:
                    help="how the bank mixes tasks in a batch (default: auto, chosen per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_verbose(p)
     args = p.parse_args(argv)
 
     names = [n for n, _ in args.task]
