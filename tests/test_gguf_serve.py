@@ -96,6 +96,38 @@ def test_bank_gguf_file_in_a_folder_and_without_tasks(setup):
         BiasBank(empty.base, gguf_file=name)
 
 
+def test_bank_over_a_local_causal_lm_folder(setup, tmp_path):
+    """A local causal-LM folder (here the dequantized GGUF saved with save_pretrained) as the bank's base path:
+    loaded with AutoModelForCausalLM for instruction-tuned tasks (not a sequence-classification head)."""
+    from bitfit.data.instruct import format_prompt
+
+    folder = tmp_path / "llama"
+    load_model(setup["path"], task="causal-lm").save_pretrained(folder)
+    setup["tok"].save_pretrained(folder)
+    bank = BiasBank(str(folder), {"echo": setup["tasks"]["echo"]})
+    assert type(bank.base).__name__ == "LlamaForCausalLM"
+    tok = load_tokenizer(str(folder))
+    tok.pad_token = tok.eos_token
+    enc = tok([format_prompt(PROMPTS[0])], return_tensors="pt")
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        own = setup["own"]["echo"].generate(**enc, **kw)
+    assert torch.equal(bank.generate(["echo"], **enc, **kw), own)
+
+
+def test_bank_classification_task_on_the_gguf_and_mixed_kinds(setup, tmp_path):
+    cls = bitfit.apply(load_model(setup["path"], task="classification", num_labels=2), add_missing=True)
+    bitfit.save(cls, tmp_path / "cls", base_name=setup["path"])
+    bank = BiasBank(setup["path"], {"cls": str(tmp_path / "cls")})  # its task's class: sequence classification
+    assert type(bank.base).__name__ == "LlamaForSequenceClassification"
+    ids = setup["tok"]("a fine film", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        own = cls.eval()(input_ids=ids).logits[0]
+    assert torch.equal(bank(tasks=["cls"], input_ids=ids).logits[0], own)
+    with pytest.raises(bitfit.BitFitError, match="one kind"):
+        BiasBank(setup["path"], {"chat": setup["tasks"]["chat"], "cls": str(tmp_path / "cls")})
+
+
 def test_bank_refuses_a_task_of_another_gguf(setup, tmp_path):
     other = write_tiny_llama_gguf(tmp_path / "other.gguf", seed=1)
     with pytest.raises(bitfit.BitFitError, match="fingerprint"):
