@@ -173,3 +173,18 @@ def test_bitfit_serve_gguf_file_option(setup, monkeypatch):
     (app,) = apps
     assert app.state.generative and app.state.bank.tasks == ["chat"]
     assert type(app.state.bank.base).__name__ == "LlamaForCausalLM"
+
+
+def test_bitfit_serve_without_model_uses_the_recorded_base(setup, monkeypatch, capsys):
+    """Like eval/generate, `bitfit serve` takes the base (the GGUF file) from the run folders' task.json."""
+    import bitfit.serve
+
+    apps = []
+    monkeypatch.setattr(bitfit.serve, "serve", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--threads", "1", "--task", f"chat={setup['tasks']['chat']}"]) == 0
+    (app,) = apps
+    assert type(app.state.bank.base).__name__ == "LlamaForCausalLM"
+    assert f"over {setup['path']}" in capsys.readouterr().out
+    # a bitfit.save folder records no run: --model is needed
+    assert main(["serve", "--task", f"echo={setup['tasks']['echo']}"]) == 1
+    assert "--model is required" in capsys.readouterr().err
