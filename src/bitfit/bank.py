@@ -340,9 +340,12 @@ class BiasBank:
 
     ``base_model``: the plain (not prepared) base model with a task-head class, e.g. from
     ``AutoModelForSequenceClassification`` (its own head is replaced per task), or a local
-    path / Hub name / alias to load that way. ``tasks``: name -> artifact folder (saved with
-    :func:`bitfit.save`), loaded Artifact, or in-memory BitFit model of the same base. Every
-    task must come from this base: its fingerprint is checked (``strict=False`` only warns).
+    path / Hub name / alias / ``.gguf`` file to load with its tasks' head class
+    (``AutoModelForCausalLM`` for instruction-tuned tasks, else sequence classification; a GGUF
+    file is dequantized as ``bitfit train`` does, ``gguf_file=`` names one inside a folder).
+    ``tasks``: name -> artifact folder (saved with :func:`bitfit.save`, or a ``bitfit train``
+    run folder), loaded Artifact, or in-memory BitFit model of the same base. Every task must
+    come from this base: its fingerprint is checked (``strict=False`` only warns).
 
     ``bank(input_ids=..., attention_mask=..., tasks=[...])`` returns a :class:`BankOutput`
     with one row of logits per input row, each under its own task's biases and head.
@@ -355,13 +358,18 @@ class BiasBank:
         *,
         strategy: str = "auto",
         strict: bool = True,
+        gguf_file: Optional[str] = None,
     ):
         self.strict = strict
         if strategy not in STRATEGIES:
             raise BitFitError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
         if isinstance(base_model, (str,)) or hasattr(base_model, "__fspath__"):
-            base_model = self._load_base(str(base_model))
+            tasks = _read_sources(tasks, strict)  # a missing or damaged artifact is reported before the base loads
+            base_model = self._load_base(str(base_model), kind=_tasks_kind(tasks, str(base_model), gguf_file),
+                                         gguf_file=gguf_file)
+        elif gguf_file is not None:
+            raise BitFitError("gguf_file names a file in the base_model folder; pass base_model as a path")
         if not isinstance(base_model, nn.Module):
             raise BitFitError(f"BiasBank needs a torch.nn.Module base model, got {type(base_model).__name__}")
         from .prepare import get_state, unwrap
@@ -385,15 +393,19 @@ class BiasBank:
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def _load_base(name: str):
+    def _load_base(name: str, kind: str = "classification", gguf_file: Optional[str] = None):
+        """The base model at ``name`` (folder, Hub name, alias, ``.gguf`` file; ``gguf_file``: a GGUF file in
+        the folder ``name``, loaded dequantized as ``bitfit train`` loads it) with the head class of ``kind``
+        (``"classification"`` or ``"causal-lm"``)."""
         import transformers
 
         from .models import load_model
 
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # its own (random) head is never used
         try:
-            return load_model(name, task="classification").eval()
+            return load_model(name, task=kind, **kwargs).eval()
         finally:
             transformers.logging.set_verbosity(verbosity)
 
@@ -816,6 +828,48 @@ class BiasBank:
             self.stats["rows"] += n
             self.stats["gather" if row_task is not None else "group"] += 1
         return out
+
+
+def _read_sources(tasks: Optional[dict], strict: bool = True) -> Optional[dict]:
+    """``tasks`` with artifact folders read (:func:`bitfit.artifact.read_artifact`): their records name the
+    head class the base is loaded with."""
+    if not tasks:
+        return tasks
+    from .artifact import read_artifact
+
+    return {name: read_artifact(str(src), strict=strict) if isinstance(src, str) or hasattr(src, "__fspath__")
+            else src for name, src in tasks.items()}
+
+
+def _source_kind(source) -> Optional[str]:
+    """``"causal-lm"`` / ``"classification"`` for a task trained with that head class, else None."""
+    if isinstance(source, nn.Module):
+        from .prepare import unwrap
+
+        arch = type(unwrap(source)).__name__
+    else:
+        arch = ((getattr(source, "meta", None) or {}).get("base_model") or {}).get("architecture") or ""
+    if arch.endswith("ForCausalLM"):
+        return "causal-lm"
+    if arch.endswith("ForSequenceClassification"):
+        return "classification"
+    return None
+
+
+def _tasks_kind(tasks: Optional[dict], name: str, gguf_file: Optional[str]) -> str:
+    """The head class a bank loads its base ``name`` with: that of its tasks (causal LM for instruction-tuned
+    tasks, sequence classification otherwise); without tasks, a causal LM for a GGUF file (llama.cpp's models
+    are causal LMs), else sequence classification."""
+    kinds = {n: _source_kind(src) for n, src in (tasks or {}).items()}
+    found = {k for k in kinds.values() if k}
+    if len(found) > 1:
+        lm = sorted(n for n, k in kinds.items() if k == "causal-lm")
+        raise BitFitError(
+            f"tasks {', '.join(lm)} are causal-LM tasks and the others classification tasks; one bank holds one kind "
+            "over one base model: make one bank per kind")
+    if found:
+        return found.pop()
+    return "causal-lm" if gguf_file or str(name).endswith(".gguf") else "classification"
 
 
 def _check_finite(name: str, biases: dict, heads: dict) -> None:

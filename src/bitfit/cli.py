@@ -12,6 +12,46 @@ from .errors import BitFitError
 COMMANDS: dict[str, tuple[str, Callable[[list], int]]] = {}
 
 
+VERBOSE_HELP = "show transformers' load reports and warnings (hidden by default)"
+
+
+class _Verbose(argparse.Action):
+    """``--verbose``: ``bitfit`` takes it off the command line before the subcommand parses (it sets
+    ``BITFIT_VERBOSE=1``); every subcommand's parser lists it, so that ``--help`` shows it. It stores nothing
+    on the parsed namespace (HfArgumentParser turns unknown namespace entries into an extra result)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS,
+                         help=kwargs.get("help", VERBOSE_HELP))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import os
+
+        os.environ["BITFIT_VERBOSE"] = "1"
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--verbose`` (see :class:`_Verbose`) to a subcommand's parser; returns the parser."""
+    parser.add_argument("--verbose", action=_Verbose)
+    return parser
+
+
+def quiet_env() -> None:
+    """Hide transformers' load reports and known deprecation noise unless ``--verbose`` (``BITFIT_VERBOSE``)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("BITFIT_VERBOSE"):  # bitfit --verbose COMMAND / COMMAND --verbose: everything
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+        return
+    # quiet by default: transformers' load reports (a head that is trained or restored from the run shows as
+    # "MISSING ... newly initialized") and known deprecation noise
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|accelerate|datasets)\b")
+
+
 def command(name: str, help: str):
     def deco(fn):
         COMMANDS[name] = (help, fn)
@@ -35,6 +75,7 @@ def info_main(argv: list) -> int:
     p.add_argument("--train-norm-weights", action="store_true",
                    help="also train the LayerNorm/RMSNorm gains (counted in 'trainable')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_verbose(p)
     args = p.parse_args(argv)
     task = "classification" if args.task_head else "base"
     model = load_model(args.model, num_labels=args.task_head, task=task)
@@ -83,6 +124,7 @@ def main(argv: Optional[list] = None) -> int:
     if name not in COMMANDS:
         print(f"bitfit: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    quiet_env()
     try:
         return COMMANDS[name][1](rest) or 0
     except BitFitError as exc:

@@ -162,10 +162,18 @@ def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", 
 
 
 def load_tokenizer(name: str, **kwargs):
+    """The tokenizer of ``name`` (a folder, Hub name, alias, or a ``.gguf`` file / ``gguf_file=`` in a folder:
+    the tokenizer stored in the GGUF file)."""
     import transformers
 
-    path = resolve_model(name)
+    folder, gguf = split_gguf(name)
+    if gguf and not kwargs.get("gguf_file"):
+        name, kwargs = folder, dict(kwargs, gguf_file=gguf)
+    path = name if kwargs.get("gguf_file") else resolve_model(name)
     try:
         return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
+        if kwargs.get("gguf_file"):
+            raise BitFitError(f"could not load the tokenizer of GGUF file {kwargs['gguf_file']!r} in {path!r}: "
+                              f"{exc}") from None
         raise _wrap_load_error(name, exc) from None

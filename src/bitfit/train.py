@@ -1232,6 +1232,9 @@ def parse_train_args(argv: list):
     own = () if _has_overwrite_field() else (RunArguments,)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments) + own, prog="bitfit train",
                               allow_abbrev=False)
+    from .cli import add_verbose
+
+    add_verbose(parser)  # taken off by `bitfit` before parsing; listed in --help
     # task-dependent defaults need the task (and the number of training rows for the epochs)
     info, n_train = None, None
     try:

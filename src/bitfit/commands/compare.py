@@ -28,7 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitConfigError, BitFitError
 from ..io import atomic_write_json, atomic_write_text
 
@@ -806,6 +806,7 @@ def compare_main(argv: list) -> int:
     p.add_argument("--in-process", action="store_true",
                    help="run every training in this process instead of a fresh process per run (tests, debugging; "
                    "peak memory then includes what earlier runs left behind)")
+    add_verbose(p)
     args, rest = p.parse_known_args(argv)
     if args.task is None and args.train_file is None:
         raise BitFitConfigError("give --task (a GLUE task) or --train-file (your own data)")
@@ -917,6 +918,7 @@ def analyze_main(argv: list) -> int:
     p.add_argument("--batches", type=int, default=8, help="batches for the gradient measurement (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", default=None, help="where to write (default RUN_DIR/analysis)")
+    add_verbose(p)
     args = p.parse_args(argv)
     root = Path(args.run_dir)
     if not root.is_dir():

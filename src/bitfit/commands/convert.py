@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import command
+from ..cli import add_verbose, command
 
 
 @command("convert", "convert a bitfit artifact to a peft BitFit adapter folder, or back")
@@ -22,6 +22,7 @@ def convert_main(argv: list) -> int:
     p.add_argument("--task-type", default=None,
                    help="peft task type of the written adapter (SEQ_CLS, CAUSAL_LM, ...; default: from the saved "
                    "architecture); bitfit -> peft only")
+    add_verbose(p)
     args = p.parse_args(argv)
     kind, out = convert(args.src, args.output, task_type=args.task_type)
     what = "bitfit artifact" if kind == "bitfit" else "peft BitFit adapter"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitError
 
 
@@ -27,6 +27,7 @@ def main(argv: list) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest accepted |exported - PyTorch| logit difference (default 1e-4)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_verbose(p)
     args = p.parse_args(argv)
 
     from ..artifact import read_artifact

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitError
 
 
@@ -53,6 +53,7 @@ def main(argv: list) -> int:
     p.add_argument("--output", required=True, metavar="DIR", help="new folder to write")
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="the base model (default: the one the run records)")
+    add_verbose(p)
     args = p.parse_args(argv)
     out = merge_run(args.run, args.output, args.model)
     print(f"bitfit merge: plain transformers model written to {out}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitError
 
 
@@ -16,6 +16,30 @@ def _task_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
+def _recorded_base(tasks: list, gguf_file):
+    """(model, gguf_file) that every task's run folder records in task.json (``bitfit train`` writes it)."""
+    import json
+    from pathlib import Path
+
+    bases = {}
+    for name, path in tasks:
+        record = Path(os.path.expanduser(path)) / "task.json"
+        try:
+            meta = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+        except (OSError, ValueError):
+            meta = {}
+        base = meta.get("base_model") if isinstance(meta, dict) else None
+        if not base:
+            raise BitFitError(f"--model is required: task {name!r} ({path}) does not record its base model (no "
+                              "task.json of a `bitfit train` run)")
+        bases[name] = (base, gguf_file or meta.get("gguf_file"))
+    if len(set(bases.values())) > 1:
+        listed = "; ".join(f"{n}: {b}" + (f" ({g})" if g else "") for n, (b, g) in bases.items())
+        raise BitFitError(f"the tasks record different base models ({listed}); one server serves one base: pass "
+                          "--model, or start one bitfit serve per base")
+    return next(iter(bases.values()))
+
+
 @command("serve", "serve BitFit tasks over one base model as an HTTP JSON API (batched across tasks)")
 def main(argv: list) -> int:
     p = argparse.ArgumentParser(
@@ -24,8 +48,11 @@ def main(argv: list) -> int:
         "regression tasks) or POST /v1/generate (instruction-tuned causal-LM tasks), GET /v1/tasks, GET /health. "
         "Requests for different tasks arriving together run as one batch.",
     )
-    p.add_argument("--model", required=True, help="the base model: local folder, Hub name, or 'minilm'; "
-                   "its tokenizer is loaded from the same place")
+    p.add_argument("--model", default=None, help="the base model the tasks were trained on: local folder, Hub "
+                   "name, 'minilm', or a .gguf file (loaded dequantized, as bitfit train loads it); its tokenizer is "
+                   "loaded from the same place (default: the base the tasks' run folders record)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="a GGUF file inside the --model folder (the same as --model FOLDER/NAME)")
     p.add_argument("--task", action="append", type=_task_arg, required=True, metavar="NAME=PATH",
                    help="a task name and its artifact folder (saved with bitfit.save); repeat for more tasks")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, loopback only)")
@@ -48,6 +75,7 @@ def main(argv: list) -> int:
                    help="how the bank mixes tasks in a batch (default: auto, chosen per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_verbose(p)
     args = p.parse_args(argv)
 
     names = [n for n, _ in args.task]
@@ -99,15 +127,18 @@ def main(argv: list) -> int:
             "kind over one base model: start one bitfit serve per kind"
         )
     kind = next(iter(kinds.values()))
+    if args.model is None:
+        args.model, args.gguf_file = _recorded_base(args.task, args.gguf_file)
     import transformers
 
-    tokenizer = load_tokenizer(args.model)
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = load_tokenizer(args.model, **gguf)
     if kind == "causal-lm" and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the base's own head is never used: no "newly initialized" noise
     try:
-        base = load_model(args.model, task=kind).eval()
+        base = load_model(args.model, task=kind, **gguf).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
     bank = BiasBank(base, artifacts, strategy=args.strategy)

@@ -5,23 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli import command
+from ..cli import add_verbose, command
 from ..errors import BitFitError
 
 
 def _env():
-    import os
-    import warnings
+    from ..cli import quiet_env
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("BITFIT_VERBOSE"):  # bitfit --verbose COMMAND / COMMAND --verbose: everything
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
-        return
-    # quiet by default: transformers' load reports (a head that is trained or restored from the run shows as
-    # "MISSING ... newly initialized") and known deprecation noise
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|accelerate|datasets)\b")
+    quiet_env()
 
 
 @command("train", "train a model's biases on a GLUE task, your own files, or instruction data")
@@ -54,6 +45,7 @@ def _parse(argv: list, prog: str, extra):
 
     parser = HfArgumentParser((ModelArguments, DataArguments), prog=prog, allow_abbrev=False)
     extra(parser)
+    add_verbose(parser)
     model_args, data_args, ns = _split(parser, argv)
     if not model_args.adapter:
         raise BitFitError("--adapter is required (the output folder of `bitfit train`)")
