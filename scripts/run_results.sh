@@ -74,13 +74,18 @@ grid)
 fidelity)
   # `bitfit train` exactly as a user runs it: every default (issue 11: frozen_dtype auto, dropout 0,
   # ~1500 updates within 3-10 epochs, lr 1e-3 with the head at 5e-3, batch 32, 10% warm-up, best dev
-  # epoch). The third session's run (old defaults) passed --frozen-dtype bfloat16 and had dropout 0.1
-  # and ~3000 updates within 3-20 epochs.
-  for task in ${TASKS:-cola sst2 stsb mrpc rte}; do
-    size=()
-    [ "$task" = sst2 ] && size=(--train-size 5000)
-    bitfit train --model "$MODEL" --task "$task" --data-dir "$GLUE" "${size[@]}" \
-      --output-dir "$OUT/fidelity-defaults/$task"
+  # epoch; fifth session: length-grouped batches, the untrained pooler trained with the head). The
+  # third session's run (old defaults) passed --frozen-dtype bfloat16 and had dropout 0.1 and ~3000
+  # updates within 3-20 epochs. SEEDS="42 43 44" for three seeds; EXTRA="--pooler_head false" etc.
+  # for an ablation (into fidelity-defaults-$TAG with TAG set).
+  for seed in ${SEEDS:-42}; do
+    for task in ${TASKS:-cola sst2 stsb mrpc rte}; do
+      size=()
+      [ "$task" = sst2 ] && size=(--train-size 5000)
+      # shellcheck disable=SC2086
+      bitfit train --model "$MODEL" --task "$task" --data-dir "$GLUE" "${size[@]}" --seed "$seed" ${EXTRA:-} \
+        --output-dir "$OUT/fidelity-defaults${TAG:+-$TAG}/$task-s$seed"
+    done
   done
   ;;
 ablation)
