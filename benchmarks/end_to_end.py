@@ -18,6 +18,7 @@ CPU model and its matmul features.
 
     python benchmarks/end_to_end.py --data-dir ../shared/data/glue            # ~15-40 min on 2 cores
     python benchmarks/end_to_end.py --data-dir ../shared/data/glue --train-size 500 --quick   # a smoke run
+    python benchmarks/end_to_end.py --data-dir ../shared/data/glue --out DIR --only bitfit    # rerun one side
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def run_bitfit(args, out: Path) -> dict:
     from bitfit.train import parse_train_args, run_train
 
     argv = ["--model", "minilm", "--task", "sst2", "--data-dir", args.data_dir, "--train-size", str(args.train_size),
-            "--output-dir", str(out), "--disable_tqdm", "true", *args.bitfit_args]
+            "--output-dir", str(out), "--overwrite_output_dir", "true", "--disable_tqdm", "true", *args.bitfit_args]
     if args.eval_size:
         argv += ["--eval-size", str(args.eval_size)]
     record: list = []
@@ -127,6 +128,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 recipe epoch, 2 bitfit epochs")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", choices=["recipe", "bitfit"], default=None,
+                   help="run only this side and take the other's result from --out (an earlier run's <side>.json)")
     p.add_argument("--side", choices=["recipe", "bitfit"], help=argparse.SUPPRESS)
     p.add_argument("bitfit_args", nargs="*", help="extra `bitfit train` flags (after --)")
     args = p.parse_args()
@@ -143,6 +146,11 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     results = {}
     for side in ("recipe", "bitfit"):
+        if args.only and side != args.only:
+            if not (out / f"{side}.json").exists():
+                sys.exit(f"--only {args.only}: no earlier {side} result in {out} ({side}.json); run both sides first")
+            results[side] = json.loads((out / f"{side}.json").read_text())
+            continue
         cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--data-dir", args.data_dir,
                "--train-size", str(args.train_size), "--recipe-epochs", str(args.recipe_epochs),
                "--threads", str(args.threads)]
