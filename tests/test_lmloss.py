@@ -273,3 +273,25 @@ def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, r
         assert abs(a - b) <= rel * abs(a), curves
     args = json.loads((tmp_path / f"run-{frozen_dtype}-chunked" / "command.json").read_text())["training_args"]
     assert args.get("train_sampling_strategy", "group_by_length") == "group_by_length" or args.get("group_by_length")
+    # bias-only instruction tuning checkpoints activations by default (its step's memory is mostly activations)
+    assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
+
+
+def test_instruct_checkpointing_default_and_opt_out(tmp_path):
+    from bitfit.train import instruct_checkpointing, parse_train_args
+
+    on = instruct_checkpointing()
+    assert list(on.values()) == [True]
+    assert instruct_checkpointing(["gradient_checkpointing"]) == {}
+    assert instruct_checkpointing(["activation_checkpointing"]) == {}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+    base = ["--model", "x", "--task", "instruct", "--train-file", str(data), "--output-dir", str(tmp_path / "o")]
+
+    def checkpointing(extra):
+        args = parse_train_args(base + extra)[2]
+        return bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+
+    assert checkpointing([]) is True
+    assert checkpointing(["--gradient_checkpointing", "false"]) is False  # the (deprecated) alias still turns it off
+    assert checkpointing(["--gradient_checkpointing=false"]) is False
