@@ -55,7 +55,10 @@ _TASK_TYPES = (
 )
 # the fields of BitFitPeftConfig besides peft's own (kept in step with bitfit/peft/config.py; a test checks)
 SELECTION_FIELDS = ("preset", "roles", "include", "exclude", "layers", "add_missing", "train_head",
-                    "skip_zero_grad", "frozen_dtype", "lean")
+                    "pooler_head", "skip_zero_grad", "frozen_dtype", "lean")
+# the value of a field that a saved config or header lacks: what it meant before the field existed
+LEGACY_DEFAULTS = {"preset": "all", "add_missing": False, "train_head": True, "pooler_head": False,
+                   "skip_zero_grad": False, "lean": True}
 
 PathLike = Union[str, os.PathLike]
 
@@ -226,9 +229,8 @@ def peft_config_dict(meta: dict, task_type: Optional[str] = None, inference_mode
         "strict_base": True,
         "bitfit_meta": {k: v for k, v in meta.items() if k != "weights_sha256"},
     }
-    defaults = {"preset": "all", "add_missing": False, "train_head": True, "skip_zero_grad": False, "lean": True}
     for name in SELECTION_FIELDS:
-        out[name] = sel.get(name, defaults.get(name))
+        out[name] = sel.get(name, LEGACY_DEFAULTS.get(name))
     return out
 
 
