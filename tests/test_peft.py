@@ -473,6 +473,9 @@ def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch
     assert recs["bitfit-peft"]["trainable"] == recs["bitfit"]["trainable"]
     assert recs["bitfit-peft"]["train_loss"] == recs["bitfit"]["train_loss"]
     assert recs["bitfit-peft"]["score"] == recs["bitfit"]["score"]
+    scores = {spec: {k: v for k, v in r["eval"].items() if not k.endswith(("runtime", "per_second"))}
+              for spec, r in recs.items()}
+    assert scores["bitfit-peft"] == scores["bitfit"] and "eval_loss" in scores["bitfit"]  # the best checkpoint's
 
 
 # ------------------------------------------------------------------ an untrained pooler trains with the head
@@ -616,3 +619,24 @@ def test_adapters_with_and_without_pooler_head_on_one_base(tmp_path):
     model.set_adapter("fresh")
     assert torch.equal(logits_of(model, "bert"), logits_of(pooler_base(), "bert"))
     assert model.get_nb_trainable_parameters()[0] == n_trainable(bitfit.apply(pooler_base()))
+
+
+def test_reloading_an_earlier_save_into_the_live_adapter(tmp_path):
+    """The Trainer's load_best_model_at_end: peft loads an earlier checkpoint's weights into the live adapter,
+    whose header in memory is the last save's. A slot stored as a difference in one save and as a value in the
+    other (save picks whichever is exact) still loads: the tensors say how they were stored."""
+    pm = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS")))  # non-zero biases
+    want = logits_of(pm, "bert")
+    pm.save_pretrained(tmp_path / "early")
+    slot = "bert.encoder.layer.1.attention.self.value.bias"
+    with torch.no_grad():  # values no float32 difference from the base reaches: saved as values
+        pm.get_base_model().get_parameter(slot).copy_(torch.full((16,), 1e-30))
+    pm.save_pretrained(tmp_path / "late")
+    enc = {d: json.loads((tmp_path / d / PEFT_CONFIG_NAME).read_text())["bitfit_meta"]["slots"][slot]["encoding"]
+           for d in ("early", "late")}
+    assert enc == {"early": "delta", "late": "value"}
+    assert pm.peft_config["default"].bitfit_meta["slots"][slot]["encoding"] == "value"
+    pm.load_adapter(tmp_path / "early", adapter_name="default")
+    assert torch.equal(logits_of(pm, "bert"), want)
+    pm.load_adapter(tmp_path / "late", adapter_name="default")
+    assert torch.equal(pm.get_base_model().get_parameter(slot).detach(), torch.full((16,), 1e-30))

@@ -353,7 +353,9 @@ class BitFitModel(BaseTuner):
         """Load: the tensors and the config's header are a bitfit artifact; it is validated and then loaded
         with bitfit.load (live adapter) or kept packed (inactive one). Nothing is left for peft to load."""
         tuner = _tuner_of(model)
-        packed = from_peft_tensors(config.bitfit_meta, state_dict, f"(adapter {adapter_name!r})")
+        # the header in memory may be another save's (the Trainer loads its best checkpoint into the live
+        # adapter): the slots' encodings come from the tensors
+        packed = from_peft_tensors(config.bitfit_meta, state_dict, f"(adapter {adapter_name!r})", stored_encoding=True)
         art = to_artifact(packed, f"(adapter {adapter_name!r})")  # every check of bitfit's reader
         ad = tuner._adapters
         if adapter_name == ad.live:
