@@ -658,7 +658,7 @@ def _trainer_class():
             # [batch, seq, vocab] logits (bitfit.lmloss); in evaluation only where the logits are not wanted
             from . import lmloss
 
-            if not (self._bitfit() is not None and "labels" in inputs and self.label_smoother is None
+            if not (self._bitfit_target() is not None and "labels" in inputs and self.label_smoother is None
                     and self.compute_loss_func is None and lmloss.enabled() and lmloss.applies(model)
                     and (model.training or (self.compute_metrics is None and self.preprocess_logits_for_metrics is None))):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -679,13 +679,23 @@ def _trainer_class():
 
             return get_state(self.model)
 
+        def _bitfit_target(self):
+            """The model holding the BitFit state, a peft model of the BitFit method included (its optimizer
+            is then built as the native one's: head learning rate, role / layer groups)."""
+            from .prepare import bitfit_model
+
+            return bitfit_model(self.model)
+
         def _custom_lrs(self) -> bool:
             return bool(self.role_lr_multipliers) or self.layer_lr_decay not in (None, 1.0)
 
         def create_optimizer(self, model=None):
             if self.optimizer is not None:
                 return self.optimizer
-            state = self._bitfit()
+            from .prepare import get_state
+
+            target = self._bitfit_target()
+            state = get_state(target) if target is not None else None
             if state is None and (self._custom_lrs() or self.norm_weight_l2):
                 raise BitFitConfigError("--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit "
                                         "runs (biases grouped by role and layer); this model has no BitFit state "
@@ -696,20 +706,22 @@ def _trainer_class():
             from .lrgroups import add_norm_pull, lr_factors, trained_roles
 
             opt_model = self.model if model is None else model
-            factors = lr_factors(opt_model, self.role_lr_multipliers, self.layer_lr_decay) if self._custom_lrs() else {}
-            unused = sorted(set(self.role_lr_multipliers or ()) - trained_roles(opt_model))
+            factors = lr_factors(target, self.role_lr_multipliers, self.layer_lr_decay) if self._custom_lrs() else {}
+            unused = sorted(set(self.role_lr_multipliers or ()) - trained_roles(target))
             if unused:
                 import warnings
 
                 warnings.warn(f"--role_lr_multipliers: role(s) {', '.join(unused)} train no tensor in this run; "
                               "their multipliers have no effect", stacklevel=2)
-            head = set(state.selection.head_params)
+            # by identity: inside a peft model the names carry peft's prefix (base_model.model.)
+            target_params = dict(target.named_parameters())
+            head = {id(target_params[n]) for n in state.selection.head_params}
             decay = set(self.get_decay_parameter_names(opt_model))
             groups: dict = {}
             for n, p in opt_model.named_parameters():
                 if not p.requires_grad:
                     continue
-                is_head = n in head
+                is_head = id(p) in head
                 key = (is_head, n in decay, None if is_head else factors.get(id(p), 1.0))
                 groups.setdefault(key, []).append(p)
             param_groups = []
@@ -725,7 +737,7 @@ def _trainer_class():
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = cls(param_groups, **kwargs)
             if self.norm_weight_l2:
-                self._norm_pull = add_norm_pull(self.optimizer, opt_model, self.norm_weight_l2)
+                self._norm_pull = add_norm_pull(self.optimizer, target, self.norm_weight_l2)
             return self.optimizer
 
         def set_initial_training_values(self, *args, **kwargs):
@@ -1008,7 +1020,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from .data.instruct import InstructionCollator
-    from .prepare import get_state, unwrap
+    from .prepare import bitfit_model, unwrap
 
     seed = training_args.seed if isinstance(training_args, TrainingArguments) else \
         (training_args or {}).get("seed", 42)
@@ -1063,11 +1075,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     if dev_parts:
         eval_ds = dev_parts[0] if len(dev_parts) == 1 else dict(zip(("matched", "mismatched"), dev_parts))
     warm = None
-    if get_state(model) is not None and model_args.warm_start_head and info.kind != "instruct" \
+    target = bitfit_model(model)  # the BitFit model, inside a peft wrapper too (compare's bitfit-peft)
+    if target is not None and model_args.warm_start_head and info.kind != "instruct" \
             and not training_args.resume_from_checkpoint:
         from .warmstart import warm_start_head
 
-        warm = warm_start_head(model, train_ds, collator, regression=info.regression,
+        warm = warm_start_head(target, train_ds, collator, regression=info.regression,
                                batch_size=training_args.per_device_eval_batch_size, seed=training_args.seed,
                                progress=not training_args.disable_tqdm)
         if warm is not None:
@@ -1078,7 +1091,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     Trainer = _trainer_class()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
-    is_bitfit = get_state(model) is not None
+    is_bitfit = target is not None
     if not is_bitfit and (role_mult or model_args.layer_lr_decay is not None or model_args.norm_weight_l2):
         raise BitFitConfigError(f"--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit runs; "
                                 f"this {method} run trains no BitFit model")
