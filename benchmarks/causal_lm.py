@@ -10,9 +10,10 @@ method on randomly initialised models of real shapes, side by side in one run:
 - ``lora``: peft LoRA r=8, alpha 16 (peft's default targets: q_proj, v_proj), float32, the model's loss;
 - ``bitfit-plain-loss``: ``bitfit train --task instruct`` before the chunked loss: ``frozen_dtype="auto"``
   and the lean modes, the model's own loss;
-- ``bitfit-no-gc``: ``bitfit train --task instruct`` now (its defaults): ``frozen_dtype="auto"``, lean
-  modes and the chunked LM-head loss of :mod:`bitfit.lmloss` (no logits);
-- ``bitfit``: the same with gradient checkpointing (``bitfit train ... --gradient_checkpointing true``).
+- ``bitfit-no-gc``: ``bitfit train --task instruct --gradient_checkpointing false``: ``frozen_dtype="auto"``,
+  lean modes and the chunked LM-head loss of :mod:`bitfit.lmloss` (no logits);
+- ``bitfit``: ``bitfit train --task instruct`` now (its defaults): the same with gradient (activation)
+  checkpointing.
 
 Shapes (random weights from configs written here): SmolLM2-135M (LLaMA: hidden 576, 30 layers, 9 heads,
 3 kv heads, intermediate 1536, vocab 49,152, tied) and Qwen2.5-0.5B (Qwen2: hidden 896, 24 layers, 14
@@ -36,6 +37,10 @@ Usage::
     nice -n 10 python benchmarks/causal_lm.py --batch 2 --steps 3 --markdown /tmp/causal_lm.md
     python benchmarks/causal_lm.py --shapes smollm2-135m --methods naive,bitfit   # a quicker subset
     python benchmarks/causal_lm.py --loss-curve
+    python benchmarks/causal_lm.py --from-json a.jsonl,b.jsonl   # the tables of earlier --json runs
+
+Run methods separately (``--methods``, ``--json`` the same file) where one run would take too long; the
+last result of a shape and method in the files wins.
 """
 
 from __future__ import annotations
@@ -338,6 +343,29 @@ def loss_curve_report(args) -> int:
     return 0
 
 
+def from_json(args) -> int:
+    """The tables of earlier ``--json`` runs (several files; a later result of the same shape and method wins)."""
+    heads, found = [], {}
+    for name in [n.strip() for n in args.from_json.split(",") if n.strip()]:
+        for line in Path(name).read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("head") and rec["head"] not in heads:
+                heads.append(rec["head"])
+            key = (rec["shape"], rec.get("batch", args.batch), rec.get("seq", args.seq))
+            found.setdefault(key, {})[rec["method"]] = rec["result"]
+    out = list(heads)
+    for (shape, batch, seq), res in found.items():
+        ordered = {m: res[m] for m in METHODS if m in res}
+        out.append(table(shape, ordered, argparse.Namespace(batch=batch, seq=seq)))
+    text = "\n\n".join(out)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of: " + ", ".join(SHAPES))
@@ -349,6 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="append each method's raw result to this JSONL file as it finishes")
     ap.add_argument("--loss-curve", action="store_true", help="the chunked vs plain loss curve on instruction data")
     ap.add_argument("--steps-curve", type=int, default=8)
+    ap.add_argument("--from-json", help="comma list of --json files: print (and --markdown) their tables, run nothing")
     ap.add_argument("--_child", dest="child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -358,6 +387,8 @@ def main(argv=None) -> int:
         return 0
     if args.loss_curve:
         return loss_curve_report(args)
+    if args.from_json:
+        return from_json(args)
     from bitfit.hardware import choose_frozen_dtype, cpu_flags, cpu_model
 
     head = (f"CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]; frozen_dtype=auto -> "
@@ -372,7 +403,8 @@ def main(argv=None) -> int:
             results[m] = r
             if args.json:
                 with open(args.json, "a") as f:
-                    f.write(json.dumps({"shape": shape, "method": m, "result": r, "head": head}) + "\n")
+                    f.write(json.dumps({"shape": shape, "method": m, "result": r, "head": head, "batch": args.batch,
+                                        "seq": args.seq, "steps": args.steps}) + "\n")
             if r is not None:
                 print(f"  {shape} {m}: cpu/step {[round(x, 2) for x in r['cpu']]}, peak {r['peak'] / 2**20:,.0f} MiB, "
                       f"loss {r['losses'][0]:.4f}, {r['trainable']:,} trainable ({time.perf_counter() - t0:.0f} s wall)",

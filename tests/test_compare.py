@@ -48,7 +48,10 @@ def tiny(tmp_path_factory, request):
     cfg = T.BertConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=2, intermediate_size=I,
                        vocab_size=30522, max_position_embeddings=64)
     torch.manual_seed(0)
-    T.BertModel(cfg).save_pretrained(root / "model")
+    body = T.BertModel(cfg)
+    with torch.no_grad():  # a pretrained pooler (as bert-base's): only its bias trains (an all-zero one would
+        body.pooler.dense.bias.normal_(0.0, 0.02)  # mark it untrained, and it would train with the head)
+    body.save_pretrained(root / "model")
     T.AutoTokenizer.from_pretrained(str(BERT_BASE_DIR)).save_pretrained(root / "model")
     for name, n, seed in (("train.csv", 48, 0), ("dev.csv", 32, 1)):
         with open(root / name, "w") as f:

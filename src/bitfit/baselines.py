@@ -363,6 +363,12 @@ class Method:
     help: str
     train_args: dict = field(default_factory=dict)  # ModelArguments defaults of the method (TRAIN_OPTIONS)
 
+    @property
+    def trains_bitfit(self) -> bool:
+        """The method trains a BitFit model (bitfit.apply; inside peft's wrapper for bitfit-peft): BitFit's
+        training defaults (frozen dtype, head learning rate, dropout) and options apply to it."""
+        return self.family == "bitfit" or self.name == "bitfit-peft"
+
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -402,7 +408,7 @@ def train_options(spec: str) -> dict:
     name, opts = parse_method(spec)
     out = dict(METHODS[name].train_args)
     out.update({k: v for k, v in opts.items() if k in TRAIN_OPTIONS})
-    if METHODS[name].family != "bitfit":
+    if not METHODS[name].trains_bitfit:
         bad = [k for k in out if k in BITFIT_ONLY_OPTIONS]
         if bad:
             raise BitFitConfigError(f"method {spec!r}: {', '.join(bad)} apply to BitFit methods only (biases grouped "

@@ -35,6 +35,10 @@ inference needs. Two independent switches, both set by :func:`bitfit.apply`:
       DistilBERT, ViT, OPT, BART, LLaMA/Qwen2/Mistral when their attention dropout is active).
       Elsewhere (and in eval mode, without dropout, on GPU where SDPA's fused kernels are already
       lean, or for grouped-query/sliding-window/soft-capped attention) the stock function runs.
+    - *lean gated MLP*: the SwiGLU MLPs of LLaMA, Qwen2/3 and Mistral (``down(silu(gate(x)) *
+      up(x))``) keep only ``gate(x)`` and ``up(x)`` for backward and recompute the SiLU there,
+      instead of also keeping its output: a third less of the MLP's saved activations, which are
+      most of a decoder layer's. Backward runs the stock ops on the same values (bit-identical).
 
 ``set_lean(model, False)`` (or ``apply(..., lean=False)``) restores the stock path.
 """
@@ -88,6 +92,7 @@ class LeanState:
     lean: bool = False
     dropouts: list = field(default_factory=list)  # module names swapped to LeanDropout
     attention: bool = False  # fused attention applies to this family
+    mlps: list = field(default_factory=list)  # gated MLP modules with the lean forward
     attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
     cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
     int8: list = field(default_factory=list)  # Linear modules whose training matmuls run in int8
@@ -113,6 +118,8 @@ class LeanState:
                 parts.append(f"lean dropout ({len(self.dropouts)} modules, bool masks)")
             if self.attention:
                 parts.append("fused softmax-dropout-matmul attention")
+            if self.mlps:
+                parts.append(f"lean gated MLP ({len(self.mlps)} modules, SiLU recomputed in backward)")
             out.append("lean training mode: " + (", ".join(parts) if parts else "nothing applies to this family"))
         return out
 
@@ -486,6 +493,71 @@ def _attention_applies(model: nn.Module) -> Optional[str]:
     return None
 
 
+# ------------------------------------------------------------------ lean gated MLP
+
+# families whose MLP forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
+_GATED_MLP_FAMILIES = {"llama", "qwen2", "qwen3", "mistral"}
+
+
+class _SiLUMul(torch.autograd.Function):
+    """``silu(gate) * up`` saving ``gate`` and ``up`` only; backward recomputes ``silu(gate)`` and runs the
+    ops stock autograd runs (mul's two gradients, ``silu_backward``): bit-identical gradients."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        g_gate = g_up = None
+        if ctx.needs_input_grad[1]:
+            g_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            g_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return g_gate, g_up
+
+
+class _LeanGatedMLP:
+    """Instance-level ``forward`` of a SwiGLU MLP: :class:`_SiLUMul` in CPU training, the stock forward otherwise."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x):
+        m = self.module
+        if not (m.training and torch.is_grad_enabled() and x.device.type == "cpu"):
+            return type(m).forward(m, x)
+        return m.down_proj(_SiLUMul.apply(m.gate_proj(x), m.up_proj(x)))
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    return (
+        _family(module) in _GATED_MLP_FAMILIES and type(module).__name__.endswith("MLP")
+        and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+        and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
+        and "forward" not in act.__dict__  # nobody replaced the activation's forward (a kernel)
+    )
+
+
+def _set_lean_mlps(target: nn.Module, on: bool) -> list:
+    names = []
+    for name, module in target.named_modules():
+        current = module.__dict__.get("forward")
+        if not on:
+            if isinstance(current, _LeanGatedMLP):
+                del module.__dict__["forward"]
+            continue
+        if isinstance(current, _LeanGatedMLP):
+            names.append(name)
+        elif current is None and _is_gated_mlp(module):
+            module.forward = _LeanGatedMLP(module)
+            names.append(name)
+    return names
+
+
 # ------------------------------------------------------------------ the forward wrapper
 
 
@@ -580,13 +652,15 @@ def set_lean(model: nn.Module, on: bool = True) -> LeanState:
         impl = _attention_applies(target)
         lean.attention = impl is not None
         lean.attn_impl = impl
+        lean.mlps = _set_lean_mlps(target, True)
         lean.lean = True
         _install_forward(target)
     else:
         for module in target.modules():
             if type(module) is LeanDropout:
                 module.__class__ = nn.Dropout
-        lean.lean, lean.dropouts, lean.attention = False, [], False
+        _set_lean_mlps(target, False)
+        lean.lean, lean.dropouts, lean.attention, lean.mlps = False, [], False, []
     state = get_state(target)
     if state is not None and hasattr(state.config, "lean"):
         state.config.lean = bool(on)

@@ -211,9 +211,9 @@ def plain_lm_loss(hidden, weight, labels, bias=None, *, ignore_index: int = IGNO
 
 
 def _base(model: nn.Module) -> nn.Module:
-    from .prepare import unwrap
+    from .prepare import bitfit_model, unwrap
 
-    return unwrap(model)
+    return bitfit_model(model) or unwrap(model)  # a BitFit peft model: the transformers model inside
 
 
 def applies(model: nn.Module) -> bool:

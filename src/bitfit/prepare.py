@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -70,6 +71,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def get_state(model: nn.Module) -> Optional[BitFitState]:
     return getattr(unwrap(model), STATE_ATTR, None)
+
+
+def bitfit_model(model: nn.Module) -> Optional[nn.Module]:
+    """The module that holds the BitFit state of ``model``: ``model`` itself (inside DDP / accelerate /
+    torch.compile wrappers) or, for a peft model of the BitFit method (``get_peft_model`` with a
+    :class:`bitfit.peft.BitFitPeftConfig`), the transformers model inside it. None for any other model.
+
+    ``get_state`` does not look through peft (a peft model is not a plain BitFit model); the trainer uses
+    this to give both routes the same optimizer (head learning rate, role / layer groups)."""
+    target = unwrap(model)
+    if getattr(target, STATE_ATTR, None) is not None:
+        return target
+    tuners = sys.modules.get("bitfit.peft.model")  # loaded whenever a BitFit peft model exists
+    if tuners is not None and isinstance(getattr(target, "base_model", None), tuners.BitFitModel):
+        inner = unwrap(target.get_base_model())
+        if getattr(inner, STATE_ATTR, None) is not None:
+            return inner
+    return None
 
 
 def _get_module(model: nn.Module, name: str) -> nn.Module:

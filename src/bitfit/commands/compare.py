@@ -313,7 +313,7 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
     load_start = load_now()
     holder: dict = {}
     run_spec, dtype_choice = spec, None
-    if baselines.METHODS[name].family == "bitfit" and "frozen_dtype" not in baselines.parse_method(spec)[1]:
+    if baselines.METHODS[name].trains_bitfit and "frozen_dtype" not in baselines.parse_method(spec)[1]:
         # BitFit methods run in the fastest safe precision of this machine, as `bitfit train` does
         from ..hardware import choose_frozen_dtype
 
@@ -365,7 +365,7 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
     record = {
         "spec": spec, "method": name, "lr": lr, "seed": seed, "train_size": size, "n_train": metrics.get("n_train"),
         "frozen_dtype": (baselines.parse_method(run_spec)[1].get("frozen_dtype") or "float32")
-        if baselines.METHODS[name].family == "bitfit" else None,
+        if baselines.METHODS[name].trains_bitfit else None,
         "frozen_dtype_choice": dtype_choice.to_dict() if dtype_choice is not None else None,
         "primary": primary, "task_metrics": _task_metrics(run_dir),
         "score": metrics.get(f"eval_{primary}"),

@@ -11,7 +11,7 @@ from peft.utils import PeftType
 
 from ..config import BitFitConfig
 from ..errors import BitFitConfigError
-from .convert import PEFT_TYPE, SELECTION_FIELDS
+from .convert import LEGACY_DEFAULTS, PEFT_TYPE, SELECTION_FIELDS
 
 
 def ensure_peft_type() -> PeftType:
@@ -61,6 +61,7 @@ class BitFitPeftConfig(PeftConfig):
     layers: Optional[Union[str, int, list[int]]] = _field(None, "layers")
     add_missing: bool = _field(False, "add_missing")
     train_head: bool = _field(True, "train_head")
+    pooler_head: bool = _field(True, "pooler_head")
     skip_zero_grad: bool = _field(False, "skip_zero_grad")
     frozen_dtype: Optional[str] = _field(None, "frozen_dtype")
     lean: bool = _field(True, "lean")
@@ -81,9 +82,23 @@ class BitFitPeftConfig(PeftConfig):
     )
     modules_to_save: InitVar[Optional[list[str]]] = None
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """peft's hook on a loaded adapter_config.json: a field the file lacks means what it meant before the
+        field existed (``pooler_head``: False, the pooler stayed in the body), as in BitFitConfig.from_dict."""
+        kwargs = super().check_kwargs(**kwargs)
+        for name, value in LEGACY_DEFAULTS.items():
+            kwargs.setdefault(name, value)
+        return kwargs
+
     def __post_init__(self, modules_to_save=None) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type()
+        sel = (self.bitfit_meta or {}).get("bitfit_config") if isinstance(self.bitfit_meta, dict) else None
+        if isinstance(sel, dict):
+            # a saved adapter: its tensors were trained with the header's pooler_head (absent: saved before the
+            # option, the pooler stayed in the body); the header decides, whatever the config file says
+            self.pooler_head = bool(sel.get("pooler_head", LEGACY_DEFAULTS["pooler_head"]))
         for name in ("roles", "include", "exclude"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -55,7 +55,10 @@ _TASK_TYPES = (
 )
 # the fields of BitFitPeftConfig besides peft's own (kept in step with bitfit/peft/config.py; a test checks)
 SELECTION_FIELDS = ("preset", "roles", "include", "exclude", "layers", "add_missing", "train_head",
-                    "skip_zero_grad", "frozen_dtype", "lean")
+                    "pooler_head", "skip_zero_grad", "frozen_dtype", "lean")
+# the value of a field that a saved config or header lacks: what it meant before the field existed
+LEGACY_DEFAULTS = {"preset": "all", "add_missing": False, "train_head": True, "pooler_head": False,
+                   "skip_zero_grad": False, "lean": True}
 
 PathLike = Union[str, os.PathLike]
 
@@ -184,13 +187,38 @@ def to_peft_tensors(packed: Packed) -> dict:
     return {peft_key(k, packed.meta): v for k, v in packed.raw.items()}
 
 
-def from_peft_tensors(meta: Optional[dict], tensors: dict, where="") -> Packed:
-    """The :class:`Packed` artifact of a peft adapter's header (``bitfit_meta``) and tensors."""
+def with_stored_encoding(meta: dict, tensors: dict) -> dict:
+    """``meta`` with each slot's value-dependent fields (``encoding``, ``fixes``) read off the peft tensors.
+
+    save writes a slot as an exact difference or as its value, whichever the values allow, so two saves of
+    one adapter can differ there and nowhere else in the header. When peft loads weights into an adapter it
+    already has (the Trainer's best checkpoint at the end of a run: ``load_adapter`` into the live adapter),
+    the header in memory is the last save's, not the checkpoint's; the tensors say how they were stored."""
+    slots = {}
+    for name, entry in meta["slots"].items():
+        entry = dict(entry)
+        if KEY_PREFIX + name + _SUFFIX["delta"] in tensors:
+            entry["encoding"] = "delta"
+            fix = tensors.get(KEY_PREFIX + name + _SUFFIX["fix_idx"])
+            if meta.get("dtype", "float32") == "float32":
+                entry["fixes"] = int(fix.numel()) if fix is not None else 0
+        elif KEY_PREFIX + name in tensors:
+            entry["encoding"] = "value"
+            entry.pop("fixes", None)
+        slots[name] = entry
+    return dict(meta, slots=slots)
+
+
+def from_peft_tensors(meta: Optional[dict], tensors: dict, where="", stored_encoding: bool = False) -> Packed:
+    """The :class:`Packed` artifact of a peft adapter's header (``bitfit_meta``) and tensors.
+    ``stored_encoding``: the slots' encodings come from the tensors (see :func:`with_stored_encoding`)."""
     if not isinstance(meta, dict) or not isinstance(meta.get("slots"), dict) or not isinstance(meta.get("head"), dict):
         raise ArtifactError(
             f"adapter {where} has no bitfit header (adapter_config.json field 'bitfit_meta'); it was not written "
             "by bitfit.peft. Save it again with save_pretrained of a BitFit peft model"
         )
+    if stored_encoding:
+        meta = with_stored_encoding(meta, tensors)
     raw = {}
     for k, v in tensors.items():
         ak = artifact_key(k, meta, where)
@@ -226,9 +254,8 @@ def peft_config_dict(meta: dict, task_type: Optional[str] = None, inference_mode
         "strict_base": True,
         "bitfit_meta": {k: v for k, v in meta.items() if k != "weights_sha256"},
     }
-    defaults = {"preset": "all", "add_missing": False, "train_head": True, "skip_zero_grad": False, "lean": True}
     for name in SELECTION_FIELDS:
-        out[name] = sel.get(name, defaults.get(name))
+        out[name] = sel.get(name, LEGACY_DEFAULTS.get(name))
     return out
 
 

@@ -119,13 +119,16 @@ class BitFitModel(BaseTuner):
         from ..roles import head_module_names
 
         wanted = getattr(cfg, "_bitfit_head_names", None) or []
-        heads = head_module_names(model)[0]
+        heads = head_module_names(model, pooler_head=cfg.pooler_head)[0]
         bad = [n for n in wanted if n not in heads]
         if bad:
+            hint = ""
+            if not cfg.pooler_head and any(n in head_module_names(model, pooler_head=True)[0] for n in bad):
+                hint = " (an untrained pooler is part of the head with pooler_head=True)"
             raise BitFitConfigError(
                 f"modules_to_save={wanted}: {bad} is not the task head of this {type(model).__name__} "
-                f"(its head: {heads or 'none'}). BitFit trains biases and the head (train_head); to fully train "
-                "other modules use another peft method"
+                f"(its head: {heads or 'none'}){hint}. BitFit trains biases and the head (train_head); to fully "
+                "train other modules use another peft method"
             )
 
     def _check_base(self, model: nn.Module, cfg: BitFitPeftConfig, adapter_name: str) -> None:
@@ -192,6 +195,12 @@ class BitFitModel(BaseTuner):
         cfg = self.peft_config[adapter_name]
         packed = ad.packed.get(adapter_name)
         if packed is not None:
+            state = get_state(model)
+            if state is not None and bool(state.config.pooler_head) != bool(
+                    (packed.meta.get("bitfit_config") or {}).get("pooler_head", False)):
+                # the untrained pooler is head in one adapter and body in the other: a different model map,
+                # found again on the base values
+                unmerge(model)
             load(model, to_artifact(packed, f"(adapter {adapter_name!r})"), strict=cfg.strict_base)
         else:
             if get_state(model) is not None:
@@ -344,7 +353,9 @@ class BitFitModel(BaseTuner):
         """Load: the tensors and the config's header are a bitfit artifact; it is validated and then loaded
         with bitfit.load (live adapter) or kept packed (inactive one). Nothing is left for peft to load."""
         tuner = _tuner_of(model)
-        packed = from_peft_tensors(config.bitfit_meta, state_dict, f"(adapter {adapter_name!r})")
+        # the header in memory may be another save's (the Trainer loads its best checkpoint into the live
+        # adapter): the slots' encodings come from the tensors
+        packed = from_peft_tensors(config.bitfit_meta, state_dict, f"(adapter {adapter_name!r})", stored_encoding=True)
         art = to_artifact(packed, f"(adapter {adapter_name!r})")  # every check of bitfit's reader
         ad = tuner._adapters
         if adapter_name == ad.live:
