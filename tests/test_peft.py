@@ -606,13 +606,13 @@ def test_adapters_with_and_without_pooler_head_on_one_base(tmp_path):
     want_a, want_b = logits_of(a, "bert"), logits_of(b, "bert")
     a.save_pretrained(tmp_path / "a")
     b.save_pretrained(tmp_path / "b")
-    model = PeftModel.from_pretrained(pooler_base(), tmp_path / "a", adapter_name="a")
-    model.load_adapter(tmp_path / "b", adapter_name="b")
+    model = PeftModel.from_pretrained(pooler_base(), tmp_path / "a", adapter_name="head_pooler")
+    model.load_adapter(tmp_path / "b", adapter_name="body_pooler")
     assert torch.equal(logits_of(model, "bert"), want_a)
-    model.set_adapter("b")
+    model.set_adapter("body_pooler")
     assert torch.equal(logits_of(model, "bert"), want_b)
     assert not model.get_base_model().bert.pooler.dense.weight.requires_grad
-    model.set_adapter("a")
+    model.set_adapter("head_pooler")
     assert torch.equal(logits_of(model, "bert"), want_a)
     assert model.get_base_model().bert.pooler.dense.weight.requires_grad
     model.add_adapter("fresh", BitFitPeftConfig(task_type="SEQ_CLS"))
