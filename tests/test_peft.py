@@ -17,6 +17,7 @@ from bitfit.peft import BitFitPeftConfig, from_bitfit, to_bitfit  # noqa: E402
 from bitfit.peft.convert import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, peft_config_dict  # noqa: E402
 from families import inputs_for, logits_of, make, train_steps  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
+from test_pooler_head import fresh as pooler_base  # noqa: E402
 
 TASK = {"bert": "SEQ_CLS", "gpt2": "SEQ_CLS", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
@@ -479,18 +480,6 @@ def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------ an untrained pooler trains with the head
-def pooler_base(seed=0):
-    """A tiny BERT classifier whose pooler is as a fresh init leaves it (all-zero bias: sentence-transformers
-    checkpoints ship BERT's that way), its other biases non-zero."""
-    m = make("bert", seed=seed, pretrained_pooler=False)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("bias") and "pooler" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
-
-
 def n_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 from families import inputs_for, logits_of, make
+from test_artifact import train
 from test_bank import task_model
 
 import bitfit
@@ -25,12 +26,7 @@ def fresh(seed=0):
 
 
 def move(m, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return m.eval()
+    return train(m, seed).eval()
 
 
 def body_bias_count(m):
