@@ -63,6 +63,8 @@ def build_classify(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
     cfg = bert_config(shape)
     torch.manual_seed(0)
     base = T.BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # a pretrained pooler, as bert-base ships it (an all-zero bias would make it part of
+        base.bert.pooler.dense.bias.normal_(0.0, 0.02)  # every task's head: pooler_head, for all-MiniLM)
     g = torch.Generator().manual_seed(1)
     work = {}  # one working BitFit copy per label count, re-"trained" before each save
     for nl in labels:

@@ -8,6 +8,8 @@ Methods (each on its own copy of the same randomly initialised model, task head 
 - ``bitfit-bf16-stock`` / ``bitfit-bf16-lean``: the same with ``frozen_dtype="bfloat16"``;
 - ``bitfit-int8-lean``: ``frozen_dtype="int8"`` (bf16 base, int8 training matmuls);
 - ``bitfit-auto-lean``: ``frozen_dtype="auto"`` (what ``bitfit train`` runs: the fastest mode the machine's probe picks);
+- ``peft-auto-lean``: the same BitFit through peft (``get_peft_model`` with a
+  ``bitfit.peft.BitFitPeftConfig(frozen_dtype="auto")``): the peft route's step against the native one;
 - ``lora``: peft LoRA r=8, alpha=16 (peft's default targets: query/value), head trained;
 - ``beft``: peft BEFT (``PeftType.BEFT``, peft >= 0.21), head trained.
 
@@ -57,6 +59,7 @@ METHODS = [
     "bitfit-bf16-lean",
     "bitfit-int8-lean",
     "bitfit-auto-lean",
+    "peft-auto-lean",
     "lora",
     "beft",
 ]
@@ -83,6 +86,10 @@ def build(method: str, config, seed: int = 0):
 
     torch.manual_seed(seed)
     model = T.AutoModelForSequenceClassification.from_config(config)
+    pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
+    if pooler is not None:  # as in the pretrained checkpoint (a fresh init's all-zero bias would make
+        with torch.no_grad():  # bitfit's pooler_head train the pooler with the head, as for all-MiniLM)
+            pooler.dense.bias.normal_(0.0, 0.02)
     if method == "full":
         pass
     elif method == "naive":
@@ -91,6 +98,14 @@ def build(method: str, config, seed: int = 0):
     elif method.startswith("bitfit-"):
         _, dtype, mode = method.split("-")
         bitfit.apply(model, frozen_dtype=FROZEN[dtype], lean=(mode == "lean"))
+    elif method.startswith("peft-"):
+        import peft
+
+        from bitfit.peft import BitFitPeftConfig
+
+        _, dtype, mode = method.split("-")
+        cfg = BitFitPeftConfig(frozen_dtype=FROZEN[dtype], lean=(mode == "lean"), task_type=peft.TaskType.SEQ_CLS)
+        model = peft.get_peft_model(model, cfg)
     elif method in ("lora", "beft"):
         import peft
 
