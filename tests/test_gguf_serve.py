@@ -188,3 +188,33 @@ def test_bitfit_serve_without_model_uses_the_recorded_base(setup, monkeypatch, c
     # a bitfit.save folder records no run: --model is needed
     assert main(["serve", "--task", f"echo={setup['tasks']['echo']}"]) == 1
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_bitfit_merge_gguf_run_with_its_folder_as_model(setup, tmp_path, monkeypatch, capsys):
+    """`bitfit merge RUN --model FOLDER` loads the GGUF file the run records inside FOLDER (it used to load the
+    folder without it and fail: no config.json); a merge that fails while writing leaves nothing behind."""
+    import transformers
+
+    import bitfit.commands.merge as merge_cmd
+
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    # the run trained norm biases a LLaMA cannot hold: refused by the merge itself, after the GGUF base loaded
+    assert main(["merge", setup["tasks"]["chat"], "--model", str(setup["root"]), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "LlamaRMSNorm has no bias parameter" in err and "not a model folder" not in err
+    assert not out.exists()
+    # a failure while saving: no half-written folder at --output, no temporary folder left beside it
+    monkeypatch.setattr(bitfit, "merge", lambda model: copy.deepcopy(setup["own"]["echo"]))
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        merge_cmd.merge_run(setup["tasks"]["chat"], str(out))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "x").write_text("")
+    assert main(["merge", setup["tasks"]["chat"], "--output", str(out)]) == 1  # not empty: refused
+    assert "not an empty folder" in capsys.readouterr().err

@@ -1373,6 +1373,12 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
         model_args = dataclasses.replace(model_args, model=meta.get("base_model"), gguf_file=meta.get("gguf_file"))
         if not model_args.model:
             raise BitFitError(f"--model is required: {model_args.adapter} does not record its base model")
+    elif not model_args.gguf_file and os.path.isdir(os.path.expanduser(str(model_args.model))):
+        # --model names the folder that holds the run's GGUF file: load that file, as the run did
+        recorded = meta.get("gguf_file") or (os.path.basename(str(meta.get("base_model") or ""))
+                                             if str(meta.get("base_model") or "").endswith(".gguf") else None)
+        if recorded and os.path.isfile(os.path.join(os.path.expanduser(str(model_args.model)), recorded)):
+            model_args = dataclasses.replace(model_args, gguf_file=recorded)
     if info is None:
         if data_args is None or not (data_args.task or data_args.train_file):
             raise BitFitError(f"{model_args.adapter} has no task.json; pass --task")
