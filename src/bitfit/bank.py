@@ -146,29 +146,35 @@ class _RowDispatch(nn.Module):
         super().__init__()
         self.child_name = name
         self.groups = groups  # list of (module, row index LongTensor, n_labels)
-        self.n_rows = sum(int(idx.numel()) for _, idx, _ in groups)
+        order = [i for _, idx, _ in groups for i in idx.tolist()]  # batch row of each stacked output row
+        self.n_rows = len(order)
+        inverse = [0] * len(order)
+        for pos, row in enumerate(order):
+            inverse[row] = pos
+        self.inverse = torch.tensor(inverse, dtype=torch.long)  # stacked position of each batch row
 
     def forward(self, *args, **kwargs):
         n = self.n_rows
 
         def take(v, idx):
-            return v[idx] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            return v.index_select(0, idx) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
 
         outs = []
         for module, idx, _ in self.groups:
             a = [take(v, idx) for v in args]
             k = {key: take(v, idx) for key, v in kwargs.items()}
-            outs.append((idx, module(*a, **k)))
-        first = outs[0][1]
+            outs.append(module(*a, **k))
+        first = outs[0]
         if not isinstance(first, torch.Tensor):
             raise _GatherUnsupported(f"head {self.child_name!r} returns {type(first).__name__}, not a tensor")
-        width = max(o.shape[-1] for _, o in outs)
-        result = first.new_zeros((n, *first.shape[1:-1], width))
-        for idx, o in outs:
+        width = max(o.shape[-1] for o in outs)
+        for o in outs:
             if o.shape[1:-1] != first.shape[1:-1]:
                 raise _GatherUnsupported(f"head {self.child_name!r} gives rows of different shapes")
-            result[idx, ..., : o.shape[-1]] = o
-        return result
+        # the groups' outputs, zero-padded to one width, stacked in group order, then put back in row order by
+        # one gather (no per-group scatter)
+        stacked = torch.cat([o if o.shape[-1] == width else F.pad(o, (0, width - o.shape[-1])) for o in outs])
+        return stacked.index_select(0, self.inverse.to(stacked.device))
 
 
 # ----------------------------------------------------------------- per-row bias modules
@@ -750,10 +756,11 @@ class BiasBank:
         return result
 
     def _row_task(self, groups, n: int, device) -> torch.Tensor:
-        row_task = torch.empty(n, dtype=torch.long, device=device)
+        row_task = [0] * n
         for k, (_, idx) in enumerate(groups):
-            row_task[idx] = k
-        return row_task
+            for i in idx.tolist():
+                row_task[i] = k
+        return torch.tensor(row_task, dtype=torch.long, device=device)
 
     def _run_gather(self, groups, n, inputs) -> list:
         """One pass over all rows, each with its own task's biases (in the layers' own ops) and head."""
