@@ -49,12 +49,19 @@ except Exception:  # pragma: no cover
 
 # ------------------------------------------------------------------------------ counting
 def trainable_count(model: nn.Module) -> int:
-    """Trainable scalars (each parameter object counted once)."""
+    """Trainable scalars (each parameter object counted once); of a masked bias (a fused slot's role
+    slices, sparse BitFit's entries) only the entries that train."""
+    from .prepare import bitfit_model, get_state
+
     seen, n = set(), 0
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
+    target = bitfit_model(model)
+    state = get_state(target) if target is not None else None
+    for name, idx in (state.partial.items() if state is not None else ()):
+        n -= state.model_map.slot(name).size - int(idx.numel())
     return n
 
 
