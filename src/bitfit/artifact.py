@@ -55,7 +55,8 @@ FORMAT = "bitfit-artifact"
 FORMAT_VERSION = 3  # the newest this bitfit reads; 2 = with a norm_weights section (train_norm_weights),
 # 3 = sparse BitFit (a budget: the trained entries of each bias stored as ``entries:<slot>``)
 PLAIN_FORMAT_VERSION = 1  # what an artifact without trained norm gains is written as (older bitfits read it)
-SPARSE_FORMAT_VERSION = 3
+NORM_FORMAT_VERSION = 2  # with trained norm gains
+SPARSE_FORMAT_VERSION = 3  # sparse BitFit (a budget)
 WEIGHTS_NAME = "bitfit_model.safetensors"
 CONFIG_NAME = "bitfit_config.json"
 DTYPES = ("float32", "float16", "int8")
@@ -367,7 +368,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             bitfit_config.pop(k, None)
     meta = {
         "format": FORMAT,
-        "format_version": SPARSE_FORMAT_VERSION if sparse else FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
+        "format_version": SPARSE_FORMAT_VERSION if sparse else NORM_FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
         "bitfit_version": __version__,
         "dtype": dtype,
         "base_model": {
