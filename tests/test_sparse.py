@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from families import inputs_for, logits_of, make, train_steps
+from test_compare import tiny  # noqa: F401 - the tiny BERT + CSV task of the compare tests (a fixture)
 
 import bitfit
 from bitfit import baselines as B
@@ -283,3 +284,19 @@ def test_train_cli_budget(tmp_path):
     assert bias_entries(loaded) == n
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trainable_params"] == n + head_count(loaded)  # (the untrained pooler trains with the head)
+
+
+@pytest.mark.slow
+def test_compare_sparse_against_rand_at_the_same_budget(tiny):
+    from test_compare import _common
+
+    from bitfit.cli import main
+
+    out = tiny / "cmp-sparse"
+    argv = ["compare", *_common(tiny, out), "--num_train_epochs", "1", "--methods",
+            "bitfit-sparse/budget=0.25,rand/budget=0.25", "--seeds", "1", "--no-analysis", "--in-process"]
+    assert main(argv) == 0
+    runs = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in out.glob("runs/*/*/*/*/run.json")}
+    assert set(runs) == {"bitfit-sparse", "rand"}
+    assert runs["bitfit-sparse"]["trainable"] == runs["rand"]["trainable"]
+    assert "--budget 0.25" in runs["bitfit-sparse"]["command"]
