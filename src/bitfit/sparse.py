@@ -67,8 +67,9 @@ def importance_scores(model: nn.Module, batches: Iterable, slots: list, score: s
 
     ``slots``: the :class:`bitfit.roles.BiasSlot` objects to score (``bitfit.discover(model).slots``).
     ``batches``: dicts of model inputs with labels (``model(**batch).loss`` is the loss, or
-    ``loss_fn(model, batch)``); the first ``max_batches`` are used. Dropout is off while scoring; the
-    model's parameters, their gradients and its training mode are left as they were.
+    ``loss_fn(model, batch)``); the first ``max_batches`` are used. Dropout is off while scoring and no
+    parameter takes part in autograd; the parameters, their gradients, requires_grad flags and the
+    model's training mode are left as they were.
     """
     if score not in IMPORTANCE_SCORES:
         raise BitFitConfigError(f"score={score!r}: use one of {', '.join(IMPORTANCE_SCORES)}")
@@ -92,9 +93,12 @@ def importance_scores(model: nn.Module, batches: Iterable, slots: list, score: s
         handles.append(module.register_forward_hook(hook_for(name)))
     sums = {name: torch.zeros(slots[name].size, dtype=torch.float64) for name in slot_names}
     was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     used = 0
     try:
+        for p, _ in flags:  # only the zero vectors need a gradient: no weight-gradient graph is kept
+            p.requires_grad_(False)
         for batch in itertools.islice(batches, max_batches):
             batch = _batch_to(batch, device)
             loss = loss_fn(model, batch) if loss_fn is not None else getattr(model(**batch), "loss", None)
@@ -110,6 +114,8 @@ def importance_scores(model: nn.Module, batches: Iterable, slots: list, score: s
     finally:
         for h in handles:
             h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
         model.train(was_training)
     if not used:
         raise DataError("no batch to score the bias entries on: batches= yielded nothing")
