@@ -127,8 +127,9 @@ def artifact_change_table(path, model_map: Optional[ModelMap] = None) -> tuple[l
             full = stored
             roles = slot.roles
         else:
-            full = torch.full((slot.size,), float("nan"))
-            full[slot.indices(s["roles"])] = stored
+            idx = art.tensors.get(f"entries:{name}")  # sparse BitFit stores its trained indices (the rest: no change)
+            full = torch.full((slot.size,), float("nan") if idx is None else 0.0)
+            full[slot.indices(s["roles"]) if idx is None else idx] = stored
             roles = {r: slot.roles[r] for r in s["roles"]}
         for role, idx in roles.items():
             _add(acc, role, slot.layer_key, full if idx is None else full[idx])

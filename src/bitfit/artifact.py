@@ -9,7 +9,8 @@ An artifact is a folder with two files:
   (``scale:<key>``). In float32 a difference that does not round-trip bit for bit
   (``base + (v - base) != v`` in float32) is repaired by a few exact values
   (``fix_idx:<slot>``/``fix_val:<slot>``), so loading is exact; a slot where more than 1/16
-  of the elements would need that is stored as its value.
+  of the elements would need that is stored as its value. Sparse BitFit (a ``budget``) stores
+  the trained indices of each partly trained bias as ``entries:<slot>``.
 * ``bitfit_config.json``: format version, base model name/config/fingerprint, the
   BitFitConfig, per-slot roles, head layout and labels, storage dtype, a checksum of the
   tensor file. No pickle anywhere.
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import ROLES, BitFitConfig
+from .config import ROLES, SPARSE_FIELDS, BitFitConfig
 from .errors import ArtifactError, BitFitError
 from .io import file_mode
 from .lean import remove as remove_lean
@@ -51,8 +52,11 @@ from .roles import discover
 from .select import resolve
 
 FORMAT = "bitfit-artifact"
-FORMAT_VERSION = 2  # the newest this bitfit reads; 2 = with a norm_weights section (train_norm_weights)
+FORMAT_VERSION = 3  # the newest this bitfit reads; 2 = with a norm_weights section (train_norm_weights),
+# 3 = sparse BitFit (a budget: the trained entries of each bias stored as ``entries:<slot>``)
 PLAIN_FORMAT_VERSION = 1  # what an artifact without trained norm gains is written as (older bitfits read it)
+NORM_FORMAT_VERSION = 2  # with trained norm gains
+SPARSE_FORMAT_VERSION = 3  # sparse BitFit (a budget)
 WEIGHTS_NAME = "bitfit_model.safetensors"
 CONFIG_NAME = "bitfit_config.json"
 DTYPES = ("float32", "float16", "int8")
@@ -304,6 +308,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
         _refuse_nonfinite(target, state, "save")
     tensors: dict = {}
     slots_meta: dict = {}
+    sparse = state.config.budget is not None
     for slot in state.trained_slots():
         roles = list(state.selection.chosen[slot.name])
         idx = state.partial.get(slot.name)
@@ -319,6 +324,8 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             if idx is not None:
                 value = value[idx.cpu()]
                 base = None if base is None else base[idx.cpu()]
+                if sparse:  # chosen by importance: not reproducible from the roles, so stored
+                    tensors[f"entries:{slot.name}"] = idx.cpu().to(torch.int32).contiguous()
             _encode(f"bias:{slot.name}", slot.name, value, base, dtype, tensors, entry)
         slots_meta[slot.name] = entry
 
@@ -356,9 +363,12 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
     bitfit_config = state.config.to_dict()
     if not bitfit_config.get("train_norm_weights"):
         bitfit_config.pop("train_norm_weights", None)  # an artifact older bitfits read as before
+    if not sparse:
+        for k in SPARSE_FIELDS:
+            bitfit_config.pop(k, None)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
+        "format_version": SPARSE_FORMAT_VERSION if sparse else NORM_FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
         "bitfit_version": __version__,
         "dtype": dtype,
         "base_model": {
@@ -384,6 +394,9 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
     }
     if norm_meta:
         meta["norm_weights"] = norm_meta
+    if sparse:  # the trained count: the chosen entries, not the sizes of the biases they sit in
+        meta["sparse"] = {"entries": sum(s["size"] if s["indices"] is None else s["indices"]
+                                         for s in slots_meta.values())}
     return meta, tensors
 
 
@@ -755,6 +768,9 @@ def _validate_meta(meta, path, strict: bool = True) -> None:
             raise _bad(path, f"norm gain {name} has unknown encoding {s.get('encoding')!r}")
         if s.get("fixes") is not None and not _is_int(s["fixes"]):
             raise _bad(path, f"norm gain {name}: \"fixes\" must be a non-negative integer")
+    sparse = meta.get("sparse")
+    if sparse is not None and (not isinstance(sparse, dict) or not _is_int(sparse.get("entries"), 1)):
+        raise _bad(path, "field 'sparse' must be an object with a positive \"entries\" count")
     if any(a not in meta["slots"] for a in meta["added"]):
         raise _bad(path, "\"added\" names a bias that is not among the slots")
     head = meta["head"]
@@ -787,6 +803,8 @@ def _expected(meta) -> dict:
     for name, s in meta["slots"].items():
         n = s["size"] if s.get("indices") is None else s["indices"]
         keys[f"bias:{name}"] = (store, (n,))
+        if _is_sparse(meta) and s.get("indices") is not None:
+            keys[f"entries:{name}"] = (_INDEX_DTYPES, (n,))
         if s.get("fixes"):
             keys[f"fix_idx:{name}"] = (_INDEX_DTYPES, (s["fixes"],))
             keys[f"fix_val:{name}"] = ((torch.float32,), (s["fixes"],))
@@ -798,9 +816,14 @@ def _expected(meta) -> dict:
             keys[f"fix_idx:norm:{name}"] = (_INDEX_DTYPES, (s["fixes"],))
             keys[f"fix_val:norm:{name}"] = ((torch.float32,), (s["fixes"],))
     if meta["dtype"] == "int8":
-        for k in [k for k in keys if not k.startswith("fix_")]:
+        for k in [k for k in keys if not k.startswith(("fix_", "entries:"))]:
             keys[f"scale:{k}"] = ((torch.float32,), ())
     return keys
+
+
+def _is_sparse(meta) -> bool:
+    """The artifact of a sparse BitFit run (a budget): its trained indices are stored."""
+    return isinstance(meta.get("bitfit_config"), dict) and meta["bitfit_config"].get("budget") is not None
 
 
 def _dt(d: torch.dtype) -> str:
@@ -908,6 +931,14 @@ def read_artifact(path, strict: bool = True) -> Artifact:
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                 raise _bad(p, f"tensor {k} holds indices outside its bias (0..{n - 1})")
             tensors[k] = t.to(torch.int64)
+            continue
+        if k.startswith("entries:"):
+            s = meta["slots"][k[len("entries:"):]]
+            idx = t.to(torch.int64)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= s["size"]
+                                or not bool((idx[1:] > idx[:-1]).all())):
+                raise _bad(p, f"tensor {k} is not a sorted set of distinct indices of its bias (0..{s['size'] - 1})")
+            tensors[k] = idx
             continue
         if meta["dtype"] == "int8" and not k.startswith("fix_val:"):
             tensors[k] = t.to(torch.float32) * raw[f"scale:{k}"].to(torch.float32)
@@ -1018,7 +1049,8 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
         if s.get("indices") is None:
             biases[name] = _slot_value(art, name, full)
         else:
-            idx = _indices_from_meta(base, art.meta, name, prefix)
+            idx = art.tensors.get(f"entries:{name}")  # sparse BitFit: stored; else the roles' slices
+            idx = _indices_from_meta(base, art.meta, name, prefix) if idx is None else idx
             if full is None:
                 full = torch.zeros(s["size"])
             full = full.clone()
@@ -1115,6 +1147,9 @@ def _plan(target: nn.Module, art: Artifact):
     arch = meta["base_model"].get("architecture")
     hint = f" (the artifact was saved from a {arch})" if arch and arch != type(target).__name__ else ""
     want, have = set(meta["slots"]), set(sel.chosen)
+    sparse = cfg.budget is not None
+    if sparse and want <= have:
+        have = want  # a budget trains the chosen entries' biases only
     if want != have:
         only_a = sorted(want - have)
         only_m = sorted(have - want)
@@ -1138,8 +1173,18 @@ def _plan(target: nn.Module, art: Artifact):
             )
         idx = slot.indices(sel.chosen[name])
         n = None if idx is None else int(idx.numel())
-        if n != s.get("indices"):
+        if n != s.get("indices") and not sparse:
             raise ArtifactError(f"artifact {where}: {name} trains {s.get('indices')} indices there, {n} here")
+    entries = None
+    if sparse:
+        from .sparse import check_entries
+
+        entries = {name: art.tensors[f"entries:{name}"] if s.get("indices") is not None else torch.arange(s["size"])
+                   for name, s in meta["slots"].items()}
+        try:
+            entries = check_entries(mm, sel, entries, cfg.budget)
+        except BitFitError as exc:
+            raise ArtifactError(f"artifact {where}: its trained entries do not fit this model: {exc}") from None
     params = dict(target.named_parameters())
     norms = meta.get("norm_weights", {})
     if set(norms) != set(sel.norm_weights):
@@ -1164,7 +1209,7 @@ def _plan(target: nn.Module, art: Artifact):
                 f"artifact {where}: head parameter {name} has shape {list(shape)} but {list(params[name].shape)} in "
                 f"this model; load the base with num_labels={n}"
             )
-    return cfg, mm
+    return cfg, mm, entries
 
 
 def load(base_model, path, strict: bool = True) -> nn.Module:
@@ -1190,7 +1235,7 @@ def load(base_model, path, strict: bool = True) -> nn.Module:
     else:
         raise ArtifactError(f"base_model must be a torch model or a model name, got {type(base_model).__name__}")
     target = unwrap(model)
-    cfg, _ = _plan(target, art)
+    cfg, _, entries = _plan(target, art)
     _check_fingerprint(target, art.meta, strict, art.path)
     state = get_state(target)
     if state is not None:
@@ -1198,7 +1243,7 @@ def load(base_model, path, strict: bool = True) -> nn.Module:
         _restore_base(target, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        apply(target, config=cfg)
+        apply(target, config=cfg, entries=entries)
     _write(target, art)
     config = getattr(target, "config", None)
     head = art.meta["head"]
@@ -1222,8 +1267,8 @@ def _write(target: nn.Module, art: Artifact) -> None:
             value = _slot_value(art, name, None if base is None else base.float().cpu())
             param.copy_(value.to(param.dtype).reshape(param.shape))
         else:
-            base = state.base[name].float().cpu()
-            value = _slot_value(art, name, base[idx.cpu()])
+            base = state.base.get(name)  # None: an added bias (stored as its value)
+            value = _slot_value(art, name, None if base is None else base.float().cpu()[idx.cpu()])
             param[idx.to(param.device)] = value.to(param.dtype).to(param.device)
     params = dict(target.named_parameters())
     for name in art.meta.get("norm_weights", {}):

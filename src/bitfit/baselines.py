@@ -13,9 +13,13 @@ Methods (``METHODS``; see :func:`parse_method` for the ``name/key=value`` spec s
   ``beft``, ``ln_tuning``, ``ia3``: peft's own bias/scale/norm-only methods, where the
   installed peft has them;
 - ``rand``: the paper's random-parameter baseline: exactly as many trainable scalars as BitFit
-  ``all`` has biases, drawn uniformly among all entries of the stack's weight matrices, trained
-  as a sparse delta (gather/index_add in a forward hook: no dense weight gradient, optimizer
+  ``all`` has biases (``rand/count=N``: N; ``rand/budget=0.25``: as many as ``bitfit-sparse/budget=0.25``
+  trains with the default selection), drawn uniformly among all entries of the stack's weight matrices,
+  trained as a sparse delta (gather/index_add in a forward hook: no dense weight gradient, optimizer
   state of exactly that size);
+- ``bitfit-sparse``: sparse BitFit (:mod:`bitfit.sparse`): of the selected biases only the ``budget``
+  entries (default 0.5 of them) with the highest importance on a few training batches train;
+  ``bitfit-sparse/budget=0.25/importance=fisher/importance_unit=vector/importance_batches=4``;
 - ``bitfit-1d`` (all biases plus the LayerNorm/RMSNorm gains: every 1-D vector of the stack),
   ``bitfit-halving`` (BitFit with the learning rate halved every 2 epochs after warm-up) and
   ``bitfit-rolelr`` (BitFit with per-role learning rates, default ``query=2,ffn_in=2``: the paper's
@@ -49,12 +53,19 @@ except Exception:  # pragma: no cover
 
 # ------------------------------------------------------------------------------ counting
 def trainable_count(model: nn.Module) -> int:
-    """Trainable scalars (each parameter object counted once)."""
+    """Trainable scalars (each parameter object counted once); of a masked bias (a fused slot's role
+    slices, sparse BitFit's entries) only the entries that train."""
+    from .prepare import bitfit_model, get_state
+
     seen, n = set(), 0
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             n += p.numel()
+    target = bitfit_model(model)
+    state = get_state(target) if target is not None else None
+    for name, idx in (state.partial.items() if state is not None else ()):
+        n -= state.model_map.slot(name).size - int(idx.numel())
     return n
 
 
@@ -98,6 +109,15 @@ def bitfit(model: nn.Module, preset: str = "all", **options) -> nn.Module:
     from .prepare import apply
 
     return apply(model, preset=preset, **options)
+
+
+def bitfit_sparse(model: nn.Module, budget=0.5, batches=None, preset: str = "all", **options) -> nn.Module:
+    """Sparse BitFit: ``budget`` entries of the selected biases, chosen by importance on ``batches``
+    (``bitfit compare`` passes the run's training batches)."""
+    if batches is None:
+        raise BitFitConfigError("bitfit-sparse chooses bias entries on training batches; run it through bitfit "
+                                "compare / run_train (or call bitfit.apply(model, budget=..., batches=...))")
+    return bitfit(model, preset=preset, budget=budget, batches=batches, **options)
 
 
 def bitfit_1d(model: nn.Module, preset: str = "all", **options) -> nn.Module:
@@ -301,14 +321,24 @@ def _weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def rand(model: nn.Module, count: Optional[int] = None, seed: int = 0) -> nn.Module:
+def rand(model: nn.Module, count: Optional[int] = None, seed: int = 0, budget=None) -> nn.Module:
     """The paper's random-parameter baseline.
 
-    ``count`` (default: exactly the number of bias scalars BitFit ``all`` trains on this model)
+    ``count`` (default: exactly the number of bias scalars BitFit ``all`` trains on this model;
+    ``budget``: as many as sparse BitFit trains with that budget and the default selection)
     entries are drawn uniformly without replacement among all entries of the stack's weight
     matrices (every Linear/Conv1D of the body: attention, FFN, pooler; embeddings and the head
     are not in the pool) and trained as sparse deltas; the task head trains as in BitFit.
     """
+    if budget is not None:
+        if count is not None:
+            raise BitFitConfigError("rand: give count= or budget=, not both")
+        from .config import BitFitConfig
+        from .select import resolve
+        from .sparse import budget_count, candidates
+
+        mm = discover(model)
+        count = budget_count(budget, sum(int(c.numel()) for c in candidates(mm, resolve(mm, BitFitConfig())).values()))
     n = bias_param_count(model) if count is None else int(count)
     mods = _weight_modules(model)
     sizes = torch.tensor([m.weight.numel() for _, m in mods], dtype=torch.long)
@@ -362,6 +392,7 @@ class Method:
     lr_grid: tuple  # default grid for --lr-grid auto
     help: str
     train_args: dict = field(default_factory=dict)  # ModelArguments defaults of the method (TRAIN_OPTIONS)
+    needs_batches: bool = False  # prepared on training batches (prepare(..., batches=...)): bitfit-sparse
 
     @property
     def trains_bitfit(self) -> bool:
@@ -384,6 +415,8 @@ METHODS: dict[str, Method] = {
         Method("ln_tuning", ln_tuning, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft LN tuning"),
         Method("ia3", ia3, "peft", 3e-3, (1e-3, 3e-3, 1e-2), "peft (IA)^3"),
         Method("rand", rand, "rand", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "random weight entries, as many as BitFit's biases"),
+        Method("bitfit-sparse", bitfit_sparse, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               "sparse BitFit: the most important bias entries under a budget (default 0.5)", needs_batches=True),
         Method("bitfit-1d", bitfit_1d, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
                "all biases + LayerNorm/RMSNorm gains (every 1-D vector)"),
         Method("bitfit-halving", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
@@ -395,7 +428,7 @@ METHODS: dict[str, Method] = {
     ]
 }
 
-_INT_OPTS = {"r", "alpha", "n", "seed", "count"}
+_INT_OPTS = {"r", "alpha", "n", "seed", "count", "importance_batches"}
 _FLOAT_OPTS = {"dropout", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2"}
 # method options that are training options (ModelArguments fields read by the Trainer), not prepare options
 TRAIN_OPTIONS = ("role_lr_multipliers", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2")
@@ -450,9 +483,12 @@ def method_info(spec: str) -> Method:
     return METHODS[parse_method(spec)[0]]
 
 
-def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Module:
-    """Prepare ``model`` for the method ``spec`` and return the model to train."""
+def prepare(model: nn.Module, spec: str, seed: Optional[int] = None, batches=None) -> nn.Module:
+    """Prepare ``model`` for the method ``spec`` and return the model to train. ``batches``: labelled
+    training batches, for the methods that choose what trains on data (bitfit-sparse)."""
     name, opts = parse_method(spec)
+    if METHODS[name].needs_batches:
+        opts["batches"] = batches
     if name == "rand" and seed is not None and "seed" not in opts:
         opts["seed"] = seed
     opts = {k: v for k, v in opts.items() if k not in TRAIN_OPTIONS}  # the Trainer's (train_options)
@@ -467,7 +503,7 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None) -> nn.Modul
 
 __all__ = [
     "METHODS", "Method", "prepare", "parse_method", "method_info", "trainable_count", "total_count", "base_count",
-    "bias_param_count", "bitfit", "bitfit_peft", "bitfit_1d", "train_options", "TRAIN_OPTIONS",
+    "bias_param_count", "bitfit", "bitfit_peft", "bitfit_1d", "bitfit_sparse", "train_options", "TRAIN_OPTIONS",
     "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
     "bitfit_last_n", "bitfit_lora", "RandDelta", "rand_effective_weights",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -53,6 +54,41 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16", "int8")
+IMPORTANCE_SCORES = ("grad", "fisher")  # bitfit.sparse: how an entry's importance is measured
+IMPORTANCE_UNITS = ("entry", "vector")  # bitfit.sparse: what is chosen
+SPARSE_FIELDS = ("budget", "importance", "importance_unit", "importance_batches")
+
+
+def parse_budget(value) -> Union[None, int, float]:
+    """A budget as given (int, float, or text such as "0.5" / "1000") -> a fraction in (0, 1] (float) or a
+    count >= 1 (int); anything else is a BitFitConfigError that says which form to use."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise BitFitConfigError(f"budget={value!r} is not a number; give a fraction of the selection's "
+                                        "bias entries (0.5) or a count of entries (1000)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BitFitConfigError(f"budget must be a fraction in (0, 1] or a whole count >= 1, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise BitFitConfigError(f"budget={value} trains nothing; give a count >= 1 or a fraction in (0, 1]")
+        return value
+    if not math.isfinite(value) or value <= 0:
+        raise BitFitConfigError(f"budget={value!r} trains nothing; give a fraction in (0, 1] or a count >= 1")
+    if value > 1:
+        hint = f" pass budget={int(value)} (an int) for a count of entries," if value.is_integer() else ""
+        raise BitFitConfigError(
+            f"budget={value!r} is ambiguous: a float budget is a fraction in (0, 1] of the selection's bias "
+            f"entries;{hint or ' a count must be a whole number,'} or a fraction such as 0.5"
+        )
+    return float(value)
 
 
 def _as_tuple(value: Union[None, str, Sequence[str]], name: str) -> Optional[tuple[str, ...]]:
@@ -193,6 +229,30 @@ class BitFitConfig:
             "the biases (the artifact's norm_weights section)."
         },
     )
+    budget: Optional[Union[int, float, str]] = field(
+        default=None,
+        metadata={
+            "help": "Sparse BitFit (bitfit.sparse): train only this many of the selection's bias entries, those with "
+            "the highest importance on a few training batches. A float in (0, 1] is a fraction of the selection's "
+            "bias entries (rounded half up, at least 1), an int >= 1 a count; the head is not counted and always "
+            "trains. bitfit.apply then needs batches= (or entries=). None trains every selected entry."
+        },
+    )
+    importance: str = field(
+        default="grad",
+        metadata={"help": "With budget: the importance of a bias entry, summed over the scoring batches: 'grad' "
+                  "(|dL/db|) or 'fisher' ((dL/db)^2, the empirical Fisher of each batch gradient)."},
+    )
+    importance_unit: str = field(
+        default="entry",
+        metadata={"help": "With budget: choose single bias 'entry's, or whole bias 'vector's ranked by their mean "
+                  "importance (the last vector taken is cut to its best entries, so the count stays exact)."},
+    )
+    importance_batches: int = field(
+        default=8,
+        metadata={"help": "With budget: how many training batches the importance is measured on (bitfit.apply "
+                  "with batches= uses the first N it yields)."},
+    )
     lean: bool = field(
         default=True,
         metadata={
@@ -242,6 +302,18 @@ class BitFitConfig:
                     f"{', '.join(FROZEN_DTYPES + ('auto',))}"
                 )
             self.frozen_dtype = None if fd == "float32" else fd
+        self.budget = parse_budget(self.budget)
+        if self.importance not in IMPORTANCE_SCORES:
+            raise BitFitConfigError(f"importance={self.importance!r} is not a score; use one of "
+                                    f"{', '.join(IMPORTANCE_SCORES)}")
+        if self.importance_unit not in IMPORTANCE_UNITS:
+            raise BitFitConfigError(f"importance_unit={self.importance_unit!r}: use one of {', '.join(IMPORTANCE_UNITS)}")
+        if isinstance(self.importance_batches, bool) or not isinstance(self.importance_batches, int) \
+                or self.importance_batches < 1:
+            raise BitFitConfigError(f"importance_batches must be an int >= 1, got {self.importance_batches!r}")
+        if self.budget is not None and self.train_norm_weights:
+            raise BitFitConfigError("budget= chooses bias entries; it does not combine with train_norm_weights=True "
+                                    "(drop one of them)")
 
     # ------------------------------------------------------------------ helpers
     def selected_roles(self) -> tuple[str, ...]:

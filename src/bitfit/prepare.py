@@ -161,12 +161,23 @@ def apply(
     lean: bool = True,
     pooler_head: bool = True,
     train_norm_weights: bool = False,
+    budget=None,
+    importance: str = "grad",
+    importance_unit: str = "entry",
+    importance_batches: int = 8,
+    batches=None,
+    entries: Optional[dict] = None,
 ) -> nn.Module:
     """Turn ``model`` into a BitFit model in place and return it.
 
     Every parameter is frozen; the biases selected by ``preset`` (refined by ``roles``,
     ``include``, ``exclude`` and ``layers``) and the task head are made trainable. See
     :class:`bitfit.BitFitConfig` for every option. Calling it twice is an error.
+
+    Sparse BitFit (``budget=``, :mod:`bitfit.sparse`): only ``budget`` entries of the selected biases
+    train, the most important ones on ``batches`` (labelled input dicts; the first
+    ``importance_batches`` are scored), or exactly ``entries`` (bias name -> indices, from
+    :func:`bitfit.sparse.select_entries`).
     """
     if not isinstance(model, nn.Module):
         raise BitFitError(f"bitfit.apply needs a torch.nn.Module, got {type(model).__name__}")
@@ -176,6 +187,8 @@ def apply(
             preset=preset, roles=roles, include=include, exclude=exclude, layers=layers,
             add_missing=add_missing, train_head=train_head, skip_zero_grad=skip_zero_grad,
             frozen_dtype=frozen_dtype, lean=lean, pooler_head=pooler_head, train_norm_weights=train_norm_weights,
+            budget=budget, importance=importance, importance_unit=importance_unit,
+            importance_batches=importance_batches,
         ),
     )
     target = unwrap(model)
@@ -187,6 +200,9 @@ def apply(
     model_map = discover(target, pooler_head=cfg.pooler_head)
     sel = resolve(model_map, cfg)
     _check_selection(model_map, sel, cfg)
+    entries = _sparse_entries(target, model_map, sel, cfg, batches, entries)
+    if entries is not None:  # only the slots with chosen entries train
+        sel.chosen = {name: roles for name, roles in sel.chosen.items() if name in entries}
 
     for p in target.parameters():
         p.requires_grad_(False)
@@ -204,7 +220,9 @@ def apply(
         module = _get_module(target, slot.module_name)
         if slot.name not in state.added:
             state.base[slot.name] = module.bias.detach().clone()
-        idx = slot.indices(roles)
+        idx = slot.indices(roles) if entries is None else entries[slot.name]
+        if idx is not None and idx.numel() == slot.size:
+            idx = None  # every entry trains: no mask
         if idx is not None:
             mask = torch.zeros(slot.size, dtype=torch.bool, device=module.bias.device)
             mask[idx.to(mask.device)] = True
@@ -225,6 +243,29 @@ def apply(
 
     finish_apply(target, cfg)
     return model
+
+
+def _sparse_entries(target, model_map, sel, cfg, batches, entries):
+    """The entries a ``budget`` trains (chosen on ``batches``, or ``entries`` checked), or None without one."""
+    if cfg.budget is None:
+        if entries is not None or batches is not None:
+            raise BitFitConfigError("entries= / batches= choose bias entries under a budget: pass budget= too "
+                                    "(a fraction such as 0.5, or a count)")
+        return None
+    from . import sparse
+
+    if entries is None:
+        if batches is None:
+            raise BitFitConfigError(
+                f"budget={cfg.budget!r} chooses bias entries by their importance on data: pass batches= (a few "
+                "labelled training batches) or entries= (from bitfit.sparse.select_entries)"
+            )
+        cands = sparse.candidates(model_map, sel)
+        count = sparse.budget_count(cfg.budget, sum(int(c.numel()) for c in cands.values()))
+        scores = sparse.importance_scores(target, batches, [model_map.slot(n) for n in cands], cfg.importance,
+                                          cfg.importance_batches)
+        entries = sparse.choose(scores, cands, count, cfg.importance_unit)
+    return sparse.check_entries(model_map, sel, entries, cfg.budget)
 
 
 def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> None:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .config import HEAD, PAPER_NAMES, ROLES
@@ -130,11 +131,15 @@ def report(model: nn.Module) -> Report:
         param = trainable_bias_param(target, slot.name)
         counted.add(id(param))
         chosen = state.selection.chosen.get(slot.name, ()) if state else (tuple(slot.roles) if param.requires_grad else ())
+        part = state.partial.get(slot.name) if state else None  # the trained entries of a masked slot
         for role in slot.roles:
             n = slot.role_size(role)
             c = by_role.setdefault(role, {"trainable": 0, "total": 0})
             c["total"] += n
             if role in chosen and param.requires_grad:
+                if part is not None:
+                    idx = slot.roles[role]
+                    n = int(part.numel()) if idx is None else int(torch.isin(part, idx).sum())
                 c["trainable"] += n
                 trainable_bias += n
                 if slot.layer_key is not None:

@@ -124,6 +124,25 @@ class ModelArguments:
         metadata={"help": "With --train_norm_weights: pull the gains toward their pretrained values after every "
                   "optimizer step, g -= lr x L2 x (g - g_pretrained) (decoupled, like AdamW's weight decay)."},
     )
+    budget: Optional[str] = field(
+        default=None,
+        metadata={"help": "Sparse BitFit: train only this many of the selected bias entries, those with the highest "
+                  "importance on a few training batches: a fraction of them (0.5) or a count (1000). The head is "
+                  "not counted. docs/TRAINING.md, Sparse BitFit."},
+    )
+    importance: str = field(
+        default="grad",
+        metadata={"help": "With --budget: 'grad' (sum of |dL/db| over the scoring batches) or 'fisher' (of (dL/db)^2)."},
+    )
+    importance_unit: str = field(
+        default="entry",
+        metadata={"help": "With --budget: choose single bias 'entry's or whole bias 'vector's (by mean importance)."},
+    )
+    importance_batches: int = field(
+        default=8,
+        metadata={"help": "With --budget: training batches (of --per_device_train_batch_size rows, drawn with "
+                  "--seed) the importance is measured on."},
+    )
     warm_start_head: bool = field(
         default=False,
         metadata={"help": "Fit the task head's output layer on the frozen model's features (a linear probe over "
@@ -458,7 +477,9 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
         add_missing=model_args.add_missing if add_missing is None else add_missing,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
         frozen_dtype=model_args.frozen_dtype, lean=model_args.lean, pooler_head=model_args.pooler_head,
-        train_norm_weights=model_args.train_norm_weights,
+        train_norm_weights=model_args.train_norm_weights, budget=model_args.budget,
+        importance=model_args.importance, importance_unit=model_args.importance_unit,
+        importance_batches=model_args.importance_batches,
     )
 
 
@@ -475,9 +496,10 @@ def resolve_frozen_dtype(model_args: ModelArguments, device=None):
     return dataclasses.replace(model_args, frozen_dtype=choice.dtype), choice
 
 
-def apply_bitfit(model, model_args: ModelArguments):
+def apply_bitfit(model, model_args: ModelArguments, batches=None):
     """bitfit.apply with the model arguments; add_missing is switched on automatically (with a
-    message) when the selection finds no existing bias at all, e.g. on LLaMA-style models."""
+    message) when the selection finds no existing bias at all, e.g. on LLaMA-style models.
+    ``batches``: the scoring batches of a --budget run (sparse BitFit)."""
     import bitfit
 
     from .select import resolve
@@ -489,7 +511,27 @@ def apply_bitfit(model, model_args: ModelArguments):
             print("bitfit: this model has no bias in the selection; adding zero-initialised biases "
                   "(--add-missing)", file=sys.stderr)
             cfg = bitfit_config(model_args, add_missing=True)
-    return bitfit.apply(model, config=cfg)
+    return bitfit.apply(model, config=cfg, batches=batches if cfg.budget is not None else None)
+
+
+def scoring_batches(model, train_ds, collator, batch_size: int, seed: int, device):
+    """The batches a sparse BitFit run (--budget) scores bias entries on: training rows drawn with ``seed``,
+    as many batches as the consumer takes (``importance_batches``). On the first, the model goes to
+    ``device`` (where the Trainer puts it)."""
+    from .sparse import sample_batches
+
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(device)
+    yield from sample_batches(train_ds, collator, -(-len(train_ds) // batch_size), batch_size, seed)
+
+
+def _takes_batches(prepare: Callable) -> bool:
+    import inspect
+
+    try:
+        return "batches" in inspect.signature(prepare).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------- training arguments
@@ -1055,12 +1097,6 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     if default_dropout:
         model_args = dataclasses.replace(model_args, dropout=BITFIT_DROPOUT)
     model, tokenizer = load_base(model_args, info, dropout_required=not default_dropout)
-    dtype_choice = None
-    if prepare is not None:
-        model = prepare(model)
-    else:
-        model_args, dtype_choice = resolve_frozen_dtype(model_args, training_args.device)
-        apply_bitfit(model, model_args)
     if info.kind == "instruct":
         train_ds = encode_instructions(tokenizer, splits["train"][0], info.max_seq_length)
         dev_parts = [encode_instructions(tokenizer, d, info.max_seq_length) for d in splits.get("dev", [])]
@@ -1074,6 +1110,17 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     eval_ds = None
     if dev_parts:
         eval_ds = dev_parts[0] if len(dev_parts) == 1 else dict(zip(("matched", "mismatched"), dev_parts))
+    dtype_choice = None
+
+    def batches():  # sparse BitFit's scoring batches (--budget; compare's bitfit-sparse), drawn when asked for
+        return scoring_batches(model, train_ds, collator, training_args.per_device_train_batch_size,
+                               training_args.seed, training_args.device)
+
+    if prepare is not None:
+        model = prepare(model, batches=batches()) if _takes_batches(prepare) else prepare(model)
+    else:
+        model_args, dtype_choice = resolve_frozen_dtype(model_args, training_args.device)
+        apply_bitfit(model, model_args, batches() if model_args.budget is not None else None)
     warm = None
     target = bitfit_model(model)  # the BitFit model, inside a peft wrapper too (compare's bitfit-peft)
     if target is not None and model_args.warm_start_head and info.kind != "instruct" \
@@ -1103,7 +1150,9 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
     elif model_args.head_learning_rate:
         trainer.head_learning_rate = model_args.head_learning_rate
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from .baselines import trainable_count
+
+    trainable = trainable_count(model)  # a masked bias counts its trained entries
     total = sum(p.numel() for p in model.parameters())
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)

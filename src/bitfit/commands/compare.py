@@ -38,7 +38,7 @@ TRAIN_METHOD = {
     "bitfit": "bitfit", "paper-subset": "bitfit", "frozen": "frozen", "full": "full", "lora": "lora",
     "beft": "lora", "ln_tuning": "lora", "ia3": "lora", "rand": "rand", "bitfit+last-N": "bitfit",
     "bitfit+lora": "lora", "bitfit-peft": "bitfit", "bitfit-1d": "bitfit", "bitfit-halving": "bitfit",
-    "bitfit-rolelr": "bitfit",
+    "bitfit-rolelr": "bitfit", "bitfit-sparse": "bitfit",
 }
 ARTIFACT_FILES = ("bitfit_model.safetensors", "bitfit_config.json", "adapter_model.safetensors",
                   "adapter_config.json", "model.safetensors", "config.json", "rand_delta.safetensors")
@@ -181,12 +181,14 @@ def run_dir_for(out_dir: Path, spec: str, lr: float, seed: int, size: Optional[i
 
 
 _TRAIN_PRESET = {"bitfit": "all", "paper-subset": "paper-subset", "frozen": "none", "bitfit-1d": "all",
-                 "bitfit-halving": "all", "bitfit-rolelr": "all"}
-_TRAIN_EXTRA = {"bitfit-1d": {"train_norm_weights": "true"}}  # `bitfit train` flags a method stands for
+                 "bitfit-halving": "all", "bitfit-rolelr": "all", "bitfit-sparse": "all"}
+_TRAIN_EXTRA = {"bitfit-1d": {"train_norm_weights": "true"},  # `bitfit train` flags a method stands for
+                "bitfit-sparse": {"budget": "0.5"}}
 # method options of the BitFit family that `bitfit train` takes as flags of the same name
 _TRAIN_FLAGS = {"preset", "roles", "include", "exclude", "layers", "add_missing", "train_head", "skip_zero_grad",
                 "frozen_dtype", "lean", "train_norm_weights", "role_lr_multipliers", "layer_lr_decay",
-                "halve_every_epochs", "norm_weight_l2"}
+                "halve_every_epochs", "norm_weight_l2", "budget", "importance", "importance_unit",
+                "importance_batches"}
 
 
 def _abs(path: Optional[str]) -> Optional[str]:
@@ -321,10 +323,10 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
         dtype_choice = choose_frozen_dtype("cuda" if cuda else "cpu")
         run_spec = f"{spec}/frozen_dtype={dtype_choice.dtype}"
 
-    def prepare(model):
+    def prepare(model, batches=None):
         mm = analysis.discover(model)
         holder["before"] = analysis.snapshot_biases(model, mm)
-        prepared = baselines.prepare(model, run_spec, seed=seed)
+        prepared = baselines.prepare(model, run_spec, seed=seed, batches=batches)
         holder.update(inner=model, mm=mm, trainable=baselines.trainable_count(prepared),
                       base=baselines.base_count(prepared))
         rec = analysis.GradRecorder(model, mm)
