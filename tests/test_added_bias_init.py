@@ -14,7 +14,8 @@ from bitfit.errors import BitFitConfigError
 from bitfit.prepare import init_added_bias
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*have no bias")]
-LLAMA_ADDED = 2 * (16 + 8 + 8 + 16 + 32 + 32 + 16 + 16 + 16) + 16  # q k v o gate up down + 2 norms per layer, final norm
+# q k v o gate up down and 2 norms per layer, and the final norm
+LLAMA_ADDED = 2 * (16 + 8 + 8 + 16 + 32 + 32 + 16 + 16 + 16) + 16
 
 
 def _count(model):

@@ -126,7 +126,8 @@ def apply_dynamic(model: nn.Module, rank: int = 4, targets: Union[None, str, Seq
     targets = None if targets is None else [t.strip() for t in targets]
     bad = [t for t in targets or () if t not in ROLES]
     if bad or targets == []:
-        raise BitFitConfigError(f"dynamic biases: targets {bad or targets} are not roles; known roles: {', '.join(ROLES)}")
+        raise BitFitConfigError(f"dynamic biases: targets {bad or targets} are not roles; known roles: "
+                                f"{', '.join(ROLES)}")
     target = unwrap(model)
     if has_dynamic(target):
         raise BitFitConfigError("this model already has dynamic biases")
@@ -147,10 +148,9 @@ def apply_dynamic(model: nn.Module, rank: int = 4, targets: Union[None, str, Seq
             continue
         slots.append(slot)
     if not slots:
-        raise BitFitConfigError(
-            f"dynamic biases: no Linear/Conv1D bias of the selection {'has a role in ' + str(targets) if targets else 'to shift'}"
-            f" in this {state.model_map.family} model (LLaMA-style models need add_missing=True)"
-        )
+        which = f"has a role in {targets}" if targets else "to shift"
+        raise BitFitConfigError(f"dynamic biases: no Linear/Conv1D bias of the selection {which} in this "
+                                f"{state.model_map.family} model (LLaMA-style models need add_missing=True)")
     ctx: dict = {"handles": []}
     for slot in slots:
         module = target.get_submodule(slot.module_name)
