@@ -18,6 +18,7 @@ _LAZY = {
     "merge": "artifact",
     "unmerge": "artifact",
     "BiasBank": "bank",
+    "apply_dynamic": "dynamic",
 }
 
 

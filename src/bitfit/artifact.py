@@ -44,6 +44,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import ROLES, SPARSE_FIELDS, BitFitConfig
+from .dynamic import refuse as refuse_dynamic
+from .dynamic import remove as remove_dynamic
 from .errors import ArtifactError, BitFitError
 from .io import file_mode
 from .lean import remove as remove_lean
@@ -304,6 +306,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "this model is not a BitFit model (no bitfit.apply or bitfit.load on it); "
             "call bitfit.apply(model, ...) and train it before saving"
         )
+    refuse_dynamic(target, "store it as a BitFit artifact (static biases and head)")
     if with_tensors:
         _refuse_nonfinite(target, state, "save")
     tensors: dict = {}
@@ -366,6 +369,8 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
     if not sparse:
         for k in SPARSE_FIELDS:
             bitfit_config.pop(k, None)
+    for k in ("added_bias_init", "added_bias_init_std", "added_bias_init_seed"):
+        bitfit_config.pop(k)  # how added biases started is not needed: their saved value is the trained one
     meta = {
         "format": FORMAT,
         "format_version": SPARSE_FORMAT_VERSION if sparse else NORM_FORMAT_VERSION if norm_meta else PLAIN_FORMAT_VERSION,
@@ -1240,6 +1245,7 @@ def load(base_model, path, strict: bool = True) -> nn.Module:
     state = get_state(target)
     if state is not None:
         _check_restorable(target, state)
+        remove_dynamic(target)
         _restore_base(target, state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1339,6 +1345,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     if state is None:
         raise ArtifactError("unmerge needs a BitFit model (from bitfit.apply or bitfit.load); this one has no BitFit state")
     _check_restorable(target, state)
+    remove_dynamic(target)
     _restore_base(target, state)
     return model
 
@@ -1396,6 +1403,7 @@ def merge(model: nn.Module) -> nn.Module:
     state = get_state(target)
     if state is None:
         raise ArtifactError("merge needs a BitFit model (from bitfit.apply or bitfit.load); this one has no BitFit state")
+    refuse_dynamic(target, "merge")
     _refuse_nonfinite(target, state, "merge")
     added = [s for s in state.trained_slots() if s.name in state.added]
     arch = type(target).__name__

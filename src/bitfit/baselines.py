@@ -26,6 +26,8 @@ Methods (``METHODS``; see :func:`parse_method` for the ``name/key=value`` spec s
   most-moving biases at twice the rate); their training options (:data:`TRAIN_OPTIONS`, e.g.
   ``bitfit-halving/halve_every_epochs=3``, ``bitfit-rolelr/role_lr_multipliers=query=3+ffn_in=3``,
   ``bitfit-rolelr/layer_lr_decay=0.9``) go to the Trainer, not to the prepare function;
+- ``bitfit-dynamic`` (all biases plus a per-input shift of each Linear bias: a rank-4 net on the layer's
+  pooled input, zero at the start; :mod:`bitfit.dynamic`; ``bitfit-dynamic/rank=8/targets=query+ffn_in``);
 - ``bitfit+last-N`` (all biases, plus every parameter of the last N layers) and
   ``bitfit+lora`` (all biases plus LoRA).
 
@@ -123,6 +125,15 @@ def bitfit_sparse(model: nn.Module, budget=0.5, batches=None, preset: str = "all
 def bitfit_1d(model: nn.Module, preset: str = "all", **options) -> nn.Module:
     """BitFit plus the norm gains: every 1-D vector of the stack trains (``train_norm_weights=True``)."""
     return bitfit(model, preset=preset, train_norm_weights=True, **options)
+
+
+def bitfit_dynamic(model: nn.Module, rank: int = 4, targets=None, pool: str = "auto", seed: int = 0,
+                   preset: str = "all", **options) -> nn.Module:
+    """BitFit plus dynamic biases (:func:`bitfit.dynamic.apply_dynamic`): ``b + U · pool(D · x)`` on every
+    selected Linear bias of ``targets`` (roles joined by '+'; default all)."""
+    from .dynamic import apply_dynamic
+
+    return apply_dynamic(model, rank=rank, targets=targets, pool=pool, seed=seed, preset=preset, **options)
 
 
 def paper_subset(model: nn.Module, **options) -> nn.Module:
@@ -387,7 +398,7 @@ def rand_effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 class Method:
     name: str
     fn: Callable
-    family: str  # "bitfit" (has a bitfit state, bitfit.save works), "peft", "dense", "rand"
+    family: str  # "bitfit" (has a bitfit state, bitfit.save works), "dynamic" (a bitfit state and nets), "peft", "dense", "rand"
     lr: float  # default learning rate
     lr_grid: tuple  # default grid for --lr-grid auto
     help: str
@@ -398,7 +409,7 @@ class Method:
     def trains_bitfit(self) -> bool:
         """The method trains a BitFit model (bitfit.apply; inside peft's wrapper for bitfit-peft): BitFit's
         training defaults (frozen dtype, head learning rate, dropout) and options apply to it."""
-        return self.family == "bitfit" or self.name == "bitfit-peft"
+        return self.family in ("bitfit", "dynamic") or self.name == "bitfit-peft"
 
 
 METHODS: dict[str, Method] = {
@@ -423,12 +434,14 @@ METHODS: dict[str, Method] = {
                "BitFit, lr halved every 2 epochs after warm-up", {"halve_every_epochs": 2.0}),
         Method("bitfit-rolelr", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
                f"BitFit, role lr multipliers {PAPER_ROLE_LR}", {"role_lr_multipliers": PAPER_ROLE_LR}),
+        Method("bitfit-dynamic", bitfit_dynamic, "dynamic", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+               "BitFit + per-input bias shifts (rank-4 net on each Linear's pooled input; does not merge)"),
         Method("bitfit+last-N", bitfit_last_n, "dense", 1e-4, (5e-5, 1e-4, 3e-4), "all biases + last N layers fully"),
         Method("bitfit+lora", bitfit_lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "all biases + LoRA"),
     ]
 }
 
-_INT_OPTS = {"r", "alpha", "n", "seed", "count", "importance_batches"}
+_INT_OPTS = {"r", "alpha", "n", "seed", "count", "importance_batches", "rank"}
 _FLOAT_OPTS = {"dropout", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2"}
 # method options that are training options (ModelArguments fields read by the Trainer), not prepare options
 TRAIN_OPTIONS = ("role_lr_multipliers", "layer_lr_decay", "halve_every_epochs", "norm_weight_l2")
@@ -489,7 +502,7 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None, batches=Non
     name, opts = parse_method(spec)
     if METHODS[name].needs_batches:
         opts["batches"] = batches
-    if name == "rand" and seed is not None and "seed" not in opts:
+    if name in ("rand", "bitfit-dynamic") and seed is not None and "seed" not in opts:
         opts["seed"] = seed
     opts = {k: v for k, v in opts.items() if k not in TRAIN_OPTIONS}  # the Trainer's (train_options)
     fn = METHODS[name].fn
@@ -503,7 +516,8 @@ def prepare(model: nn.Module, spec: str, seed: Optional[int] = None, batches=Non
 
 __all__ = [
     "METHODS", "Method", "prepare", "parse_method", "method_info", "trainable_count", "total_count", "base_count",
-    "bias_param_count", "bitfit", "bitfit_peft", "bitfit_1d", "bitfit_sparse", "train_options", "TRAIN_OPTIONS",
+    "bias_param_count", "bitfit", "bitfit_peft", "bitfit_1d", "bitfit_sparse", "bitfit_dynamic", "train_options",
+    "TRAIN_OPTIONS",
     "paper_subset", "frozen", "full", "lora", "beft", "ln_tuning", "ia3", "rand",
     "bitfit_last_n", "bitfit_lora", "RandDelta", "rand_effective_weights",
 ]

@@ -91,6 +91,10 @@ def parse_budget(value) -> Union[None, int, float]:
     return float(value)
 
 
+ADDED_BIAS_INITS = ("zero", "normal", "uniform")
+DEFAULT_ADDED_BIAS_STD = 1e-3
+
+
 def _as_tuple(value: Union[None, str, Sequence[str]], name: str) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
@@ -190,6 +194,27 @@ class BitFitConfig:
         metadata={
             "help": "Add zero-initialised biases where a selected role has none (LLaMA, T5, Qwen2 o_proj/MLP, "
             "RMSNorm). Outputs stay bit-identical until training moves them."
+        },
+    )
+    added_bias_init: str = field(
+        default="zero",
+        metadata={
+            "help": "Initial value of the biases add_missing adds: 'zero' (default: outputs unchanged until "
+            "training), 'normal' (N(0, std^2)) or 'uniform' (U(-sqrt(3) std, sqrt(3) std): the same std). A random "
+            "init changes the outputs before the first step. Only the trained entries of an added bias are drawn."
+        },
+    )
+    added_bias_init_std: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Standard deviation of a 'normal' or 'uniform' added_bias_init (default "
+                  f"{DEFAULT_ADDED_BIAS_STD:g}); an error with 'zero'."},
+    )
+    added_bias_init_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Seed of the random added_bias_init (its own generator: torch's global random state is not "
+            "touched). None: torch.initial_seed(), i.e. what torch.manual_seed / transformers.set_seed / "
+            "`bitfit train --seed` last set, so a seeded run draws the same biases."
         },
     )
     train_head: bool = field(
@@ -314,6 +339,29 @@ class BitFitConfig:
         if self.budget is not None and self.train_norm_weights:
             raise BitFitConfigError("budget= chooses bias entries; it does not combine with train_norm_weights=True "
                                     "(drop one of them)")
+        self._check_added_bias_init()
+
+    def _check_added_bias_init(self) -> None:
+        init, std, seed = self.added_bias_init, self.added_bias_init_std, self.added_bias_init_seed
+        if init not in ADDED_BIAS_INITS:
+            raise BitFitConfigError(
+                f"added_bias_init={init!r} is not supported; use one of {', '.join(ADDED_BIAS_INITS)}"
+            )
+        if init == "zero":
+            if std is not None or seed is not None:
+                given = "added_bias_init_std" if std is not None else "added_bias_init_seed"
+                raise BitFitConfigError(f"{given} applies to a random added_bias_init ('normal' or 'uniform'); "
+                                        "the default 'zero' draws nothing")
+            return
+        if not self.add_missing:
+            raise BitFitConfigError(f"added_bias_init={init!r} initialises the biases add_missing adds; pass "
+                                    "add_missing=True (--add-missing)")
+        if std is not None:
+            if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
+                raise BitFitConfigError(f"added_bias_init_std must be a finite number > 0, got {std!r}")
+            self.added_bias_init_std = float(std)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise BitFitConfigError(f"added_bias_init_seed must be an int >= 0, got {seed!r}")
 
     # ------------------------------------------------------------------ helpers
     def selected_roles(self) -> tuple[str, ...]:

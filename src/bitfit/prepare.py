@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import BitFitConfig
+from .config import DEFAULT_ADDED_BIAS_STD, BitFitConfig
 from .errors import AlreadyPreparedError, BitFitConfigError, BitFitError
 from .roles import BiasSlot, ModelMap, discover
 from .select import Selection, resolve
@@ -126,6 +126,33 @@ def add_bias(model: nn.Module, slot: BiasSlot, dtype: Optional[torch.dtype] = No
     raise BitFitError(f"cannot add a bias to {slot.module_name} ({type(module).__name__})")
 
 
+def added_bias_generator(cfg: BitFitConfig) -> Optional[torch.Generator]:
+    """The generator of a random ``added_bias_init`` (None for 'zero'): seeded with ``added_bias_init_seed``,
+    else with ``torch.initial_seed()``; torch's global random state is not consumed."""
+    if cfg.added_bias_init == "zero":
+        return None
+    seed = cfg.added_bias_init_seed if cfg.added_bias_init_seed is not None else torch.initial_seed()
+    return torch.Generator().manual_seed(int(seed))
+
+
+@torch.no_grad()
+def init_added_bias(param: torch.Tensor, cfg: BitFitConfig, gen: torch.Generator, idx=None) -> None:
+    """Draw an added bias from ``cfg.added_bias_init``; with ``idx`` (a fused bias of which some slices train)
+    only those entries, the others stay zero. The whole tensor is drawn either way, so the next slot's draw
+    does not depend on the selection inside this one."""
+    std = cfg.added_bias_init_std or DEFAULT_ADDED_BIAS_STD
+    n = param.numel()
+    if cfg.added_bias_init == "normal":
+        value = torch.randn(n, generator=gen) * std
+    else:  # uniform with the same standard deviation
+        value = (torch.rand(n, generator=gen) * 2 - 1) * (std * 3**0.5)
+    if idx is not None:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[idx.cpu()] = True
+        value = torch.where(keep, value, torch.zeros(()))
+    param.copy_(value.reshape(param.shape).to(param.dtype))
+
+
 def add_norm_hook(model: nn.Module, slot: BiasSlot):
     module = _get_module(model, slot.module_name)
     return module.register_forward_hook(_add_bias_after)
@@ -167,6 +194,9 @@ def apply(
     importance_batches: int = 8,
     batches=None,
     entries: Optional[dict] = None,
+    added_bias_init: str = "zero",
+    added_bias_init_std: Optional[float] = None,
+    added_bias_init_seed: Optional[int] = None,
 ) -> nn.Module:
     """Turn ``model`` into a BitFit model in place and return it.
 
@@ -189,6 +219,8 @@ def apply(
             frozen_dtype=frozen_dtype, lean=lean, pooler_head=pooler_head, train_norm_weights=train_norm_weights,
             budget=budget, importance=importance, importance_unit=importance_unit,
             importance_batches=importance_batches,
+            added_bias_init=added_bias_init, added_bias_init_std=added_bias_init_std,
+            added_bias_init_seed=added_bias_init_seed,
         ),
     )
     target = unwrap(model)
@@ -208,21 +240,24 @@ def apply(
         p.requires_grad_(False)
 
     state = BitFitState(cfg, model_map, sel)
+    gen = added_bias_generator(cfg)
     for slot in model_map.slots:
         roles = sel.chosen.get(slot.name)
         if not roles:
             continue
+        idx = slot.indices(roles) if entries is None else entries[slot.name]
+        if idx is not None and idx.numel() == slot.size:
+            idx = None  # every entry trains: no mask
         if not slot.exists:
-            add_bias(target, slot)
+            param = add_bias(target, slot)
+            if gen is not None:
+                init_added_bias(param, cfg, gen, idx)
             if slot.kind == "norm":
                 state.hooks[slot.name] = add_norm_hook(target, slot)
             state.added.append(slot.name)
         module = _get_module(target, slot.module_name)
         if slot.name not in state.added:
             state.base[slot.name] = module.bias.detach().clone()
-        idx = slot.indices(roles) if entries is None else entries[slot.name]
-        if idx is not None and idx.numel() == slot.size:
-            idx = None  # every entry trains: no mask
         if idx is not None:
             mask = torch.zeros(slot.size, dtype=torch.bool, device=module.bias.device)
             mask[idx.to(mask.device)] = True

@@ -67,6 +67,15 @@ class ModelArguments:
         metadata={"help": "Add zero biases where the model has none (LLaMA-style). Enabled automatically when "
                   "the selection finds no existing bias at all."},
     )
+    added_bias_init: str = field(
+        default="zero",
+        metadata={"help": "Initial value of added biases: 'zero' (default: outputs unchanged before training), "
+                  "'normal' or 'uniform' (std --added_bias_init_std, default 1e-3; drawn from --seed). Implies "
+                  "--add-missing."},
+    )
+    added_bias_init_std: Optional[float] = field(
+        default=None, metadata={"help": "Standard deviation of a 'normal' / 'uniform' --added_bias_init."}
+    )
     train_head: bool = field(default=True, metadata={"help": "Train the task head (--no-train-head to freeze it)."})
     skip_zero_grad: bool = field(default=False, metadata={"help": "Leave out b_k (no gradient by construction)."})
     pooler_head: bool = field(
@@ -474,7 +483,9 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
     return BitFitConfig(
         preset=model_args.preset, roles=_split(model_args.roles), include=_split(model_args.include),
         exclude=_split(model_args.exclude), layers=layers,
-        add_missing=model_args.add_missing if add_missing is None else add_missing,
+        add_missing=(model_args.add_missing or model_args.added_bias_init != "zero") if add_missing is None
+        else add_missing,
+        added_bias_init=model_args.added_bias_init, added_bias_init_std=model_args.added_bias_init_std,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
         frozen_dtype=model_args.frozen_dtype, lean=model_args.lean, pooler_head=model_args.pooler_head,
         train_norm_weights=model_args.train_norm_weights, budget=model_args.budget,
@@ -891,6 +902,11 @@ def save_trained(model, output_dir: str, info: Optional[TaskInfo] = None, base_n
     from .prepare import get_state, unwrap
 
     model = unwrap(model)
+    from . import dynamic
+
+    if dynamic.has_dynamic(model):  # input-dependent shifts: no BitFit artifact (bitfit.dynamic)
+        dynamic.save(model, output_dir)
+        return "dynamic"
     if get_state(model) is not None:
         import bitfit
 

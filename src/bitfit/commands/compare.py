@@ -38,10 +38,10 @@ TRAIN_METHOD = {
     "bitfit": "bitfit", "paper-subset": "bitfit", "frozen": "frozen", "full": "full", "lora": "lora",
     "beft": "lora", "ln_tuning": "lora", "ia3": "lora", "rand": "rand", "bitfit+last-N": "bitfit",
     "bitfit+lora": "lora", "bitfit-peft": "bitfit", "bitfit-1d": "bitfit", "bitfit-halving": "bitfit",
-    "bitfit-rolelr": "bitfit", "bitfit-sparse": "bitfit",
+    "bitfit-rolelr": "bitfit", "bitfit-sparse": "bitfit", "bitfit-dynamic": "bitfit",
 }
 ARTIFACT_FILES = ("bitfit_model.safetensors", "bitfit_config.json", "adapter_model.safetensors",
-                  "adapter_config.json", "model.safetensors", "config.json", "rand_delta.safetensors")
+                  "adapter_config.json", "model.safetensors", "config.json", "rand_delta.safetensors", "dynamic_bias.safetensors")
 
 
 # ----------------------------------------------------------------------------- helpers
