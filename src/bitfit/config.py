@@ -26,7 +26,7 @@ LAYER_ROLES = (
     "cross_out",
     "ln_cross",
 )
-MODEL_ROLES = ("embed_ln", "embed_proj", "pooler", "final_ln")
+MODEL_ROLES = ("embed_ln", "embed_proj", "pooler", "final_ln", "projection")
 ROLES = LAYER_ROLES + MODEL_ROLES + ("other",)
 HEAD = "head"
 PAPER_NAMES = {
