@@ -158,7 +158,10 @@ class BitFitConfig:
     )
     train_head: bool = field(
         default=True,
-        metadata={"help": "Train the task head (classifier/score/qa_outputs...). A tied lm_head never trains."},
+        metadata={
+            "help": "Train the task head (classifier/score/qa_outputs...; CLIP's logit_scale, see bitfit.clip). "
+            "A tied lm_head never trains."
+        },
     )
     pooler_head: bool = field(
         default=True,
