@@ -283,6 +283,32 @@ def test_clip_fingerprint_refuses_another_base(tmp_path):
     assert fingerprint(fresh) == fingerprint(model)
 
 
+CLIP_PARTS = {
+    "CLIPVisionModel": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**VISION)),
+    "CLIPTextModel": lambda: T.CLIPTextModel(T.CLIPTextConfig(**TEXT)),
+    "CLIPVisionModelWithProjection": lambda: T.CLIPVisionModelWithProjection(
+        T.CLIPVisionConfig(**VISION, projection_dim=PROJ)),
+    "CLIPTextModelWithProjection": lambda: T.CLIPTextModelWithProjection(T.CLIPTextConfig(**TEXT, projection_dim=PROJ)),
+    "CLIPForImageClassification": lambda: T.CLIPForImageClassification(
+        T.CLIPConfig(text_config=TEXT, vision_config=VISION, num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIP_PARTS))
+def test_clip_single_towers_and_classifier(name):
+    """One tower alone: every bias placed; a pretrained projection is body, never a head; a classifier is the head."""
+    torch.manual_seed(0)
+    model = apply_quiet(CLIP_PARTS[name]())
+    rep = bitfit.report(model)
+    by_tower, _ = clip_expected()
+    tower = "text" if "Text" in name else "vision"
+    assert rep.other == [] and not rep.generic
+    assert {r: c["trainable"] for r, c in rep.by_role.items() if r != "head"} == by_tower[tower]
+    H, n = VISION["hidden_size"], 3
+    assert rep.head == (H * n + n if name == "CLIPForImageClassification" else 0)
+    assert not any(p.requires_grad for k, p in model.named_parameters() if "projection" in k)
+
+
 def test_zero_shot_helpers():
     seen = {}
 

@@ -44,6 +44,11 @@ LM_HEAD_NAMES = {
     "vocab_projector", "vocab_transform", "vocab_layer_norm", "output_projection",
 }
 
+# Pretrained maps into a dual encoder's shared space (CLIP*WithProjection): part of the body, never a task head.
+PROJECTION_NAMES = {"visual_projection", "text_projection"}
+# Task heads recognised by name where the model has no ``base_model_prefix`` body (CLIPForImageClassification).
+TASK_HEAD_NAMES = {"classifier", "score", "qa_outputs", "classification_head"}
+
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 _STACK_RE = re.compile(r"(?:^|\.)(encoder|decoder)(?:\.|$)")
 # The towers of a dual encoder (CLIP): each is a stack of its own ("text.0", "vision.0" in reports).
@@ -310,7 +315,9 @@ def head_module_names(model: nn.Module, pooler_head: bool = True) -> tuple[list[
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, nn.Module) or base is model:
-        return [], [n for n, _ in model.named_children() if n in LM_HEAD_NAMES]
+        children = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
+        heads = [n for n in children if n in TASK_HEAD_NAMES] if len(children) > 1 else []
+        return heads, [n for n in children if n in LM_HEAD_NAMES]
     heads, lm = [], []
     try:
         emb = model.get_input_embeddings()
@@ -321,6 +328,8 @@ def head_module_names(model: nn.Module, pooler_head: bool = True) -> tuple[list[
         if name == prefix:
             continue
         tied = any(p.data_ptr() == emb_ptr for p in child.parameters()) if emb_ptr else False
+        if name in PROJECTION_NAMES:
+            continue
         if name in LM_HEAD_NAMES or tied:
             lm.append(name)
         elif any(True for _ in child.parameters()):
