@@ -45,7 +45,7 @@ from torch import nn
 
 from .errors import BitFitConfigError, BitFitError
 from .lrgroups import PAPER_ROLE_LR
-from .roles import _LAYER_RE, discover, head_module_names
+from .roles import _LAYER_RE, _STACK_RE, _TOWER_RE, discover, head_module_names
 
 try:  # GPT-2 style Conv1D: weight is [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -157,9 +157,11 @@ def _layer_of(name: str, stacks) -> Optional[tuple[Optional[str], int]]:
     m = _LAYER_RE.search(name)
     if not m:
         return None
-    s = re.search(r"(?:^|\.)(encoder|decoder)(?:\.|$)", name[: m.start() + 1])
-    stack = s.group(1) if s and s.group(1) in stacks else None
-    return stack, int(m.group(1))
+    for rx in (_STACK_RE, _TOWER_RE):  # encoder/decoder, or a dual encoder's text/vision tower
+        s = rx.search(name[: m.start() + 1])
+        if s and s.group(1) in stacks:
+            return s.group(1), int(m.group(1))
+    return None, int(m.group(1))
 
 
 def bitfit_last_n(model: nn.Module, n: int = 1, preset: str = "all") -> nn.Module:

@@ -27,7 +27,7 @@ LAYER_ROLES = (
     "cross_out",
     "ln_cross",
 )
-MODEL_ROLES = ("embed_ln", "embed_proj", "pooler", "final_ln")
+MODEL_ROLES = ("embed_ln", "embed_proj", "pooler", "final_ln", "projection")
 ROLES = LAYER_ROLES + MODEL_ROLES + ("other",)
 HEAD = "head"
 PAPER_NAMES = {
@@ -219,7 +219,10 @@ class BitFitConfig:
     )
     train_head: bool = field(
         default=True,
-        metadata={"help": "Train the task head (classifier/score/qa_outputs...). A tied lm_head never trains."},
+        metadata={
+            "help": "Train the task head (classifier/score/qa_outputs...; CLIP's logit_scale, see bitfit.clip). "
+            "A tied lm_head never trains."
+        },
     )
     pooler_head: bool = field(
         default=True,

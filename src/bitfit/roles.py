@@ -31,6 +31,7 @@ except Exception:  # pragma: no cover - very old transformers
 KNOWN_FAMILIES = {
     "bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "gpt2",
     "bloom", "opt", "qwen2", "llama", "mistral", "t5", "mt5", "bart", "mbart", "vit",
+    "clip", "clip_text_model", "clip_vision_model",
 }
 # Under softmax attention with position information outside the keys (absolute, ALiBi, T5
 # relative), b_k gets no gradient: it adds the same constant q.b_k to every score of a row,
@@ -43,8 +44,18 @@ LM_HEAD_NAMES = {
     "vocab_projector", "vocab_transform", "vocab_layer_norm", "output_projection",
 }
 
+# Pretrained maps into a dual encoder's shared space (CLIP*WithProjection): part of the body, never a task head.
+PROJECTION_NAMES = {"visual_projection", "text_projection"}
+# Task heads recognised by name where the model has no ``base_model_prefix`` body (CLIPForImageClassification).
+TASK_HEAD_NAMES = {"classifier", "score", "qa_outputs", "classification_head"}
+
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 _STACK_RE = re.compile(r"(?:^|\.)(encoder|decoder)(?:\.|$)")
+# The towers of a dual encoder (CLIP): each is a stack of its own ("text.0", "vision.0" in reports).
+_TOWER_RE = re.compile(r"(?:^|\.)(text|vision)_model(?:\.|$)")
+# Top-level scalars of a contrastive dual encoder (CLIP's temperature; SigLIP's logit bias): the "head"
+# of a zero-shot classifier, whose classes are text prompts through the text tower (bitfit.clip).
+SCALAR_HEADS = ("logit_scale", "logit_bias")
 
 _CROSS = r"(?:crossattention|EncDecAttention|encoder_attn|cross_attn|cross_attention)"
 _ATTN = r"(?:self_attention|attention|attn|self_attn|SelfAttention|mixer)"
@@ -74,7 +85,7 @@ _IN_LAYER_RULES: list[tuple[re.Pattern, str]] = [
     (
         re.compile(
             r"(?:^|\.)(?:attention\.output\.LayerNorm|attention\.LayerNorm|sa_layer_norm|ln_1|input_layernorm"
-            r"|self_attn_layer_norm|layernorm_before|attention_norm|norm1)$"
+            r"|self_attn_layer_norm|layernorm_before|attention_norm|norm1|layer_norm1)$"
         ),
         "ln_attn",
     ),
@@ -89,7 +100,7 @@ _IN_LAYER_RULES: list[tuple[re.Pattern, str]] = [
     (
         re.compile(
             r"(?:^|\.)(?:output\.LayerNorm|output_layer_norm|ln_2|post_attention_layernorm|final_layer_norm"
-            r"|layernorm_after|ffn_norm|norm2)$"
+            r"|layernorm_after|ffn_norm|norm2|layer_norm2)$"
         ),
         "ln_ffn",
     ),
@@ -100,16 +111,20 @@ _MODEL_RULES: list[tuple[re.Pattern, str]] = [
     (
         re.compile(
             r"(?:^|\.)(?:embeddings\.LayerNorm|word_embeddings_layernorm|layernorm_embedding|embeddings\.layer_norm"
-            r"|emb_ln|embeddings\.norm)$"
+            r"|emb_ln|embeddings\.norm|pre_layrnorm|pre_layernorm)$"
         ),
         "embed_ln",
     ),
     (
-        re.compile(r"(?:^|\.)(?:embeddings_project|project_in|project_out|patch_embeddings\.projection|embed_proj)$"),
+        re.compile(r"(?:^|\.)(?:embeddings_project|project_in|project_out|patch_embeddings\.projection|embed_proj"
+                   r"|embeddings\.patch_embedding)$"),
         "embed_proj",
     ),
     (re.compile(r"(?:^|\.)pooler\.dense$"), "pooler"),
-    (re.compile(r"(?:^|\.)(?:ln_f|norm|final_layer_norm|layernorm|layer_norm|final_layernorm)$"), "final_ln"),
+    (re.compile(r"(?:^|\.)(?:ln_f|norm|final_layer_norm|layernorm|layer_norm|final_layernorm|post_layernorm)$"),
+     "final_ln"),
+    # CLIP's projections into the shared embedding space: bias-free Linears (a bias only with add_missing)
+    (re.compile(r"^(?:visual_projection|text_projection)$"), "projection"),
 ]
 
 
@@ -300,7 +315,9 @@ def head_module_names(model: nn.Module, pooler_head: bool = True) -> tuple[list[
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, nn.Module) or base is model:
-        return [], [n for n, _ in model.named_children() if n in LM_HEAD_NAMES]
+        children = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
+        heads = [n for n in children if n in TASK_HEAD_NAMES] if len(children) > 1 else []
+        return heads, [n for n in children if n in LM_HEAD_NAMES]
     heads, lm = [], []
     try:
         emb = model.get_input_embeddings()
@@ -311,6 +328,8 @@ def head_module_names(model: nn.Module, pooler_head: bool = True) -> tuple[list[
         if name == prefix:
             continue
         tied = any(p.data_ptr() == emb_ptr for p in child.parameters()) if emb_ptr else False
+        if name in PROJECTION_NAMES:
+            continue
         if name in LM_HEAD_NAMES or tied:
             lm.append(name)
         elif any(True for _ in child.parameters()):
@@ -334,6 +353,7 @@ def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
     heads, lm_heads = head_module_names(model, pooler_head)
     skip_prefixes = tuple(f"{h}." for h in heads + lm_heads)
     head_params = [n for n, _ in model.named_parameters() if n.startswith(tuple(f"{h}." for h in heads))]
+    head_params += [n for n, _ in model.named_parameters(recurse=False) if n in SCALAR_HEADS]
 
     modules = dict(model.named_modules())
     slots: list[BiasSlot] = []
@@ -354,6 +374,9 @@ def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
         stack = None
         if enc_dec:
             s = _STACK_RE.search(name)
+            stack = s.group(1) if s else None
+        else:
+            s = _TOWER_RE.search(name)
             stack = s.group(1) if s else None
         parent_cls = type(modules.get(name.rsplit(".", 1)[0], model)).__name__ if "." in name else ""
         role = _classify(name, in_layer, parent_cls)
@@ -389,4 +412,5 @@ def roles_of(model_map: ModelMap) -> dict:
     return out
 
 
-__all__ = ["BiasSlot", "ModelMap", "discover", "roles_of", "head_module_names", "untrained_pooler", "HEAD", "KNOWN_FAMILIES"]
+__all__ = ["BiasSlot", "ModelMap", "discover", "roles_of", "head_module_names", "untrained_pooler", "HEAD", "KNOWN_FAMILIES",
+           "SCALAR_HEADS"]
