@@ -91,3 +91,17 @@ def test_train_parses_with_verbose_given_directly(tmp_path, monkeypatch):
         ["--model", "m", "--train-file", str(train), "--output-dir", str(tmp_path / "o"), "--max_steps", "1",
          "--verbose", "--report_to", "none"])
     assert data_args.train_file == str(train) and training_args.max_steps == 1
+
+
+def test_train_groups_batches_by_length_by_default(tmp_path):
+    """`bitfit train` batches rows of similar length for every task (classification too, not only instruction
+    tuning), as docs/TRAINING.md says; an explicit --train_sampling_strategy wins."""
+    from bitfit.train import length_grouping, parse_train_args
+
+    train = tmp_path / "t.csv"
+    train.write_text("text,label\na,x\nb,y\n")
+    argv = ["--model", "m", "--train-file", str(train), "--output-dir", str(tmp_path / "o"), "--max_steps", "1"]
+    (key, value), = length_grouping().items()
+    assert getattr(parse_train_args(argv)[2], key) == value
+    if key == "train_sampling_strategy":
+        assert parse_train_args(argv + ["--train_sampling_strategy", "random"])[2].train_sampling_strategy == "random"

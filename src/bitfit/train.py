@@ -1362,8 +1362,10 @@ def parse_train_args(argv: list):
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
     if data_args.is_instruct and not data_args.validation_file:
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
+    # batches of similar length, for every task (as run_train's dict path and compare do): short rows stop paying
+    # for the padding of a long one; the same scores for a fraction of the time (docs/PERFORMANCE.md)
+    defaults.update(length_grouping())
     if data_args.is_instruct:
-        defaults.update(length_grouping())  # short instructions batched together: less padding
         # the bias-only step's memory is mostly saved activations: checkpoint them unless told otherwise
         defaults.update(instruct_checkpointing([f for f in CHECKPOINTING_FLAGS if _given(argv, f)]))
     if (_given(argv, "bf16") or _given(argv, "fp16")) and not _has_accelerator():
