@@ -8,6 +8,8 @@ Methods (each on its own copy of the same randomly initialised model, task head 
 - ``bitfit-bf16-stock`` / ``bitfit-bf16-lean``: the same with ``frozen_dtype="bfloat16"``;
 - ``bitfit-int8-lean``: ``frozen_dtype="int8"`` (bf16 base, int8 training matmuls);
 - ``bitfit-auto-lean``: ``frozen_dtype="auto"`` (what ``bitfit train`` runs: the fastest mode the machine's probe picks);
+- ``bitfit-default``: what ``bitfit train`` runs by default: ``bitfit-auto-lean`` with the model's dropout
+  set to 0 (BitFit's default dropout; the other methods keep the config's 0.1);
 - ``peft-auto-lean``: the same BitFit through peft (``get_peft_model`` with a
   ``bitfit.peft.BitFitPeftConfig(frozen_dtype="auto")``): the peft route's step against the native one;
 - ``lora``: peft LoRA r=8, alpha=16 (peft's default targets: query/value), head trained;
@@ -39,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -59,6 +62,7 @@ METHODS = [
     "bitfit-bf16-lean",
     "bitfit-int8-lean",
     "bitfit-auto-lean",
+    "bitfit-default",
     "peft-auto-lean",
     "lora",
     "beft",
@@ -85,6 +89,13 @@ def build(method: str, config, seed: int = 0):
     import bitfit
 
     torch.manual_seed(seed)
+    if method == "bitfit-default":  # bitfit train's dropout default for BitFit runs (bitfit.train.BITFIT_DROPOUT)
+        from bitfit.train import BITFIT_DROPOUT
+
+        config = copy.deepcopy(config)
+        for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, attr):
+                setattr(config, attr, BITFIT_DROPOUT)
     model = T.AutoModelForSequenceClassification.from_config(config)
     pooler = getattr(getattr(model, model.base_model_prefix, None), "pooler", None)
     if pooler is not None:  # as in the pretrained checkpoint (a fresh init's all-zero bias would make
@@ -95,6 +106,8 @@ def build(method: str, config, seed: int = 0):
     elif method == "naive":
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
+    elif method == "bitfit-default":
+        bitfit.apply(model, frozen_dtype="auto")
     elif method.startswith("bitfit-"):
         _, dtype, mode = method.split("-")
         bitfit.apply(model, frozen_dtype=FROZEN[dtype], lean=(mode == "lean"))
