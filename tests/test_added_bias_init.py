@@ -141,20 +141,7 @@ def test_bad_options_are_one_line_errors(options, message):
         bitfit.apply(make("llama"), **options)
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    import transformers as T
-    from test_instruct import make_tokenizer
-
-    path = tmp_path_factory.mktemp("llama")
-    tok = make_tokenizer()
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+from test_instruct import llama_dir  # noqa: E402,F401  (the tiny LLaMA folder with a tokenizer)
 
 
 def test_bitfit_train_flag_is_seeded_and_implies_add_missing(llama_dir, tmp_path, capsys):
