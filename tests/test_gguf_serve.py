@@ -14,6 +14,7 @@ from bitfit.models import load_model, load_tokenizer
 
 pytest.importorskip("gguf")
 from test_gguf import _alpaca, write_tiny_llama_gguf  # noqa: E402
+from test_serve_generate import greedy_answer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,16 +50,7 @@ def setup(tmp_path_factory):
 
 def reference(setup, task, instruction, new=NEW):
     """(text, token count) of the task's own model, greedy, on the Alpaca prompt."""
-    from bitfit.data.instruct import format_prompt
-
-    tok = setup["tok"]
-    enc = tok(format_prompt(instruction), return_tensors="pt")
-    with torch.no_grad():
-        out = setup["own"][task].generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
-    ids = out[0, enc["input_ids"].shape[1]:].tolist()
-    if tok.eos_token_id in ids:
-        ids = ids[: ids.index(tok.eos_token_id)]
-    return tok.decode(ids, skip_special_tokens=True), len(ids)
+    return greedy_answer(setup["own"][task], setup["tok"], instruction, new)
 
 
 def test_bank_over_a_gguf_file_generates_as_each_task(setup):

@@ -54,17 +54,21 @@ def client(setup):
         yield c
 
 
-def reference(setup, task, instruction, new=NEW):
+def greedy_answer(model, tok, instruction, new):
+    """(text, token count) of ``model``'s greedy answer to ``instruction`` on the Alpaca prompt, cut at EOS."""
     from bitfit.data.instruct import format_prompt
 
-    tok = setup["tok"]
     enc = tok(format_prompt(instruction), return_tensors="pt")
     with torch.no_grad():
-        out = setup["models"][task].generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
     ids = out[0, enc["input_ids"].shape[1]:].tolist()
     if tok.eos_token_id in ids:
         ids = ids[: ids.index(tok.eos_token_id)]
     return tok.decode(ids, skip_special_tokens=True), len(ids)
+
+
+def reference(setup, task, instruction, new=NEW):
+    return greedy_answer(setup["models"][task], setup["tok"], instruction, new)
 
 
 def test_mixed_tasks_share_one_generate_call(setup, client):
