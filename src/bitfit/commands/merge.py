@@ -12,12 +12,7 @@ from pathlib import Path
 
 from ..cli import add_verbose, command
 from ..errors import BitFitError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from ..io import current_umask
 
 
 def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
@@ -48,7 +43,7 @@ def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
         text += (f"\nThis folder is the BitFit run `{Path(run).name}` merged into its base: a plain transformers "
                  f"model (`transformers.pipeline(\"{pipeline_tag}\", model=...)`), no bitfit needed.\n")
         (tmp / "README.md").write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
