@@ -102,6 +102,27 @@ def test_without_options_only_the_head_group_differs(tmp_path):
     assert {lr for n, lr in lrs.items() if not n.startswith("classifier.")} == {LR}
 
 
+def test_untrained_pooler_gets_its_own_lr_when_asked(tmp_path):
+    model = make("bert", pretrained_pooler=False)  # a pooler bias of zeros: it trains with the head
+    bitfit.apply(model)
+    tr = _trainer(model, tmp_path)
+    tr.head_learning_rate, tr.pooler_learning_rate = HEAD_LR, 2e-3
+    tr.create_optimizer()
+    lrs = _group_lrs(tr, model)
+    assert {n: lr for n, lr in lrs.items() if n.startswith("bert.pooler.")} == {
+        "bert.pooler.dense.weight": 2e-3, "bert.pooler.dense.bias": 2e-3}
+    assert {lr for n, lr in lrs.items() if n.startswith("classifier.")} == {HEAD_LR}
+    assert {lr for n, lr in lrs.items() if not n.startswith(("classifier.", "bert.pooler."))} == {LR}
+    # a pretrained pooler is in the body: the option has nothing to act on, and says so
+    model = make("bert")
+    bitfit.apply(model)
+    tr = _trainer(model, tmp_path)
+    tr.pooler_learning_rate = 2e-3
+    with pytest.warns(UserWarning, match="no untrained pooler"):
+        tr.create_optimizer()
+    assert _group_lrs(tr, model)["bert.pooler.dense.bias"] == LR
+
+
 def test_decay_on_an_encoder_decoder_decays_each_stack_from_its_top(tmp_path):
     model = make("bart")
     bitfit.apply(model)

@@ -99,6 +99,11 @@ class ModelArguments:
         metadata={"help": f"Learning rate of the task head (default: {HEAD_LR_FACTOR:g} x --learning_rate for "
                   "BitFit, since the head starts from random values)."},
     )
+    pooler_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Learning rate of an untrained pooler that trains with the head (--pooler_head; default: "
+                  "the head's). BitFit runs only."},
+    )
     dropout: Optional[float] = field(
         default=None,
         metadata={"help": "Set every dropout probability of the model (hidden, attention, ...) to this value for "
@@ -687,6 +692,7 @@ def _trainer_class():
         trained tensors to checkpoints, and loads them back without warning about frozen keys."""
 
         head_learning_rate: Optional[float] = None
+        pooler_learning_rate: Optional[float] = None  # an untrained pooler in the head (pooler_head): its own rate
         role_lr_multipliers: Optional[dict] = None  # role -> factor on the learning rate (bitfit.lrgroups)
         layer_lr_decay: Optional[float] = None
         halve_every_epochs: Optional[float] = None
@@ -753,8 +759,8 @@ def _trainer_class():
                 raise BitFitConfigError("--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit "
                                         "runs (biases grouped by role and layer); this model has no BitFit state "
                                         "(full fine-tuning or another method)")
-            if state is None or (self.head_learning_rate is None and not self._custom_lrs()
-                                 and not self.norm_weight_l2):
+            if state is None or (self.head_learning_rate is None and self.pooler_learning_rate is None
+                                 and not self._custom_lrs() and not self.norm_weight_l2):
                 return super().create_optimizer(model)
             from .lrgroups import add_norm_pull, lr_factors, trained_roles
 
@@ -769,19 +775,29 @@ def _trainer_class():
             # by identity: inside a peft model the names carry peft's prefix (base_model.model.)
             target_params = dict(target.named_parameters())
             head = {id(target_params[n]) for n in state.selection.head_params}
+            pooler = state.model_map.pooler_head
+            pooler = {id(target_params[n]) for n in state.selection.head_params
+                      if pooler and n.startswith(f"{pooler}.")} if self.pooler_learning_rate is not None else set()
+            if self.pooler_learning_rate is not None and not pooler:
+                import warnings
+
+                warnings.warn("--pooler_learning_rate: this model has no untrained pooler in its head (a pretrained "
+                              "pooler trains only its bias, with the body); the option has no effect", stacklevel=2)
             decay = set(self.get_decay_parameter_names(opt_model))
             groups: dict = {}
             for n, p in opt_model.named_parameters():
                 if not p.requires_grad:
                     continue
-                is_head = id(p) in head
+                is_head = "pooler" if id(p) in pooler else id(p) in head
                 key = (is_head, n in decay, None if is_head else factors.get(id(p), 1.0))
                 groups.setdefault(key, []).append(p)
             param_groups = []
             base_lr = self.args.learning_rate
             for (is_head, is_decay, factor), params in groups.items():
                 g = {"params": params, "weight_decay": self.args.weight_decay if is_decay else 0.0}
-                if is_head:
+                if is_head == "pooler":
+                    g["lr"] = self.pooler_learning_rate
+                elif is_head:
                     if self.head_learning_rate is not None:
                         g["lr"] = self.head_learning_rate
                 elif factor != 1.0:
@@ -1164,8 +1180,12 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     trainer.norm_weight_l2 = model_args.norm_weight_l2
     if is_bitfit and method in BITFIT_METHODS:
         trainer.head_learning_rate = model_args.head_learning_rate or training_args.learning_rate * HEAD_LR_FACTOR
+        trainer.pooler_learning_rate = model_args.pooler_learning_rate
     elif model_args.head_learning_rate:
         trainer.head_learning_rate = model_args.head_learning_rate
+    if model_args.pooler_learning_rate is not None and trainer.pooler_learning_rate is None:
+        raise BitFitConfigError("--pooler_learning_rate applies to BitFit runs whose untrained pooler trains with "
+                                f"the head (--pooler_head); this {method} run has none")
     from .baselines import trainable_count
 
     trainable = trainable_count(model)  # a masked bias counts its trained entries
