@@ -176,6 +176,35 @@ def test_lean_gradients_match_stock(family, attn):
     assert_grads_match(g0, g1)
 
 
+def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(monkeypatch):
+    """No dropout (BitFit's default): up to FUSED_MAX_KEYS_WITHOUT_DROPOUT keys the fused function runs (CPU
+    flash-attention backward is slow there); past it, SDPA. Gradients match the stock path either way."""
+    import bitfit.lean as L
+
+    calls = []
+    real = L._FusedAttention.apply
+    monkeypatch.setattr(L._FusedAttention, "apply", lambda *a: calls.append(a[0].shape[-2]) or real(*a))
+
+    def grads(lean, seq):
+        model = make("bert", attn_implementation="sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     max_position_embeddings=64)
+        bitfit.apply(model, lean=lean)
+        model.train()
+        batch = inputs_for("bert", batch=4, seq=seq)
+        batch["attention_mask"][0, -2:] = 0
+        model(**batch, labels=_labels("bert", batch)).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    monkeypatch.setattr(L, "FUSED_MAX_KEYS_WITHOUT_DROPOUT", 12)
+    for seq, fused in ((9, True), (20, False)):
+        calls.clear()
+        stock = grads(False, seq)
+        assert calls == []
+        lean = grads(True, seq)
+        assert bool(calls) == fused and all(c == seq for c in calls), (seq, calls)
+        assert_grads_match(stock, lean)
+
+
 def test_lean_fallback_family_keeps_stock_attention():
     stock, loss0, g0 = _grads("gpt2", False, "eager")
     lean, loss1, g1 = _grads("gpt2", True, "eager")

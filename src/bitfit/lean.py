@@ -32,9 +32,11 @@ inference needs. Two independent switches, both set by :func:`bitfit.apply`:
       (softmax outputs are >= 0), instead of the softmax output, the noise tensor and their
       product. Used by families whose attention goes through transformers' attention interface
       with the standard eager semantics (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, MiniLM,
-      DistilBERT, ViT, OPT, BART, LLaMA/Qwen2/Mistral when their attention dropout is active).
-      Elsewhere (and in eval mode, without dropout, on GPU where SDPA's fused kernels are already
-      lean, or for grouped-query/sliding-window/soft-capped attention) the stock function runs.
+      DistilBERT, ViT, OPT, BART, LLaMA/Qwen2/Mistral when their attention dropout is active),
+      and without dropout on CPU up to ``FUSED_MAX_KEYS_WITHOUT_DROPOUT`` keys, where torch's CPU
+      flash-attention backward is the slowest part of a short-sequence step. Elsewhere (eval mode,
+      longer sequences without dropout, GPU where SDPA's fused kernels are already lean, or
+      grouped-query/sliding-window/soft-capped attention) the stock function runs.
     - *lean gated MLP*: the SwiGLU MLPs of LLaMA, Qwen2/3 and Mistral (``down(silu(gate(x)) *
       up(x))``) keep only ``gate(x)`` and ``up(x)`` for backward and recompute the SiLU there,
       instead of also keeping its output: a third less of the MLP's saved activations, which are
@@ -428,6 +430,11 @@ def _stock_attention(module, impl):
 
 
 _LEAN_PREFIX = "bitfit_lean:"
+# Without dropout the fused path still runs for short sequences: torch's CPU flash-attention backward
+# (what sdpa runs) costs more than the whole rest of a short-sequence BitFit step (MiniLM, bf16, one
+# thread: a step 315 -> 160 ms at 32 tokens, 821 -> 451 ms at 128; 600 -> 541 at 256, level at 512),
+# while the fused path keeps the [heads, keys, keys] softmax, so long sequences stay on sdpa.
+FUSED_MAX_KEYS_WITHOUT_DROPOUT = 128
 
 
 def _fused_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -436,7 +443,7 @@ def _fused_attention_forward(module, query, key, value, attention_mask, scaling=
     orig = impl[len(_LEAN_PREFIX):] if impl and impl.startswith(_LEAN_PREFIX) else impl
     usable = (
         module.training
-        and dropout > 0.0
+        and (dropout > 0.0 or key.shape[-2] <= FUSED_MAX_KEYS_WITHOUT_DROPOUT)
         and query.device.type == "cpu"
         and torch.is_grad_enabled()
         and query.shape[1] == key.shape[1]
