@@ -205,6 +205,24 @@ def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(mon
         assert_grads_match(stock, lean)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_keeps_the_stock_attention(dropout):
+    """Checkpointing recomputes each layer in backward, outside the lean forward: the forward must run the
+    model's own attention too, or the recomputed tensors differ from the saved ones (torch's CheckpointError)."""
+    def grads(lean):
+        model = make("bert", attn_implementation="sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=dropout)
+        bitfit.apply(model, lean=lean)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        batch = inputs_for("bert", batch=4, seq=9)
+        torch.manual_seed(3)
+        model(**batch, labels=_labels("bert", batch)).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    stock, lean = grads(False), grads(True)
+    assert_grads_match(stock, lean)
+
+
 def test_lean_fallback_family_keeps_stock_attention():
     stock, loss0, g0 = _grads("gpt2", False, "eager")
     lean, loss1, g1 = _grads("gpt2", True, "eager")

@@ -594,7 +594,7 @@ class _Forward:
                 stack.enter_context(torch.autocast(device, dtype=lean.frozen_dtype))
             if lean.lean and lean.int8 and module.training:
                 stack.callback(_FAST_DRAW.reset, _FAST_DRAW.set(True))
-            if lean.lean and lean.attention and module.training:
+            if lean.lean and lean.attention and module.training and not _checkpointing(module):
                 config = module.config
                 saved = config._attn_implementation_internal
                 if saved in ("eager", "sdpa"):
@@ -604,6 +604,13 @@ class _Forward:
         if lean.frozen_dtype is not None:
             out = _to_float32(out)
         return out
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Gradient (activation) checkpointing is on: backward recomputes each layer outside this forward, with
+    the model's own attention function, so the forward must run that one too (the saved tensors must match;
+    checkpointing keeps no attention activations anyway)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def _to_float32(out):
