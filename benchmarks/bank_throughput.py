@@ -82,14 +82,16 @@ def build_classify(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
 
 
 def cpu_times(fns: dict, repeats: int) -> dict:
-    """Median process CPU seconds per function over ``repeats`` interleaved runs (after one warm-up)."""
+    """Median process CPU seconds per function over ``repeats`` interleaved runs (after one warm-up); the
+    order rotates by one each round, so no contender always runs first or after the same one."""
     for fn in fns.values():
         fn()
     runs = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.process_time()
-            fn()
+            fns[k]()
             runs[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in runs.items()}
 
@@ -106,7 +108,7 @@ def header(args) -> None:
     print(f"# bank throughput, {datetime.date.today().isoformat()}: CPU {cpu_model()} "
           f"(flags: {', '.join(cpu_flags()) or 'none'}), {os.cpu_count()} logical CPUs, load average {load}")
     print(f"# torch {torch.__version__}, transformers {T.__version__}, Python {platform.python_version()}; "
-          f"torch threads {torch.get_num_threads()}; process CPU time, median of {args.repeats} interleaved runs\n")
+          f"torch threads {torch.get_num_threads()}; process CPU time, median of {args.repeats} interleaved runs (order rotated each round)\n")
 
 
 def classify(args) -> None:

@@ -256,6 +256,14 @@ def test_bad_factors(field, value):
         check_lr_options(ModelArguments(**{field: value, "train_norm_weights": True}))
 
 
+@pytest.mark.parametrize("field,value", [("head_learning_rate", -1e-3), ("pooler_learning_rate", float("nan")),
+                                         ("pooler_learning_rate", float("inf"))])
+def test_bad_head_and_pooler_rates(field, value):
+    with pytest.raises(BitFitConfigError, match=f"--{field} must be a finite number >= 0"):
+        check_lr_options(ModelArguments(**{field: value}))
+    check_lr_options(ModelArguments(**{field: 2e-3}))
+
+
 def test_options_that_do_not_apply(tmp_path):
     with pytest.raises(BitFitConfigError, match="only for BitFit runs.*not for full"):
         check_lr_options(ModelArguments(layer_lr_decay=0.9), method="full")

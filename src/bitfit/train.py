@@ -972,6 +972,10 @@ def check_lr_options(model_args: ModelArguments, method: str = "bitfit", prepare
     role_mult = parse_role_multipliers(model_args.role_lr_multipliers.replace("+", ",")
                                        if isinstance(model_args.role_lr_multipliers, str)
                                        else model_args.role_lr_multipliers)
+    for flag, value in (("--head_learning_rate", model_args.head_learning_rate),
+                        ("--pooler_learning_rate", model_args.pooler_learning_rate)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise BitFitConfigError(f"{flag} must be a finite number >= 0, got {value}")
     for flag, value in (("--layer_lr_decay", model_args.layer_lr_decay),
                         ("--halve_every_epochs", model_args.halve_every_epochs),
                         ("--norm_weight_l2", model_args.norm_weight_l2)):
