@@ -267,6 +267,8 @@ def test_bad_head_and_pooler_rates(field, value):
 def test_options_that_do_not_apply(tmp_path):
     with pytest.raises(BitFitConfigError, match="only for BitFit runs.*not for full"):
         check_lr_options(ModelArguments(layer_lr_decay=0.9), method="full")
+    with pytest.raises(BitFitConfigError, match="--pooler_learning_rate: only for BitFit runs.*not for lora"):
+        check_lr_options(ModelArguments(pooler_learning_rate=1e-3), method="lora")
     with pytest.raises(BitFitConfigError, match="needs --train_norm_weights"):
         check_lr_options(ModelArguments(norm_weight_l2=0.1))
     check_lr_options(ModelArguments(halve_every_epochs=2), method="full")  # a schedule: any method

@@ -323,23 +323,19 @@ class _SlotTable:
         ref = self.values[0]
         return torch.zeros_like(ref) if self.added else self.module.bias.detach().to(ref.dtype)
 
-    def rows(self, picks: list, row_task: Optional[torch.Tensor], idx: Optional[torch.Tensor],
-             packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(self, picks: list, row_task: Optional[torch.Tensor], packed: Optional[torch.Tensor]) -> torch.Tensor:
         """Bias rows for a batch: ``picks`` = table row (or -1) per distinct task of the batch,
         ``row_task`` = the distinct-task index of every batch row (None: one task, a ``[size]`` vector),
-        ``idx`` = the table row of every batch row (when every pick is a row), ``packed`` = this table's
-        pack already gathered at ``idx`` (``[rows, pack width]``: this slot's rows are a view of it)."""
-        if idx is not None or all(p >= 0 for p in picks):
-            if row_task is None:
-                out = self.values[picks[0]]
-            elif packed is not None:
-                out = packed[:, self.offset:self.offset + self.values.shape[1]]
-            else:
-                out = self.values.index_select(0, idx)
-        else:
+        ``packed`` = this table's pack gathered at every batch row's table row (when several tasks all
+        train this slot: its rows are a view of it)."""
+        if packed is not None:
+            out = packed[:, self.offset:self.offset + self.values.shape[1]]
+        elif row_task is None:  # one task, which trains this slot (a slot nobody in the batch trains is skipped)
+            out = self.values[picks[0]]
+        else:  # several tasks, some of which do not train this slot: theirs is the base's value
             fill = self.fill()
             per = torch.stack([self.values[p] if p >= 0 else fill for p in picks])
-            out = per[0] if row_task is None else per.index_select(0, row_task)
+            out = per.index_select(0, row_task)
         if self.kind == "post" and not self.added:  # the module adds its own base bias
             out = out - self.module.bias.detach().to(out.dtype)
         return out
@@ -754,7 +750,7 @@ class BiasBank:
                     packed = packed_cache.get(id(table.pack))
                     if packed is None:
                         packed = packed_cache[id(table.pack)] = table.pack.values.index_select(0, idx)
-                rows = table.rows(picks, row_task, idx, packed)
+                rows = table.rows(picks, row_task, packed)
                 module = table.module
                 d = module.__dict__
                 d[_ROWS] = rows

@@ -775,9 +775,9 @@ def _trainer_class():
             # by identity: inside a peft model the names carry peft's prefix (base_model.model.)
             target_params = dict(target.named_parameters())
             head = {id(target_params[n]) for n in state.selection.head_params}
-            pooler = state.model_map.pooler_head
+            pooler_path = state.model_map.pooler_head if self.pooler_learning_rate is not None else None
             pooler = {id(target_params[n]) for n in state.selection.head_params
-                      if pooler and n.startswith(f"{pooler}.")} if self.pooler_learning_rate is not None else set()
+                      if pooler_path and n.startswith(f"{pooler_path}.")}
             if self.pooler_learning_rate is not None and not pooler:
                 import warnings
 
@@ -982,7 +982,8 @@ def check_lr_options(model_args: ModelArguments, method: str = "bitfit", prepare
         if value is not None:
             check_factor(flag, value)
     bitfit_only = [f for f, v in (("--role_lr_multipliers", role_mult), ("--layer_lr_decay", model_args.layer_lr_decay),
-                                  ("--norm_weight_l2", model_args.norm_weight_l2)) if v]
+                                  ("--norm_weight_l2", model_args.norm_weight_l2),
+                                  ("--pooler_learning_rate", model_args.pooler_learning_rate is not None)) if v]
     if bitfit_only and method not in BITFIT_METHODS:
         raise BitFitConfigError(f"{', '.join(bitfit_only)}: only for BitFit runs (biases grouped by role and layer); "
                                 f"not for {method} (full fine-tuning trains every weight)")
@@ -1187,9 +1188,6 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         trainer.pooler_learning_rate = model_args.pooler_learning_rate
     elif model_args.head_learning_rate:
         trainer.head_learning_rate = model_args.head_learning_rate
-    if model_args.pooler_learning_rate is not None and trainer.pooler_learning_rate is None:
-        raise BitFitConfigError("--pooler_learning_rate applies to BitFit runs whose untrained pooler trains with "
-                                f"the head (--pooler_head); this {method} run has none")
     from .baselines import trainable_count
 
     trainable = trainable_count(model)  # a masked bias counts its trained entries
