@@ -132,6 +132,40 @@ def test_remove_and_replace_keep_tables_consistent(tiny_bert):
     assert bank._tables == {}
 
 
+def test_call_plans_are_reused_and_dropped_when_tasks_change(tiny_bert):
+    """A task list's call plan is worked out once and reused; adding, replacing or removing a task drops
+    every plan, so the next call with the same task list runs the new values (bit for bit each task's own
+    model), and a finished call leaves no per-row state on the base."""
+    base = make_base("bert")
+    models = {k: task_model(base, 2 + i % 2, i + 1) for i, k in enumerate("abc")}
+    bank = BiasBank(base, models)
+    inputs = inputs_for("bert", batch=6)
+    tasks = ["a", "b", "c", "c", "b", "a"]
+    for _ in range(3):
+        bank(tasks=tasks, **inputs)
+        bank(tasks=["b"] * 6, **inputs)
+    assert len(bank._plans) == 2  # one for the mixed list, one for 'b' alone
+    plan = next(iter(bank._plans.values()))
+    bank.add_task("a", models["c"], replace=True)  # 'a' now answers like 'c'
+    assert bank._plans == {}
+    out = bank(tasks=tasks, **inputs)
+    assert next(iter(bank._plans.values())) is not plan
+    ref = {k: alone(m, inputs) for k, m in models.items()}
+    for i, t in enumerate(tasks):
+        want = ref["c" if t == "a" else t][i]
+        assert torch.equal(out.logits[i], want), (i, t)
+    bank.remove_task("b")
+    assert bank._plans == {}
+    with pytest.raises(BitFitError, match="unknown task 'b'"):
+        bank(tasks=tasks, **inputs)
+    out = bank(tasks=["c", "a"] * 3, **inputs)
+    assert all(torch.equal(out.logits[i], ref["c"][i]) for i in range(6))
+    for m in base.modules():  # nothing of a call left on the base
+        assert not type(m).__name__.startswith("BitFitBank") and "_bitfit_rows" not in m.__dict__
+    for plan in bank._plans.values():
+        assert all(d.groups == [] for *_, d in plan.dispatch)  # no reference to a call's heads or rows
+
+
 # ------------------------------------------------------------------------------ generation
 def lm_tasks(family, specs, **overrides):
     """A causal-LM base with non-zero biases and 'trained' BitFit tasks (no head)."""

@@ -18,7 +18,10 @@ biases are applied *inside* the layers' own computation:
 * ``nn.LayerNorm``: ``addcmul(bias_rows, layer_norm(x), weight)``, bit for bit the fused
   affine norm; added biases after a norm (RMSNorm) or other module types: ``out + bias_rows``
   (as the BitFit model's own hook computes);
-* one task in the batch: the module calls ``F.linear(x, W, task_bias)`` (the task's own op).
+* one task in the batch: the module calls ``F.linear(x, W, task_bias)`` (the task's own op);
+* which modules a list of tasks touches, their bank classes and where their rows come from is
+  worked out once per task list (a call plan, dropped when a task is added or removed), so a
+  call's own Python work is one gather per pack of slot tables and two class switches a module.
 
 Strategies: ``"gather"`` runs all rows in one pass (the head children dispatch their rows to
 each task's head); ``"group"`` runs one pass per task over that task's rows (the fallback for
@@ -66,11 +69,6 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def _get_child(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
-
-
-def _set_child(model: nn.Module, path: str, module: nn.Module) -> None:
-    owner, leaf = _split_name(path)
-    setattr(model.get_submodule(owner) if owner else model, leaf, module)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -140,18 +138,27 @@ class _GatherUnsupported(BitFitError):
 
 
 class _RowDispatch(nn.Module):
-    """Stands in for a head child during a gathered pass: each row goes to its task's head."""
+    """Stands in for a head child during a gathered pass: each row goes to its task's head. One instance per
+    head child and task list is kept in the bank's call plan; :meth:`route` sets a call's rows."""
 
-    def __init__(self, name: str, groups: list):
+    def __init__(self, name: str):
         super().__init__()
         self.child_name = name
-        self.groups = groups  # list of (module, row index LongTensor, n_labels)
-        order = [i for _, idx, _ in groups for i in idx.tolist()]  # batch row of each stacked output row
-        self.n_rows = len(order)
-        inverse = [0] * len(order)
-        for pos, row in enumerate(order):
-            inverse[row] = pos
-        self.inverse = torch.tensor(inverse, dtype=torch.long)  # stacked position of each batch row
+        self.__dict__["groups"] = []  # list of (module, row index LongTensor, n_labels)
+
+    def route(self, groups: list, n: int) -> "_RowDispatch":
+        d = self.__dict__
+        d["groups"] = groups
+        d["n_rows"] = n
+        order = torch.cat([idx for _, idx, _ in groups])  # batch row of each stacked output row
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        d["inverse"] = inverse  # stacked position of each batch row
+        return self
+
+    def release(self) -> None:
+        self.__dict__["groups"] = []  # no reference to a call's heads or rows is kept
+        self.__dict__.pop("inverse", None)
 
     def forward(self, *args, **kwargs):
         n = self.n_rows
@@ -323,19 +330,12 @@ class _SlotTable:
         ref = self.values[0]
         return torch.zeros_like(ref) if self.added else self.module.bias.detach().to(ref.dtype)
 
-    def rows(self, picks: list, row_task: Optional[torch.Tensor], packed: Optional[torch.Tensor]) -> torch.Tensor:
-        """Bias rows for a batch: ``picks`` = table row (or -1) per distinct task of the batch,
-        ``row_task`` = the distinct-task index of every batch row (None: one task, a ``[size]`` vector),
-        ``packed`` = this table's pack gathered at every batch row's table row (when several tasks all
-        train this slot: its rows are a view of it)."""
-        if packed is not None:
-            out = packed[:, self.offset:self.offset + self.values.shape[1]]
-        elif row_task is None:  # one task, which trains this slot (a slot nobody in the batch trains is skipped)
-            out = self.values[picks[0]]
-        else:  # several tasks, some of which do not train this slot: theirs is the base's value
-            fill = self.fill()
-            per = torch.stack([self.values[p] if p >= 0 else fill for p in picks])
-            out = per.index_select(0, row_task)
+    def rows(self, picks: list, row_task: torch.Tensor) -> torch.Tensor:
+        """Bias rows of a batch in which some tasks do not train this slot (theirs is the base's value):
+        ``picks`` = table row (or -1) per distinct task of the batch, ``row_task`` = the distinct-task index of
+        every batch row. (Slots every task of a batch trains are gathered per pack, see :class:`_Plan`.)"""
+        fill = self.fill()
+        out = torch.stack([self.values[p] if p >= 0 else fill for p in picks]).index_select(0, row_task)
         if self.kind == "post" and not self.added:  # the module adds its own base bias
             out = out - self.module.bias.detach().to(out.dtype)
         return out
@@ -369,6 +369,72 @@ class _Pack:
             size = t.values.shape[1]
             t.values, t.pack, t.offset = self.values[:, off:off + size], self, off
             off += size
+
+
+_set_class = object.__setattr__  # nn.Module.__setattr__ costs ~5x more per switch, and a call switches every slot
+
+
+def _switch(module: nn.Module, cls: type, rows: torch.Tensor, cdim: int) -> None:
+    """Give ``module`` its per-row bias rows and its bank class for one call."""
+    d = module.__dict__
+    d[_ROWS] = rows
+    d[_CDIM] = cdim
+    _set_class(module, "__class__", cls)
+
+
+def _restore(module: nn.Module) -> None:
+    _set_class(module, "__class__", type(module)._bitfit_orig)
+    d = module.__dict__
+    d.pop(_ROWS, None)
+    d.pop(_CDIM, None)
+
+
+_MAX_PLANS = 256  # cached task lists per bank (each plan holds references only, no tensor copies)
+
+
+class _Plan:
+    """What a call over one list of distinct tasks installs, worked out once: which slot tables the batch
+    touches, each table's module and bank class, and where its rows come from (a pack every task trains:
+    one gather for the pack, its tables' rows are views of it; a slot only some tasks train: per call,
+    with the base's value for the others). Holds references, no copies; the bank drops its plans
+    whenever a task is added or removed."""
+
+    def __init__(self, bank: "BiasBank", names: tuple, device):
+        self.single: list = []  # one task: (module, class, cdim, table, table row)
+        self.packs: list = []  # several tasks: (pack, table row per task, column sizes, [(module, class, cdim, base bias of a 'post' slot)])
+        self.partial: list = []  # several tasks: (module, class, cdim, table, table row or -1 per task)
+        by_pack: dict = {}
+        for table in bank._tables.values():
+            picks = [table.row_of.get(nm, -1) for nm in names]
+            if all(p < 0 for p in picks):
+                continue  # no task of the batch trains the slot: the base's own bias
+            module = table.module
+            if len(names) == 1:
+                self.single.append((module, table.cls, table.cdim, table, picks[0]))
+            elif all(p >= 0 for p in picks):
+                post_base = module.bias if table.kind == "post" and not table.added else None
+                by_pack.setdefault(id(table.pack), (table.pack, picks, []))[2].append((table, post_base))
+            else:
+                self.partial.append((module, table.cls, table.cdim, table, picks))
+        for pack, picks, members in by_pack.values():
+            members.sort(key=lambda m: m[0].offset)
+            covered = sum(t.values.shape[1] for t, _ in members)
+            if covered != pack.values.shape[1]:  # pragma: no cover - a pack's tables share their owners
+                raise BitFitError("internal error: a bias pack is only partly owned by its tasks")
+            self.packs.append((pack, torch.tensor(picks, dtype=torch.long, device=device),
+                               [t.values.shape[1] for t, _ in members],
+                               [(t.module, t.cls, t.cdim, post) for t, post in members]))
+        tasks = [bank._tasks[nm] for nm in names]
+
+        def where(child: str) -> tuple:  # the head child's parent module and attribute name
+            owner, leaf = _split_name(child)
+            return (bank.base.get_submodule(owner) if owner else bank.base), leaf
+
+        self.single_heads = [(*where(c), mod) for c, mod in tasks[0].heads.items()] if len(names) == 1 else []
+        self.dispatch = [] if len(names) == 1 else [
+            (*where(child), child, _RowDispatch(child)) for child in bank._head_names
+            if any(child in t.heads for t in tasks)
+        ]
 
 
 # ------------------------------------------------------------------------------------- bank
@@ -424,6 +490,7 @@ class BiasBank:
         self._modules = dict(self.base.named_modules())
         self._gather_ok = True  # set False when the model turns out not to allow per-row biases
         self._tables: dict[str, _SlotTable] = {}  # slot name -> the tasks' values for it
+        self._plans: dict = {}  # (task names, device) -> _Plan of a call over those tasks
         self.stats = {"calls": 0, "rows": 0, "group": 0, "gather": 0}
         for name, source in (tasks or {}).items():
             self.add_task(name, source)
@@ -522,7 +589,9 @@ class BiasBank:
 
     def _refresh(self, tables) -> None:
         """Re-pack the tables (:class:`_Pack`) and point every owner's bias views at them; tables with the
-        same owners share one ``row_of`` dict, so a call looks each batch's rows up once per owner list."""
+        same owners share one ``row_of`` dict, so a call looks each batch's rows up once per owner list.
+        Every cached call plan is dropped (they name the old packs)."""
+        self._plans.clear()
         shared: dict = {}
         packs: dict = {}
         for table in self._tables.values():
@@ -717,6 +786,16 @@ class BiasBank:
             raise BitFitError(f"the base model returned {type(out).__name__} without logits")
         return logits
 
+    def _plan(self, names: tuple, device) -> "_Plan":
+        """The call plan of a list of distinct tasks (cached until a task is added or removed)."""
+        key = (names, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(self, names, device)
+        return plan
+
     @contextmanager
     def _installed(self, tasks: list, row_task: Optional[torch.Tensor], n: int, groups=None):
         """Per-row biases (and heads) of ``tasks`` in place on the base for one forward pass or one
@@ -725,60 +804,48 @@ class BiasBank:
         ``tasks``: the distinct tasks of the batch; ``row_task``: the index into ``tasks`` of every
         row (None when there is one task: each module then runs its own op with that task's bias).
         ``groups``: (task, row index tensor) pairs for the head dispatch (several tasks only).
-        The bias rows are gathered here, once per call, one per touched slot; the modules read them.
+        The bias rows are gathered here, once per call: one ``index_select`` per pack of slot tables,
+        whose views the modules read; which modules and packs a task list touches comes from its plan.
         """
         base = self.base
-        names = [t.name for t in tasks]
-        switched, heads = [], {}
-        picks_cache: dict = {}
-        packed_cache: dict = {}
+        plan = self._plan(tuple(t.name for t in tasks), None if row_task is None else row_task.device)
+        switched, heads = [], []
         try:
-            for table in self._tables.values():
-                key = id(table.row_of)  # tables with the same owners share one row_of (see _refresh)
-                hit = picks_cache.get(key)
-                if hit is None:
-                    picks = [table.row_of.get(nm, -1) for nm in names]
-                    idx = None
-                    if row_task is not None and all(p >= 0 for p in picks):
-                        idx = torch.tensor(picks, dtype=torch.long, device=row_task.device)[row_task]
-                    hit = picks_cache[key] = (picks, idx, all(p < 0 for p in picks))
-                picks, idx, none = hit
-                if none:
-                    continue  # no task of this batch trains the slot: the base's own bias
-                packed = None
-                if idx is not None:  # the pack's rows for this batch, gathered once for all its tables
-                    packed = packed_cache.get(id(table.pack))
-                    if packed is None:
-                        packed = packed_cache[id(table.pack)] = table.pack.values.index_select(0, idx)
-                rows = table.rows(picks, row_task, packed)
-                module = table.module
-                d = module.__dict__
-                d[_ROWS] = rows
-                d[_CDIM] = table.cdim
-                orig = type(module)
-                module.__class__ = table.cls
-                switched.append((module, orig))
             if row_task is None:
-                task = tasks[0]
-                for child, mod in task.heads.items():
-                    heads[child] = _get_child(base, child)
-                    _set_child(base, child, mod)
+                for module, cls, cdim, table, pick in plan.single:
+                    rows = table.values[pick]
+                    if table.kind == "post" and not table.added:  # the module adds its own base bias
+                        rows = rows - module.bias.detach().to(rows.dtype)
+                    _switch(module, cls, rows, cdim)
+                    switched.append(module)
+                for parent, leaf, mod in plan.single_heads:
+                    heads.append((parent, leaf, parent._modules[leaf]))
+                    parent._modules[leaf] = mod  # what setattr does for a module, without its checks
             else:
-                for child in self._head_names:
-                    if not any(child in task.heads for task, _ in groups):
-                        continue
-                    own = _get_child(base, child)
+                for pack, picks, sizes, entries in plan.packs:  # slots every task of the batch trains
+                    views = pack.values.index_select(0, picks.index_select(0, row_task)).split(sizes, dim=1)
+                    for (module, cls, cdim, post_base), rows in zip(entries, views):
+                        if post_base is not None:
+                            rows = rows - post_base.detach().to(rows.dtype)
+                        _switch(module, cls, rows, cdim)
+                        switched.append(module)
+                for module, cls, cdim, table, picks in plan.partial:  # slots only some of them train
+                    _switch(module, cls, table.rows(picks, row_task), cdim)
+                    switched.append(module)
+                for parent, leaf, child, dispatch in plan.dispatch:
+                    own = parent._modules[leaf]
                     per = [(task.heads.get(child, own), idx, task.num_labels) for task, idx in groups]
-                    heads[child] = own
-                    _set_child(base, child, _RowDispatch(child, per))
+                    heads.append((parent, leaf, own))
+                    parent._modules[leaf] = dispatch.route(per, n)
             yield
         finally:
-            for child, mod in heads.items():
-                _set_child(base, child, mod)
-            for module, orig in reversed(switched):
-                module.__class__ = orig
-                module.__dict__.pop(_ROWS, None)
-                module.__dict__.pop(_CDIM, None)
+            for parent, leaf, own in heads:
+                replaced = parent._modules[leaf]
+                parent._modules[leaf] = own
+                if isinstance(replaced, _RowDispatch):
+                    replaced.release()
+            for module in reversed(switched):
+                _restore(module)
 
     def _run_group(self, groups, n, inputs) -> list:
         """One pass per task over its own rows (each module runs its own op with the task's bias)."""
