@@ -9,7 +9,8 @@ missing biases, norms included, and GPT-2): greedy decoding of R prompts, K task
 
 Times are **process CPU time** (``time.process_time``: what this process computed, not the
 time it waited for a shared CPU), with one torch thread, the median of ``--repeats`` runs,
-contenders interleaved so that load from other processes hits every one alike.
+contenders interleaved so that load from other processes hits every one alike. Ratios are paired:
+the median over rounds of the reference's time over the contender's in the same round.
 
     python benchmarks/bank_throughput.py                          # small shape + LLaMA-style generation
     python benchmarks/bank_throughput.py --shape base --skip-generate
@@ -81,9 +82,12 @@ def build_classify(shape: str, n_tasks: int, tmp: Path, labels=(2, 3)):
     return base, paths
 
 
-def cpu_times(fns: dict, repeats: int) -> dict:
+def cpu_times(fns: dict, repeats: int, ref: str = None) -> dict:
     """Median process CPU seconds per function over ``repeats`` interleaved runs (after one warm-up); the
-    order rotates by one each round, so no contender always runs first or after the same one."""
+    order rotates by one each round, so no contender always runs first or after the same one. With ``ref``
+    (a key of ``fns``) the result also holds ``ratio[k]``: the median over rounds of ``ref``'s time over
+    ``k``'s in the same round (paired: a round's contenders run back to back, so a shift in the machine's
+    load between rounds cancels out of each ratio)."""
     for fn in fns.values():
         fn()
     runs = {k: [] for k in fns}
@@ -93,7 +97,10 @@ def cpu_times(fns: dict, repeats: int) -> dict:
             t0 = time.process_time()
             fns[k]()
             runs[k].append(time.process_time() - t0)
-    return {k: statistics.median(v) for k, v in runs.items()}
+    out = {k: statistics.median(v) for k, v in runs.items()}
+    if ref is not None:
+        out["ratio"] = {k: statistics.median(a / b for a, b in zip(runs[ref], v)) for k, v in runs.items()}
+    return out
 
 
 def fmt_mb(b: float) -> str:
@@ -108,7 +115,8 @@ def header(args) -> None:
     print(f"# bank throughput, {datetime.date.today().isoformat()}: CPU {cpu_model()} "
           f"(flags: {', '.join(cpu_flags()) or 'none'}), {os.cpu_count()} logical CPUs, load average {load}")
     print(f"# torch {torch.__version__}, transformers {T.__version__}, Python {platform.python_version()}; "
-          f"torch threads {torch.get_num_threads()}; process CPU time, median of {args.repeats} interleaved runs (order rotated each round)\n")
+          f"torch threads {torch.get_num_threads()}; process CPU time, median of {args.repeats} interleaved runs (order rotated each round); "
+          "ratios: median of the rounds' paired ratios\n")
 
 
 def classify(args) -> None:
@@ -136,8 +144,8 @@ def classify(args) -> None:
             for K in mixes:
                 tasks = [f"t{i % K}" for i in range(R)]
                 fns[K] = lambda tasks=tasks: bank(tasks=tasks, input_ids=ids, attention_mask=mask)
-            t = cpu_times(fns, args.repeats)
-            ratios = [t["plain"] / t[K] for K in mixes]
+            t = cpu_times(fns, args.repeats, ref="plain")
+            ratios = [t["ratio"][K] for K in mixes]
             worst = min(worst, *ratios)
             print(f"| {R} | {R / t['plain']:,.1f} | " + " | ".join(f"{R / t[K]:,.1f}" for K in mixes) + " | "
                   + " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
@@ -194,12 +202,12 @@ def generate(args) -> None:
                 names = [f"t{i % K}" for i in range(R)]
                 fns[f"bank, K={K}"] = lambda names=names: bank.generate(names, input_ids=ids, attention_mask=mask,
                                                                           **kw)
-            t = cpu_times(fns, args.repeats)
-        ref = t["one task's own model"]
+            t = cpu_times(fns, args.repeats, ref="one task's own model")
+        ratio = t.pop("ratio")
         print("| contender | new tokens/s | vs one task's own model |")
         print("|---|---:|---:|")
         for k, v in t.items():
-            print(f"| {k} | {R * N / v:,.1f} | {ref / v:.2f}x |")
+            print(f"| {k} | {R * N / v:,.1f} | {ratio[k]:.2f}x |")
         print(f"\n({time.time() - t0:.0f} s)\n", flush=True)
 
 
