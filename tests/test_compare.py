@@ -174,11 +174,11 @@ def test_analyze_cli_on_runs(compared, tiny, capsys):
 
 def test_lr_grid_parsing():
     specs = ["bitfit", "full", "lora/r=4"]
-    assert C.parse_lr_grid(None, specs) == {"bitfit": [1e-3], "full": [2e-5], "lora/r=4": [5e-4]}
+    assert C.parse_lr_grid(None, specs) == {"bitfit": [2e-3], "full": [2e-5], "lora/r=4": [5e-4]}
     assert C.parse_lr_grid("1e-4,1e-3", specs)["full"] == [1e-4, 1e-3]
     g = C.parse_lr_grid("bitfit=1e-4,4e-4; full=3e-5", specs)
     assert g == {"bitfit": [1e-4, 4e-4], "full": [3e-5], "lora/r=4": [5e-4]}
-    assert C.parse_lr_grid("auto", specs)["bitfit"] == [1e-4, 4e-4, 1e-3, 4e-3]
+    assert C.parse_lr_grid("auto", specs)["bitfit"] == [1e-4, 4e-4, 1e-3, 2e-3, 4e-3]
     for bad, match in (("rand=1e-3", "not in --methods"), ("bitfit=x", "numbers"), ("bitfit=-1", "positive")):
         with pytest.raises(BitFitConfigError, match=match):
             C.parse_lr_grid(bad, specs)

@@ -81,10 +81,10 @@ def test_compare_runs_the_family_methods(tiny, tmp_path):
                           ("bitfit-rolelr", "--layer_lr_decay 0.9")):
         assert runs[method]["command"].startswith("bitfit train ") and flags in runs[method]["command"], method
     spec = {r["method"]: r["spec"] for r in runs.values()}
-    cmd = json.loads((C.run_dir_for(out, spec["bitfit-rolelr"], 1e-3, 42, None) / "command.json").read_text())
+    cmd = json.loads((C.run_dir_for(out, spec["bitfit-rolelr"], 2e-3, 42, None) / "command.json").read_text())
     assert cmd["model_args"]["role_lr_multipliers"] == "query=2,ffn_in=2" and cmd["model_args"]["layer_lr_decay"] == 0.9
-    hist = json.loads((C.run_dir_for(out, spec["bitfit-halving"], 1e-3, 42, None) / "log_history.json").read_text())
+    hist = json.loads((C.run_dir_for(out, spec["bitfit-halving"], 2e-3, 42, None) / "log_history.json").read_text())
     lrs = [e["learning_rate"] for e in hist if "learning_rate" in e]
-    assert lrs == pytest.approx([1e-3] * 4)  # 2 steps per epoch, 2 epochs: the logged lr is the one each step used; the first halving comes after step 4
-    cfg = json.loads((C.run_dir_for(out, spec["bitfit-1d"], 1e-3, 42, None) / "bitfit_config.json").read_text())
+    assert lrs == pytest.approx([2e-3] * 4)  # 2 steps per epoch, 2 epochs: the logged lr is the one each step used; the first halving comes after step 4
+    cfg = json.loads((C.run_dir_for(out, spec["bitfit-1d"], 2e-3, 42, None) / "bitfit_config.json").read_text())
     assert len(cfg["norm_weights"]) == n_ln

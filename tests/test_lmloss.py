@@ -298,6 +298,13 @@ def test_instruct_checkpointing_default_and_opt_out(tmp_path):
 
     assert checkpointing([]) is True
     assert checkpointing(["--gradient_checkpointing", "false"]) is False  # the (deprecated) alias still turns it off
+    # instruction tuning keeps BitFit's old learning rate (a causal LM has no fresh head; 2e-3 is for tasks with one)
+    from bitfit.train import BITFIT_LR, INSTRUCT_LR, build_training_arguments
+
+    assert parse_train_args(base)[2].learning_rate == INSTRUCT_LR == 1e-3 != BITFIT_LR
+    assert parse_train_args(base + ["--learning_rate", "3e-4"])[2].learning_rate == 3e-4
+    assert build_training_arguments(str(tmp_path / "b"), task="instruct").learning_rate == INSTRUCT_LR
+    assert build_training_arguments(str(tmp_path / "b"), task="sst2").learning_rate == BITFIT_LR
     assert checkpointing(["--gradient_checkpointing=false"]) is False
 
 

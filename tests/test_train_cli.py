@@ -87,7 +87,7 @@ def sentiment_run(tiny_dir, tmp_path_factory):
 def test_bitfit_defaults_and_flag_forms(glue_dir):
     m, d, t = parse_train_args(["--model", "minilm", "--task", "cola", "--data-dir", str(glue_dir),
                                 "--output-dir", "/tmp/x"])
-    assert t.learning_rate == 1e-3 and t.weight_decay == 0.0 and t.warmup_steps == 0.1
+    assert t.learning_rate == 2e-3 and t.weight_decay == 0.0 and t.warmup_steps == 0.1
     assert t.lr_scheduler_type.value == "linear" and t.eval_strategy.value == "epoch"
     assert t.load_best_model_at_end and t.metric_for_best_model == "matthews_correlation" and t.greater_is_better
     assert t.per_device_train_batch_size == 32 and t.save_total_limit == 1

@@ -46,6 +46,7 @@ from torch import nn
 from .errors import BitFitConfigError, BitFitError
 from .lrgroups import PAPER_ROLE_LR
 from .roles import _LAYER_RE, _STACK_RE, _TOWER_RE, discover, head_module_names
+from .train import BITFIT_LR
 
 try:  # GPT-2 style Conv1D: weight is [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -417,26 +418,26 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("bitfit", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "BitFit, all biases (bitfit/preset=NAME for others)"),
-        Method("paper-subset", paper_subset, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "b_q + b_m2 only"),
-        Method("frozen", frozen, "bitfit", 1e-3, (4e-4, 1e-3, 4e-3), "head only"),
+        Method("bitfit", bitfit, "bitfit", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3), "BitFit, all biases (bitfit/preset=NAME for others)"),
+        Method("paper-subset", paper_subset, "bitfit", BITFIT_LR, (4e-4, 1e-3, 2e-3, 4e-3), "b_q + b_m2 only"),
+        Method("frozen", frozen, "bitfit", BITFIT_LR, (4e-4, 1e-3, 2e-3, 4e-3), "head only"),
         Method("full", full, "dense", 2e-5, (1e-5, 2e-5, 5e-5), "full fine-tuning"),
-        Method("bitfit-peft", bitfit_peft, "peft", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("bitfit-peft", bitfit_peft, "peft", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                "BitFit through peft (bitfit.peft.BitFitPeftConfig), all biases"),
         Method("lora", lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "LoRA via peft (r=8, alpha=16, query/value)"),
         Method("beft", beft, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft BEFT (bias on value projections)"),
         Method("ln_tuning", ln_tuning, "peft", 1e-3, (4e-4, 1e-3, 4e-3), "peft LN tuning"),
         Method("ia3", ia3, "peft", 3e-3, (1e-3, 3e-3, 1e-2), "peft (IA)^3"),
-        Method("rand", rand, "rand", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3), "random weight entries, as many as BitFit's biases"),
-        Method("bitfit-sparse", bitfit_sparse, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("rand", rand, "rand", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3), "random weight entries, as many as BitFit's biases"),
+        Method("bitfit-sparse", bitfit_sparse, "bitfit", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                "sparse BitFit: the most important bias entries under a budget (default 0.5)", needs_batches=True),
-        Method("bitfit-1d", bitfit_1d, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("bitfit-1d", bitfit_1d, "bitfit", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                "all biases + LayerNorm/RMSNorm gains (every 1-D vector)"),
-        Method("bitfit-halving", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("bitfit-halving", bitfit, "bitfit", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                "BitFit, lr halved every 2 epochs after warm-up", {"halve_every_epochs": 2.0}),
-        Method("bitfit-rolelr", bitfit, "bitfit", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("bitfit-rolelr", bitfit, "bitfit", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                f"BitFit, role lr multipliers {PAPER_ROLE_LR}", {"role_lr_multipliers": PAPER_ROLE_LR}),
-        Method("bitfit-dynamic", bitfit_dynamic, "dynamic", 1e-3, (1e-4, 4e-4, 1e-3, 4e-3),
+        Method("bitfit-dynamic", bitfit_dynamic, "dynamic", BITFIT_LR, (1e-4, 4e-4, 1e-3, 2e-3, 4e-3),
                "BitFit + per-input bias shifts (rank-4 net on each Linear's pooled input; does not merge)"),
         Method("bitfit+last-N", bitfit_last_n, "dense", 1e-4, (5e-5, 1e-4, 3e-4), "all biases + last N layers fully"),
         Method("bitfit+lora", bitfit_lora, "peft", 5e-4, (2e-4, 5e-4, 1e-3), "all biases + LoRA"),
