@@ -359,7 +359,7 @@ def test_failed_worker_is_one_line_and_keeps_finished_runs(tmp_path, monkeypatch
     stub worker: one error line, the worker's output in the run's train.log, finished runs kept."""
     monkeypatch.setattr(C, "WORKER_CODE", stub)
     out = tmp_path / "cmp"
-    done = C.run_dir_for(out, "bitfit", 1e-3, 42, None)
+    done = C.run_dir_for(out, "bitfit", 2e-3, 42, None)  # bitfit's default lr
     done.mkdir(parents=True)
     (done / "run.json").write_text(json.dumps({"primary": "accuracy", "score": 0.5, "total_time_s": 1.0}))
     stamp = (done / "run.json").stat().st_mtime_ns
@@ -424,7 +424,7 @@ def test_isolated_runs_memory_times_load_commands(isolated, capsys):
     assert fc["subcommand"] == "compare" and "--methods full --seeds 1 --seed 42 --lr-grid 2e-05" in fc["command"]
     bc = json.loads((first_dir / "command.json").read_text())
     assert bc["subcommand"] == "train" and bc["command"] == first["command"]
-    assert "--learning_rate 0.001 --seed 42" in bc["command"] and f"--frozen_dtype {first['frozen_dtype']}" in \
+    assert "--learning_rate 0.002 --seed 42" in bc["command"] and f"--frozen_dtype {first['frozen_dtype']}" in \
         bc["command"]
     # ... and running it gives the same scores
     import torch
