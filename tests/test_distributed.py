@@ -21,7 +21,7 @@ def test_two_processes_match_one(tmp_path, minilm_dir):
     # sequential order: the 2 ranks' batches of 4 are together exactly the single process's batch of 8
     # plain SGD: Adam's first steps move every parameter by ~lr*sign(grad), so on gradients that are zero up to
     # float noise (b_k, ...) it turns reduction-order noise into lr-sized differences
-    common = ["--model", model, "--train-file", train, "--max_steps", "4", "--learning_rate", "0.2", "--optim", "sgd",
+    common = ["--model", model, "--train-file", train, "--max_steps", "4", "--learning_rate", "0.2", "--head_learning_rate", "1.0", "--optim", "sgd",
               "--train_sampling_strategy", "sequential", "--save_strategy", "no", "--logging_steps", "1",
               "--disable_tqdm", "true", "--seed", "7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -197,7 +197,7 @@ def test_compare_runs_bitfit_dynamic(tiny_bert_dir, tmp_path):
     per_layer = 4 * (16 + 16) + (16 + 32) + (32 + 16)
     # (this BertModel's pooler never trained: it trains with the head, weight and bias, and gets no net)
     assert runs["bitfit-dynamic"]["trainable"] == runs["bitfit"]["trainable"] + 2 * 2 * per_layer
-    run_dir = C.run_dir_for(out, runs["bitfit-dynamic"]["spec"], 1e-3, 42, None)
+    run_dir = C.run_dir_for(out, runs["bitfit-dynamic"]["spec"], runs["bitfit-dynamic"]["lr"], 42, None)
     assert (run_dir / dynamic.WEIGHTS).is_file() and not (run_dir / "bitfit_config.json").exists()
     assert runs["bitfit-dynamic"]["artifact_bytes"] > 0 and runs["bitfit-dynamic"]["score"] is not None
     assert runs["bitfit-dynamic"]["command"].startswith("bitfit compare ")
