@@ -33,8 +33,8 @@ from .errors import BitFitConfigError, BitFitError, DataError
 from .io import atomic_write_json as _atomic_write_json
 
 # Defaults of each method (issue 5's `compare` uses them). BitFit: 2e-3 for the biases (the paper's 1e-3
-# until the eighth session: 2e-3 was ahead on the 1,000-row grid, 3 seeds x 5 tasks, and level or ahead on
-# the full training sets; docs/RESULTS.md); the randomly initialised head gets its own (higher) learning
+# until the eighth session: 2e-3 was ahead on the 1,000-row grid, 3 seeds x 5 tasks, and level on the full
+# training sets; docs/RESULTS.md); the randomly initialised head gets its own (higher) learning
 # rate, see HEAD_LR_FACTOR: 5e-3 either way. Instruction tuning (a causal LM, no new head) keeps 1e-3.
 BITFIT_LR = 2e-3
 INSTRUCT_LR = 1e-3
@@ -596,8 +596,8 @@ def training_defaults(method: str = "bitfit", primary: Optional[str] = None, n_t
 
 def build_training_arguments(output_dir: str, method: str = "bitfit", task: Optional[str] = None,
                              n_train: Optional[int] = None, **overrides):
-    """TrainingArguments with ``method``'s defaults (bitfit: lr 2e-3, 1e-3 for instruction tuning, no weight decay, linear schedule
-    with 10% warm-up, eval and save every epoch, best checkpoint by the task's metric, auto epochs from
+    """TrainingArguments with ``method``'s defaults (bitfit: lr 2e-3, 1e-3 for instruction tuning, no weight
+    decay, linear schedule with 10% warm-up, eval and save every epoch, best checkpoint by the task's metric, auto epochs from
     ``n_train``; full: lr 2e-5, 3 epochs; lora: lr 5e-4), overridden by ``overrides``."""
     from transformers import TrainingArguments
 
