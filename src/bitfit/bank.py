@@ -324,6 +324,7 @@ class _SlotTable:
         self.row_of: dict = {}
         self.pack: Optional[_Pack] = None  # the tables with the same owners, dtype and device, side by side
         self.offset = 0  # this table's first column in its pack
+        self.adds_own_bias = self.kind == "post" and not added  # the module's forward adds its base bias itself
 
     def fill(self) -> torch.Tensor:
         """The value for a task that does not train this slot: the base's bias (zeros if added)."""
@@ -335,10 +336,11 @@ class _SlotTable:
         ``picks`` = table row (or -1) per distinct task of the batch, ``row_task`` = the distinct-task index of
         every batch row. (Slots every task of a batch trains are gathered per pack, see :class:`_Plan`.)"""
         fill = self.fill()
-        out = torch.stack([self.values[p] if p >= 0 else fill for p in picks]).index_select(0, row_task)
-        if self.kind == "post" and not self.added:  # the module adds its own base bias
-            out = out - self.module.bias.detach().to(out.dtype)
-        return out
+        return self.as_added(torch.stack([self.values[p] if p >= 0 else fill for p in picks]).index_select(0, row_task))
+
+    def as_added(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` as what the bank adds after the module: task minus base where the module adds its own bias."""
+        return rows - self.module.bias.detach().to(rows.dtype) if self.adds_own_bias else rows
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.reshape(1, -1)
@@ -401,7 +403,7 @@ class _Plan:
 
     def __init__(self, bank: "BiasBank", names: tuple, device):
         self.single: list = []  # one task: (module, class, cdim, table, table row)
-        self.packs: list = []  # several tasks: (pack, table row per task, column sizes, [(module, class, cdim, base bias of a 'post' slot)])
+        self.packs: list = []  # several tasks: (pack, table row per task, column sizes, [(module, class, cdim, table)])
         self.partial: list = []  # several tasks: (module, class, cdim, table, table row or -1 per task)
         by_pack: dict = {}
         for table in bank._tables.values():
@@ -412,18 +414,17 @@ class _Plan:
             if len(names) == 1:
                 self.single.append((module, table.cls, table.cdim, table, picks[0]))
             elif all(p >= 0 for p in picks):
-                post_base = module.bias if table.kind == "post" and not table.added else None
-                by_pack.setdefault(id(table.pack), (table.pack, picks, []))[2].append((table, post_base))
+                by_pack.setdefault(id(table.pack), (table.pack, picks, []))[2].append(table)
             else:
                 self.partial.append((module, table.cls, table.cdim, table, picks))
         for pack, picks, members in by_pack.values():
-            members.sort(key=lambda m: m[0].offset)
-            covered = sum(t.values.shape[1] for t, _ in members)
+            members.sort(key=lambda t: t.offset)
+            covered = sum(t.values.shape[1] for t in members)
             if covered != pack.values.shape[1]:  # pragma: no cover - a pack's tables share their owners
                 raise BitFitError("internal error: a bias pack is only partly owned by its tasks")
             self.packs.append((pack, torch.tensor(picks, dtype=torch.long, device=device),
-                               [t.values.shape[1] for t, _ in members],
-                               [(t.module, t.cls, t.cdim, post) for t, post in members]))
+                               [t.values.shape[1] for t in members],
+                               [(t.module, t.cls, t.cdim, t) for t in members]))
         tasks = [bank._tasks[nm] for nm in names]
 
         def where(child: str) -> tuple:  # the head child's parent module and attribute name
@@ -807,16 +808,12 @@ class BiasBank:
         The bias rows are gathered here, once per call: one ``index_select`` per pack of slot tables,
         whose views the modules read; which modules and packs a task list touches comes from its plan.
         """
-        base = self.base
         plan = self._plan(tuple(t.name for t in tasks), None if row_task is None else row_task.device)
         switched, heads = [], []
         try:
             if row_task is None:
                 for module, cls, cdim, table, pick in plan.single:
-                    rows = table.values[pick]
-                    if table.kind == "post" and not table.added:  # the module adds its own base bias
-                        rows = rows - module.bias.detach().to(rows.dtype)
-                    _switch(module, cls, rows, cdim)
+                    _switch(module, cls, table.as_added(table.values[pick]), cdim)
                     switched.append(module)
                 for parent, leaf, mod in plan.single_heads:
                     heads.append((parent, leaf, parent._modules[leaf]))
@@ -824,10 +821,8 @@ class BiasBank:
             else:
                 for pack, picks, sizes, entries in plan.packs:  # slots every task of the batch trains
                     views = pack.values.index_select(0, picks.index_select(0, row_task)).split(sizes, dim=1)
-                    for (module, cls, cdim, post_base), rows in zip(entries, views):
-                        if post_base is not None:
-                            rows = rows - post_base.detach().to(rows.dtype)
-                        _switch(module, cls, rows, cdim)
+                    for (module, cls, cdim, table), rows in zip(entries, views):
+                        _switch(module, cls, table.as_added(rows), cdim)
                         switched.append(module)
                 for module, cls, cdim, table, picks in plan.partial:  # slots only some of them train
                     _switch(module, cls, table.rows(picks, row_task), cdim)
