@@ -93,15 +93,23 @@ def test_train_parses_with_verbose_given_directly(tmp_path, monkeypatch):
     assert data_args.train_file == str(train) and training_args.max_steps == 1
 
 
-def test_train_groups_batches_by_length_by_default(tmp_path):
-    """`bitfit train` batches rows of similar length for every task (classification too, not only instruction
-    tuning), as docs/TRAINING.md says; an explicit --train_sampling_strategy wins."""
+def test_train_batches_random_for_classification_and_by_length_for_instructions(tmp_path):
+    """`bitfit train` keeps random batches for classification and regression (their padding is trimmed in
+    sub-batches, --length_sub_batches; length-grouped batches cost RTE 3 points, docs/RESULTS.md) and groups
+    instruction rows by length; an explicit --train_sampling_strategy wins."""
     from bitfit.train import length_grouping, parse_train_args
 
     train = tmp_path / "t.csv"
     train.write_text("text,label\na,x\nb,y\n")
     argv = ["--model", "m", "--train-file", str(train), "--output-dir", str(tmp_path / "o"), "--max_steps", "1"]
     (key, value), = length_grouping().items()
-    assert getattr(parse_train_args(argv)[2], key) == value
+    model_args, _, training_args = parse_train_args(argv)
+    assert getattr(training_args, key) != value and model_args.length_sub_batches is True
+    assert parse_train_args(argv + ["--length_sub_batches", "false"])[0].length_sub_batches is False
+    inst = tmp_path / "i.jsonl"
+    inst.write_text('{"instruction": "say hi", "output": "hi"}\n')
+    argv_i = ["--model", "m", "--task", "instruct", "--train-file", str(inst), "--output-dir", str(tmp_path / "i"),
+              "--max_steps", "1"]
+    assert getattr(parse_train_args(argv_i)[2], key) == value
     if key == "train_sampling_strategy":
-        assert parse_train_args(argv + ["--train_sampling_strategy", "random"])[2].train_sampling_strategy == "random"
+        assert parse_train_args(argv_i + ["--train_sampling_strategy", "random"])[2].train_sampling_strategy == "random"

@@ -469,7 +469,7 @@ def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch
         by_lr[group_lr] = by_lr.get(group_lr, 0) + n
     assert by_lr == {lr: by_lr[lr], lr * HEAD_LR_FACTOR: head}  # biases at lr, the head (weights + biases) at 5x
     assert native["frozen"] == {"torch.bfloat16"} and native["dropout"] == (0.0, 0.0)
-    assert "group_by_length" in native["sampling"] or native["sampling"] == "True"
+    assert native["sampling"] in ("random", "False")  # random batches (trimmed in sub-batches by the trainer)
     assert recs["bitfit-peft"]["frozen_dtype"] == recs["bitfit"]["frozen_dtype"] == "bfloat16"
     assert recs["bitfit-peft"]["trainable"] == recs["bitfit"]["trainable"]
     assert recs["bitfit-peft"]["train_loss"] == recs["bitfit"]["train_loss"]

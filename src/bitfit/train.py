@@ -98,6 +98,12 @@ class ModelArguments:
         default=True,
         metadata={"help": "Memory-lean training (bool dropout masks, fused attention); --no_lean for the stock modules."},
     )
+    length_sub_batches: bool = field(
+        default=True,
+        metadata={"help": "On a CPU, run each training batch as a few sub-batches of similar length with its padding "
+                  "trimmed: the same gradient as the random batch, without paying for its padding "
+                  "(classification and regression; docs/TRAINING.md). --length_sub_batches false runs batches whole."},
+    )
     head_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": f"Learning rate of the task head (default: {HEAD_LR_FACTOR:g} x --learning_rate for "
@@ -703,6 +709,8 @@ def _trainer_class():
         halve_every_epochs: Optional[float] = None
         norm_weight_l2: Optional[float] = None
         _bitfit_steps_per_epoch: Optional[int] = None
+        length_sub_batches: bool = False  # run_train: --length_sub_batches (bitfit.subbatch)
+        _sub_batch_share: Optional[float] = None
 
         def __init__(self, *args, **kwargs):
             from .guard import NonFiniteGuard
@@ -712,12 +720,41 @@ def _trainer_class():
             self.guard = NonFiniteGuard(self.model)
             self.add_callback(self.guard)
 
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            parts = self._length_sub_batches(model, inputs, num_items_in_batch)
+            if parts is None:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            else:  # the random batch as sub-batches of similar length: its gradient, less padding (bitfit.subbatch)
+                loss = 0
+                try:
+                    for sub, share in parts:
+                        self._sub_batch_share = share
+                        loss = loss + super().training_step(model, sub, num_items_in_batch)
+                finally:
+                    self._sub_batch_share = None
             self.guard.observe_loss(loss)
             return loss
 
+        def _length_sub_batches(self, model, inputs, num_items_in_batch):
+            """The batch's sub-batches and their shares of its rows, or None to run it whole: off, not on a CPU
+            (an accelerator's step is bound by calls, not padding), or a loss that is not a plain mean over
+            the batch's rows (normalised by the item count, a custom loss or label smoothing)."""
+            from . import subbatch
+
+            if not self.length_sub_batches or self.args.device.type != "cpu" or self.label_smoother is not None \
+                    or self.compute_loss_func is not None or not isinstance(inputs, dict) \
+                    or (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+                return None
+            return subbatch.split(inputs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = self._loss(model, inputs, return_outputs, num_items_in_batch)
+            share = self._sub_batch_share if model.training else None
+            if share is None:
+                return out
+            return (out[0] * share, out[1]) if return_outputs else out * share  # a sub-batch's mean, weighted
+
+        def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # causal-LM BitFit: LM head + cross-entropy in chunks over the labelled tokens, never the full
             # [batch, seq, vocab] logits (bitfit.lmloss); in evaluation only where the logits are not wanted
             from . import lmloss
@@ -1120,7 +1157,8 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             over.setdefault("load_best_model_at_end", False)
         bs = over.get("per_device_train_batch_size", 32)
         defaults = training_defaults(method, info.primary, n_train, bs, instruct=info.kind == "instruct")
-        defaults.update(length_grouping())  # batches of similar length: less padding, the same scores
+        if info.kind == "instruct":  # batches of similar length: short instructions skip a long one's padding
+            defaults.update(length_grouping())
         if info.kind == "instruct" and prepare is None and method in BITFIT_METHODS:
             defaults.update(instruct_checkpointing(over))
         defaults.update(over)
@@ -1185,6 +1223,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         raise BitFitConfigError(f"--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit runs; "
                                 f"this {method} run trains no BitFit model")
     trainer.role_lr_multipliers = role_mult
+    trainer.length_sub_batches = model_args.length_sub_batches and info.kind != "instruct"
     trainer.layer_lr_decay = model_args.layer_lr_decay
     trainer.halve_every_epochs = model_args.halve_every_epochs
     trainer.norm_weight_l2 = model_args.norm_weight_l2
@@ -1389,10 +1428,11 @@ def parse_train_args(argv: list):
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
     if data_args.is_instruct and not data_args.validation_file:
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
-    # batches of similar length, for every task (as run_train's dict path and compare do): short rows stop paying
-    # for the padding of a long one; the same scores for a fraction of the time (docs/PERFORMANCE.md)
-    defaults.update(length_grouping())
     if data_args.is_instruct:
+        # batches of similar length (as run_train's dict path does): short instructions stop paying for the
+        # padding of a long one. Classification and regression keep random batches and trim their padding
+        # in sub-batches instead (--length_sub_batches; length-grouped batches cost RTE 3 points)
+        defaults.update(length_grouping())
         # the bias-only step's memory is mostly saved activations: checkpoint them unless told otherwise
         defaults.update(instruct_checkpointing([f for f in CHECKPOINTING_FLAGS if _given(argv, f)]))
     if (_given(argv, "bf16") or _given(argv, "fp16")) and not _has_accelerator():
