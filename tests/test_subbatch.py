@@ -102,7 +102,7 @@ def _trainer(tmp_path, model, sub_batches):
     return tr
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2"])
 def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family, monkeypatch):
     import bitfit.subbatch as sb
 
@@ -115,17 +115,19 @@ def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family,
     real = sb.split
     monkeypatch.setattr(sb, "split", lambda inputs: calls.append(real(inputs)) or calls[-1])
     for on in (False, True):
-        no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0) \
-            if family == "gpt2" else dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        model = bitfit.apply(make(family, **no_dropout), frozen_dtype="float32")  # gpt2: pad id 0, as padded here
+        no_dropout = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
+                      "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)}.get(family, {})
+        model = bitfit.apply(make(family, **no_dropout), frozen_dtype="float32")  # gpt2/qwen2: pad id 0, as padded here
         tr = _trainer(tmp_path, model, on)
-        loss = tr.training_step(model, {k: v.clone() for k, v in batch.items()})
+        # as the Trainer passes it: a BatchEncoding and the batch's item count (which qwen2's loss divides by)
+        inputs = T.BatchEncoding({k: v.clone() for k, v in batch.items()})
+        loss = tr.training_step(model, inputs, num_items_in_batch=torch.tensor(float(len(lengths))))
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((float(loss), grads))
     assert len(calls) == 1 and calls[0] is not None and len(calls[0]) == 2  # the second run really split
     (l0, g0), (l1, g1) = results
     assert l1 == pytest.approx(l0, rel=1e-5)
-    assert g0.keys() == g1.keys() and len(g0) > 10
+    assert g0.keys() == g1.keys() and len(g0) > 5  # qwen2: q/k/v biases of 2 layers + the head
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
 

@@ -721,7 +721,7 @@ def _trainer_class():
             self.add_callback(self.guard)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            parts = self._length_sub_batches(model, inputs, num_items_in_batch)
+            parts = self._length_sub_batches(inputs)
             if parts is None:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             else:  # the random batch as sub-batches of similar length: its gradient, less padding (bitfit.subbatch)
@@ -729,21 +729,25 @@ def _trainer_class():
                 try:
                     for sub, share in parts:
                         self._sub_batch_share = share
-                        loss = loss + super().training_step(model, sub, num_items_in_batch)
+                        # no item count: each sub-batch's loss is its rows' mean, weighted by its share below
+                        loss = loss + super().training_step(model, sub, None)
                 finally:
                     self._sub_batch_share = None
             self.guard.observe_loss(loss)
             return loss
 
-        def _length_sub_batches(self, model, inputs, num_items_in_batch):
+        def _length_sub_batches(self, inputs):
             """The batch's sub-batches and their shares of its rows, or None to run it whole: off, not on a CPU
-            (an accelerator's step is bound by calls, not padding), or a loss that is not a plain mean over
-            the batch's rows (normalised by the item count, a custom loss or label smoothing)."""
+            (an accelerator's step is bound by calls, not padding), gradient accumulation (whose loss scaling
+            transformers decides per model), or a loss that is not a plain mean over the batch's rows (a custom
+            loss, label smoothing)."""
+            from collections.abc import Mapping
+
             from . import subbatch
 
             if not self.length_sub_batches or self.args.device.type != "cpu" or self.label_smoother is not None \
-                    or self.compute_loss_func is not None or not isinstance(inputs, dict) \
-                    or (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+                    or self.compute_loss_func is not None or not isinstance(inputs, Mapping) \
+                    or self.args.gradient_accumulation_steps != 1:
                 return None
             return subbatch.split(inputs)
 
