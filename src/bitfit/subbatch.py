@@ -22,7 +22,7 @@ import torch
 #: A sub-batch's fixed cost in padded-token equivalents. Measured on MiniLM-L6 (bf16 frozen weights, one
 #: CPU thread, Intel Xeon): ~34 ms per forward+backward call against ~0.32 ms per token, i.e. ~100 tokens;
 #: a larger model has a larger per-token cost and a relatively smaller per-call one, so this errs toward
-#: cutting less.
+#: cutting less. Checked on SST-2 (60 steps, quiet): 32 was slower (16.4 s against 12.5 s), 512 level (12.1 s).
 OVERHEAD_TOKENS = 128
 
 
