@@ -74,3 +74,16 @@ def train_steps(model, family: str = "bert", steps: int = 3, lr: float = 1e-2, w
         opt.zero_grad()
     model.eval()
     return opt
+
+
+def save_tiny_bert(folder, tokenizer_dir: str, seed: int = 0, **overrides):
+    """A tiny random ``BertModel`` (real vocabulary size, so a real tokenizer fits) saved to ``folder`` with the
+    tokenizer of ``tokenizer_dir``: a model folder `bitfit train` / `compare` load like a pretrained one."""
+    import torch
+
+    cfg = dict(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=32)
+    torch.manual_seed(seed)
+    T.BertModel(T.BertConfig(**{**cfg, **overrides})).save_pretrained(folder)
+    T.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder

