@@ -92,9 +92,9 @@ def test_split_leaves_batches_it_cannot_split_exactly_whole(case):
     assert split(b, overhead=16) is None
 
 
-def _trainer(tmp_path, model, sub_batches):
+def _trainer(tmp_path, model, sub_batches, **kw):
     args = T.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[],
-                               use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+                               use_cpu=True, disable_tqdm=True, learning_rate=1e-3, **kw)
     tr = _trainer_class()(model=model, args=args, train_dataset=[{"input_ids": [1]}])
     tr.length_sub_batches = sub_batches
     tr.create_optimizer_and_scheduler(num_training_steps=1)
@@ -130,6 +130,16 @@ def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family,
     assert g0.keys() == g1.keys() and len(g0) > 5  # qwen2: q/k/v biases of 2 layers + the head
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kw", [{}, {"gradient_accumulation_steps": 2}, {"label_smoothing_factor": 0.1}],
+                         ids=["default", "grad-accum", "label-smoothing"])
+def test_the_trainer_runs_batches_whole_where_a_split_would_change_the_loss(tmp_path, kw):
+    tr = _trainer(tmp_path, make("bert"), True, **kw)
+    parts = tr._length_sub_batches(T.BatchEncoding(_batch([30, 3, 28, 4, 2, 31, 5, 3])))
+    assert (parts is not None) == (not kw)
+    tr.length_sub_batches = False
+    assert tr._length_sub_batches(T.BatchEncoding(_batch([30, 3, 28, 4, 2, 31, 5, 3]))) is None
 
 
 @pytest.fixture(scope="module")
