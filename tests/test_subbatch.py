@@ -14,6 +14,7 @@ import transformers as T
 from families import make, save_tiny_bert
 
 import bitfit
+from bitfit.lean import set_lean
 from bitfit.subbatch import OVERHEAD_TOKENS, partition, split
 from bitfit.train import DataArguments, ModelArguments, _trainer_class, run_train
 
@@ -118,6 +119,7 @@ def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family,
         no_dropout = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
                       "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)}.get(family, {})
         model = bitfit.apply(make(family, **no_dropout), frozen_dtype="float32")  # gpt2/qwen2: pad id 0, as padded here
+        set_lean(model, True, pack=False)  # BERT's layers would skip the padding themselves (tests/test_packing.py)
         tr = _trainer(tmp_path, model, on)
         # as the Trainer passes it: a BatchEncoding and the batch's item count (which qwen2's loss divides by)
         inputs = T.BatchEncoding({k: v.clone() for k, v in batch.items()})

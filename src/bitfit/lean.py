@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import packing
 from .errors import BitFitConfigError, BitFitError
 
 LEAN_ATTR = "_bitfit_lean"
@@ -95,6 +96,7 @@ class LeanState:
     dropouts: list = field(default_factory=list)  # module names swapped to LeanDropout
     attention: bool = False  # fused attention applies to this family
     mlps: list = field(default_factory=list)  # gated MLP modules with the lean forward
+    pack: bool = False  # padding-free encoder layers in CPU training (bitfit.packing)
     attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
     cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
     int8: list = field(default_factory=list)  # Linear modules whose training matmuls run in int8
@@ -122,6 +124,8 @@ class LeanState:
                 parts.append("fused softmax-dropout-matmul attention")
             if self.mlps:
                 parts.append(f"lean gated MLP ({len(self.mlps)} modules, SiLU recomputed in backward)")
+            if self.pack:
+                parts.append("padding-free layers (real tokens only, attention in length runs)")
             out.append("lean training mode: " + (", ".join(parts) if parts else "nothing applies to this family"))
         return out
 
@@ -438,7 +442,16 @@ FUSED_MAX_KEYS_WITHOUT_DROPOUT = 128
 
 
 def _fused_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention-interface function: fused path in CPU training, the model's own function otherwise."""
+    """Attention-interface function: fused path in CPU training, the model's own function otherwise; over
+    packed layers (bitfit.packing) each run of rows of similar length attends on its own."""
+    plan = packing.current()
+    if plan is not None:
+        return packing.packed_attention(plan, _attend, module, query, key, value, scaling=scaling, dropout=dropout,
+                                        **kwargs)
+    return _attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     impl = module.config._attn_implementation
     orig = impl[len(_LEAN_PREFIX):] if impl and impl.startswith(_LEAN_PREFIX) else impl
     usable = (
@@ -600,10 +613,25 @@ class _Forward:
                 if saved in ("eager", "sdpa"):
                     config._attn_implementation_internal = _register(saved)
                     stack.callback(setattr, config, "_attn_implementation_internal", saved)
+                    if lean.pack and not args and packing.wanted(kwargs, config) \
+                            and kwargs["attention_mask"].device.type == "cpu":
+                        plan = packing.plan(kwargs["attention_mask"])
+                        if plan is not None:
+                            stack.callback(packing.deactivate, packing.activate(plan))
             out = forward(module, *args, **kwargs)
         if lean.frozen_dtype is not None:
             out = _to_float32(out)
         return out
+
+
+def packs(model: nn.Module) -> bool:
+    """Training forwards of ``model`` run padding-free layers (bitfit.packing) when their batch is right-padded
+    and on a CPU: lean mode with the fused attention on a family that packs, without gradient checkpointing."""
+    from .prepare import unwrap
+
+    target = unwrap(model)
+    lean = getattr(target, LEAN_ATTR, None)
+    return bool(lean is not None and lean.lean and lean.pack and lean.attention and not _checkpointing(target))
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -648,8 +676,11 @@ def _lean_state(target: nn.Module) -> LeanState:
 # ------------------------------------------------------------------ switches
 
 
-def set_lean(model: nn.Module, on: bool = True) -> LeanState:
-    """Turn the memory-lean training mode on or off (off = stock modules, bit for bit)."""
+def set_lean(model: nn.Module, on: bool = True, pack: bool = True) -> LeanState:
+    """Turn the memory-lean training mode on or off (off = stock modules, bit for bit). ``pack=False`` keeps
+    the lean modules but runs the layers on padded batches (bitfit.packing changes how dropout's draws fall
+    on tokens, so the lean modules alone are bit-identical to stock under a seed; with packing the same
+    holds up to rounding without dropout)."""
     from .prepare import get_state, unwrap
 
     target = unwrap(model)
@@ -667,6 +698,8 @@ def set_lean(model: nn.Module, on: bool = True) -> LeanState:
         lean.attention = impl is not None
         lean.attn_impl = impl
         lean.mlps = _set_lean_mlps(target, True)
+        packing.remove(target)
+        lean.pack = bool(pack and lean.attention and packing.install(target))
         lean.lean = True
         _install_forward(target)
     else:
@@ -674,7 +707,8 @@ def set_lean(model: nn.Module, on: bool = True) -> LeanState:
             if type(module) is LeanDropout:
                 module.__class__ = nn.Dropout
         _set_lean_mlps(target, False)
-        lean.lean, lean.dropouts, lean.attention, lean.mlps = False, [], False, []
+        packing.remove(target)
+        lean.lean, lean.dropouts, lean.attention, lean.mlps, lean.pack = False, [], False, [], False
     state = get_state(target)
     if state is not None and hasattr(state.config, "lean"):
         state.config.lean = bool(on)

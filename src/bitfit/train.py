@@ -97,7 +97,8 @@ class ModelArguments:
     )
     lean: bool = field(
         default=True,
-        metadata={"help": "Memory-lean training (bool dropout masks, fused attention); --no_lean for the stock modules."},
+        metadata={"help": "Memory-lean training (bool dropout masks, fused attention, padding-free encoder layers on a "
+                  "CPU); --no_lean for the stock modules."},
     )
     length_sub_batches: bool = field(
         default=True,
@@ -743,7 +744,10 @@ def _trainer_class():
             transformers decides per model), several processes (each backward would all-reduce), or a loss that is not a plain mean over the batch's rows (a custom
             loss, label smoothing)."""
             from . import subbatch
+            from .lean import packs
 
+            if packs(model := self.model) and not getattr(model, "gradient_checkpointing", False):
+                return None  # its layers skip the padding themselves (bitfit.packing): one call, no sub-batches
             if not self.length_sub_batches or self.args.device.type != "cpu" or self.label_smoother is not None \
                     or self.compute_loss_func is not None or not isinstance(inputs, Mapping) \
                     or self.args.gradient_accumulation_steps != 1 or self.args.world_size > 1:

