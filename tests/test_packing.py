@@ -134,17 +134,33 @@ def test_packing_stays_off_where_it_would_not_be_exact(case, monkeypatch):
         assert all(h.shape[:2] == batch["input_ids"].shape for h in out.hidden_states)
 
 
-def test_packing_is_off_in_eval_mode_without_lean_and_under_checkpointing(monkeypatch):
+@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
+def test_evaluation_packs_too_with_the_padded_logits(frozen_dtype, monkeypatch):
+    model = _model("bert", frozen_dtype=frozen_dtype)
+    model.eval()
+    batch = _batch()
+    del batch["labels"]
+    with torch.no_grad():
+        set_lean(model, True, pack=False)
+        ref = model(**batch).logits
+        set_lean(model, True)
+        calls = []
+        real = packing.packed_attention
+        monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        out = model(**batch).logits
+    assert len(calls) == 2 and model.config._attn_implementation == "sdpa"  # the switch is restored
+    tol = 1e-5 if frozen_dtype == "float32" else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def test_packing_is_off_without_lean_and_under_checkpointing(monkeypatch):
     calls = []
     monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
-    model = _model("bert")
-    model.eval()
-    with torch.no_grad():
-        model(**_batch())
-    assert calls == []
     stock = bitfit.apply(make("bert"), lean=False)
     assert not packs(stock) and packing.find_layers(stock) is not None
     assert all(not m._forward_pre_hooks for m in stock.modules())
+    stock.train()
+    stock(**_batch()).loss.backward()
     ckpt = _model("bert")
     ckpt.gradient_checkpointing_enable()
     assert not packs(ckpt)

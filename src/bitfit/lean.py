@@ -607,17 +607,18 @@ class _Forward:
                 stack.enter_context(torch.autocast(device, dtype=lean.frozen_dtype))
             if lean.lean and lean.int8 and module.training:
                 stack.callback(_FAST_DRAW.reset, _FAST_DRAW.set(True))
-            if lean.lean and lean.attention and module.training and not _checkpointing(module):
+            if lean.lean and lean.attention and not _checkpointing(module):
+                plan = None
+                if lean.pack and not args and packing.wanted(kwargs, module.config) \
+                        and kwargs["attention_mask"].device.type == "cpu":
+                    plan = packing.plan(kwargs["attention_mask"])  # training and evaluation alike
                 config = module.config
                 saved = config._attn_implementation_internal
-                if saved in ("eager", "sdpa"):
+                if (module.training or plan is not None) and saved in ("eager", "sdpa"):
                     config._attn_implementation_internal = _register(saved)
                     stack.callback(setattr, config, "_attn_implementation_internal", saved)
-                    if lean.pack and not args and packing.wanted(kwargs, config) \
-                            and kwargs["attention_mask"].device.type == "cpu":
-                        plan = packing.plan(kwargs["attention_mask"])
-                        if plan is not None:
-                            stack.callback(packing.deactivate, packing.activate(plan))
+                    if plan is not None:
+                        stack.callback(packing.deactivate, packing.activate(plan))
             out = forward(module, *args, **kwargs)
         if lean.frozen_dtype is not None:
             out = _to_float32(out)
