@@ -9,7 +9,7 @@ the trained model is saved, so tokenisation, evaluation and checkpointing all co
   model with ``requires_grad`` set on every parameter whose name ends in ``.bias`` and on the
   classifier, lr 1e-3, batch 16, 5 epochs, linear schedule, best epoch kept (``save_pretrained``).
 - ``bitfit``: exactly ``bitfit train --model minilm --task sst2 --train-size 5000`` (all defaults:
-  frozen_dtype auto, dropout 0, random batches run in length sub-batches, auto epochs, ...), run in-process through the same functions
+  frozen_dtype auto, dropout 0, random batches on padding-free layers, auto epochs, ...), run in-process through the same functions
   the command calls.
 
 Printed side by side: best dev accuracy, wall and CPU time of the whole run, and the wall time at

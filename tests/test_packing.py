@@ -258,3 +258,18 @@ def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path
         torch.testing.assert_close(p, out[False][n], rtol=1e-4, atol=1e-5, msg=n)
         moved += n.endswith("bias") and "classifier" not in n
     assert moved > 5
+
+
+def test_dynamic_biases_which_pool_each_row_keep_the_padded_layers(monkeypatch):
+    from bitfit.dynamic import apply_dynamic, remove
+
+    calls = []
+    real = packing.packed_attention
+    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model("bert")
+    apply_dynamic(model, rank=2)
+    model(**_batch()).loss.backward()
+    assert calls == []
+    remove(model)
+    model(**_batch()).loss.backward()
+    assert calls  # without the nets the layers pack again

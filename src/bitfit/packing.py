@@ -213,9 +213,17 @@ def remove(model: nn.Module) -> None:
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-def wanted(kwargs: dict, config) -> bool:
-    """The forward's inputs allow packing: a 2-D attention mask given by keyword, and no request for per-layer
-    outputs (hidden states or attention maps of the packed layers would not be the padded ones)."""
+#: attributes of a model whose modules need rows inside the layers: dynamic biases pool over each row's tokens
+_ROW_USERS = ("_bitfit_dynamic_ctx",)
+
+
+def wanted(kwargs: dict, model: nn.Module) -> bool:
+    """The forward's inputs allow packing: a 2-D attention mask given by keyword, no request for per-layer
+    outputs (hidden states or attention maps of the packed layers would not be the padded ones), and nothing
+    inside the layers that works per row (dynamic biases)."""
+    if any(name in model.__dict__ for name in _ROW_USERS):
+        return False
+    config = getattr(model, "config", None)
     for name in ("output_hidden_states", "output_attentions"):
         if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
             return False

@@ -12,6 +12,10 @@ regression heads) the summed gradient is the batch's own, up to floating-point r
 Where to cut is a small dynamic program over the sorted lengths: a run costs ``rows x longest`` tokens
 plus :data:`OVERHEAD_TOKENS` for the extra forward/backward call, and the cheapest partition wins; a batch
 of one length range stays whole.
+
+Encoder families whose layers can run padding-free (``bitfit.packing``: BERT, RoBERTa, DistilBERT, ...)
+skip this: one call over the packed real tokens is cheaper than several calls (docs/PERFORMANCE.md). Sub-
+batches serve the other families (GPT-2, LLaMA/Qwen heads, MPNet, ...).
 """
 from __future__ import annotations
 
