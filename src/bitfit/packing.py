@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .subbatch import partition, right_padded
+
 #: encoder families whose layers are token-wise apart from an attention that goes through transformers'
 #: attention interface with a padding-only mask, and whose positions are added before the first layer
 PACK_FAMILIES = {"bert", "roberta", "xlm_roberta", "camembert", "electra", "distilbert"}
@@ -49,12 +51,6 @@ class Plan:
     masks: Optional[dict] = None  # per dtype: the runs' additive key-padding masks
 
 
-def _partition(lengths: list, overhead: int) -> list:
-    from .subbatch import partition
-
-    return partition(lengths, overhead)
-
-
 def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Optional[Plan]:
     """A :class:`Plan` for a right-padded 2-D ``attention_mask``, or None where packing does not apply or
     gains nothing (no padding, left padding, an empty row)."""
@@ -64,7 +60,7 @@ def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Option
         overhead = RUN_OVERHEAD_TOKENS
     m = attention_mask.bool()
     b, t = m.shape
-    if bool(m.all()) or not bool(m[:, 0].all()) or bool((m[:, 1:] & ~m[:, :-1]).any()):
+    if bool(m.all()) or not right_padded(m):
         return None
     lengths = m.sum(1)
     index = m.reshape(-1).nonzero().squeeze(1)
@@ -76,7 +72,7 @@ def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Option
     sorted_lengths = lengths[order].tolist()
     runs, offset = [], 0
     unpack = torch.empty(n, dtype=torch.long, device=m.device)
-    for a, z in _partition(sorted_lengths, overhead):
+    for a, z in partition(sorted_lengths, overhead):
         rows = order[a:z]
         lr = int(sorted_lengths[a])
         cols = torch.arange(lr, device=m.device)

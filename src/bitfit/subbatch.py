@@ -30,6 +30,11 @@ import torch
 OVERHEAD_TOKENS = 128
 
 
+def right_padded(mask: torch.Tensor) -> bool:
+    """Every row of the bool ``mask`` (rows x positions) is real tokens from position 0, then padding only."""
+    return bool(mask[:, 0].all()) and not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
 def partition(lengths: list, overhead: int = OVERHEAD_TOKENS) -> list:
     """Cut ``lengths`` (sorted longest first) into contiguous runs minimising sum(rows x first) + overhead per
     run; returns the runs' (start, stop) pairs."""
@@ -67,7 +72,7 @@ def split(inputs: dict, overhead: int = OVERHEAD_TOKENS) -> Optional[list]:
     m = mask.bool()
     # right padding only: a row's real tokens then sit at positions 0..len-1 whatever the padding, so trimming
     # changes nothing they see (left padding would shift the positions of models that count them from 0)
-    if not bool(m[:, 0].all()) or bool((m[:, 1:] & ~m[:, :-1]).any()):
+    if not right_padded(m):
         return None
     lengths = m.sum(1)
     order = torch.argsort(lengths, descending=True, stable=True)
