@@ -104,7 +104,9 @@ class ModelArguments:
         default=True,
         metadata={"help": "On a CPU, run each training batch as a few sub-batches of similar length with its padding "
                   "trimmed: the same gradient as the random batch, without paying for its padding "
-                  "(classification and regression; docs/TRAINING.md). --length_sub_batches false runs batches whole."},
+                  "(classification and regression with models whose layers do not skip padding themselves; "
+                  "BERT-like encoders run padding-free layers instead; docs/TRAINING.md). "
+                  "--length_sub_batches false runs such batches whole."},
     )
     head_learning_rate: Optional[float] = field(
         default=None,
@@ -1437,8 +1439,9 @@ def parse_train_args(argv: list):
         defaults.update(eval_strategy="no", load_best_model_at_end=False)
     if data_args.is_instruct:
         # batches of similar length (as run_train's dict path does): short instructions stop paying for the
-        # padding of a long one. Classification and regression keep random batches and trim their padding
-        # in sub-batches instead (--length_sub_batches; length-grouped batches cost RTE 3 points)
+        # padding of a long one. Classification and regression keep random batches and skip their padding
+        # inside the model instead (padding-free encoder layers, bitfit.packing; else sub-batches,
+        # --length_sub_batches; length-grouped batches cost RTE 3 points)
         defaults.update(length_grouping())
         # the bias-only step's memory is mostly saved activations: checkpoint them unless told otherwise
         defaults.update(instruct_checkpointing([f for f in CHECKPOINTING_FLAGS if _given(argv, f)]))
