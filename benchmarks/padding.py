@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             times[w].append((time.process_time() - t0) / len(batches) * 1000)
     print(f"CPU: {cpu_model()} ({', '.join(cpu_flags()) or 'no matmul extensions'}); torch {torch.__version__}, "
           f"{args.threads} thread(s)")
-    print(f"{glue.get_task(args.task).folder}: {args.batches} random batches of {args.batch} rows, {real / args.batches:.0f} real "
+    print(f"{glue.get_task(args.task).folder}: {args.batches} random batches of {args.batch} rows, "
+          f"{real / args.batches:.0f} real "
           f"tokens a batch, padded to {padded / args.batches:.0f} ({padded / real:.2f}x)")
     base = statistics.median(times["padded"])
     for w, ts in times.items():

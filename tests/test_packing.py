@@ -70,7 +70,8 @@ def test_packed_layers_give_the_padded_steps_logits_and_gradients(family, attn, 
     real = packing.packed_attention
     monkeypatch.setattr(packing, "packed_attention", lambda p, *a, **k: runs.append(len(p.runs)) or real(p, *a, **k))
     layers = packing.find_layers(model)
-    hook = layers[1].register_forward_pre_hook(lambda m, args, kw: seen.append(tuple((args or [kw["hidden_states"]])[0].shape)), with_kwargs=True)
+    hook = layers[1].register_forward_pre_hook(
+        lambda m, args, kw: seen.append(tuple((args or [kw["hidden_states"]])[0].shape)), with_kwargs=True)
     logits1, loss1, g1 = _step(model, batch, pack=True)
     hook.remove()
     n = sum(LENGTHS)

@@ -102,7 +102,7 @@ class LeanState:
     dropouts: list = field(default_factory=list)  # module names swapped to LeanDropout
     attention: bool = False  # fused attention applies to this family
     mlps: list = field(default_factory=list)  # gated MLP modules with the lean forward
-    pack: bool = False  # padding-free encoder layers in CPU training (bitfit.packing)
+    pack: bool = False  # padding-free encoder layers on a CPU, training and evaluation (bitfit.packing)
     attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
     cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
     int8: list = field(default_factory=list)  # Linear modules whose training matmuls run in int8
@@ -632,8 +632,9 @@ class _Forward:
 
 
 def packs(model: nn.Module) -> bool:
-    """Training forwards of ``model`` run padding-free layers (bitfit.packing) when their batch is right-padded
-    and on a CPU: lean mode with the fused attention on a family that packs, without gradient checkpointing."""
+    """Forwards of ``model`` (training and evaluation) run padding-free layers (bitfit.packing) when their batch
+    is right-padded and on a CPU: lean mode with the fused attention on a family that packs, without gradient
+    checkpointing."""
     from .prepare import unwrap
 
     target = unwrap(model)
