@@ -274,3 +274,22 @@ def test_dynamic_biases_which_pool_each_row_keep_the_padded_layers(monkeypatch):
     remove(model)
     model(**_batch()).loss.backward()
     assert calls  # without the nets the layers pack again
+
+
+def test_the_padding_benchmark_runs_every_way(glue_dir, capsys):
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        bench = importlib.import_module("padding")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert bench.main(["--data-dir", str(glue_dir), "--task", "rte", "--batch", "4", "--batches", "1",
+                       "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    for way in ("padded", "sub-batches", "packed", "no padding (bound)"):
+        assert f"  {way} " in out
+    assert "RTE: 1 random batches of 4 rows" in out
