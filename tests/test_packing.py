@@ -293,3 +293,19 @@ def test_the_padding_benchmark_runs_every_way(glue_dir, capsys):
     for way in ("padded", "sub-batches", "packed", "no padding (bound)"):
         assert f"  {way} " in out
     assert "RTE: 1 random batches of 4 rows" in out
+
+
+def test_bert_as_a_causal_decoder_keeps_padded_layers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    config = T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=64, is_decoder=True,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = bitfit.apply(T.BertLMHeadModel(config))
+    model.train()
+    batch = _batch()
+    batch["labels"] = batch["input_ids"]
+    assert packs(model)  # the family packs, but this forward must not: its attention is causal
+    model(**batch).loss.backward()
+    assert calls == []

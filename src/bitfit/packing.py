@@ -214,12 +214,16 @@ _ROW_USERS = ("_bitfit_dynamic_ctx",)
 
 
 def wanted(kwargs: dict, model: nn.Module) -> bool:
-    """The forward's inputs allow packing: a 2-D attention mask given by keyword, no request for per-layer
-    outputs (hidden states or attention maps of the packed layers would not be the padded ones), and nothing
-    inside the layers that works per row (dynamic biases)."""
+    """The forward's inputs allow packing: a 2-D attention mask given by keyword, an encoder (not a BERT run
+    as a causal decoder or with cross-attention), no request for per-layer outputs (hidden states or attention
+    maps of the packed layers would not be the padded ones), and nothing inside the layers that works per row
+    (dynamic biases)."""
     if any(name in model.__dict__ for name in _ROW_USERS):
         return False
     config = getattr(model, "config", None)
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False) \
+            or kwargs.get("encoder_hidden_states") is not None:
+        return False  # causal or cross attention: the runs' masks hold key padding only
     for name in ("output_hidden_states", "output_attentions"):
         if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
             return False
