@@ -192,6 +192,26 @@ def test_output_dir_check_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_dir_made_meanwhile_by_another_rank_is_fine_and_stays(tmp_path, monkeypatch):
+    """Two ranks of a torchrun job check the same new folder: the one that loses the race to create it must
+    neither fail nor remove the winner's folder."""
+    from pathlib import Path
+
+    real = Path.mkdir
+
+    def racing(self, *a, **k):  # the other process creates it between our exists() and our mkdir()
+        real(self, *a, **k)
+        raise FileExistsError(17, "File exists")
+
+    monkeypatch.setattr(Path, "mkdir", racing)
+    check_output_dir(str(tmp_path / "two"))
+    assert (tmp_path / "two").is_dir()  # not ours to remove
+    monkeypatch.setattr(Path, "mkdir", real)
+    monkeypatch.setenv("RANK", "1")  # a worker rank does not check (nor create) anything
+    check_output_dir(str(tmp_path / "three" / "x"))
+    assert not (tmp_path / "three").exists()
+
+
 @pytest.mark.parametrize("content,text", [(None, "data file {p} not found"), ("", "data file {p} is empty"),
                                           ("text,label\n", "data file {p} has no rows"),
                                           ("dir", "could not read {p} as csv")])

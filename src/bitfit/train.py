@@ -1046,7 +1046,10 @@ def check_lr_options(model_args: ModelArguments, method: str = "bitfit", prepare
 
 def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> None:
     """Refuse an --output-dir that holds a finished run (unless ``overwrite`` or ``resume``), that is a file,
-    or that cannot be written; nothing is left behind by the check."""
+    or that cannot be written; nothing is left behind by the check. In a multi-process run only the main
+    process (RANK 0, which alone writes there) checks: the ranks would race to create the folder."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
     p = Path(os.path.expanduser(str(output_dir)))
     if p.exists() and not p.is_dir():
         raise BitFitError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
@@ -1068,7 +1071,12 @@ def check_output_dir(output_dir: str, overwrite: bool = False, resume=None) -> N
     created = []
     try:
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:  # another process made it meanwhile: not ours to remove
+                if not d.is_dir():
+                    raise
+                continue
             created.append(d)
         fd, tmp = tempfile.mkstemp(dir=p, prefix=".bitfit-write-test.")
         os.close(fd)
