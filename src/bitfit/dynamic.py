@@ -34,7 +34,7 @@ ATTR = "bitfit_dynamic"  # the net's name on the module it shifts
 WEIGHTS = "dynamic_bias.safetensors"
 POOLS = ("auto", "mean", "causal")
 _CTX = "_bitfit_dynamic_ctx"  # on the model: the attention mask of the current call and the hook handles
-# (bitfit.packing.wanted keeps a model holding it on padded layers: the pools need rows)
+# (bitfit.packing.wanted keeps a model that holds it on padded layers: the pools need rows)
 
 
 class DynamicBias(nn.Module):

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .subbatch import partition, right_padded
+from .dynamic import _CTX as _DYNAMIC_CTX
+from .subbatch import length_runs, right_padded
 
 #: encoder families whose layers are token-wise apart from an attention that goes through transformers'
 #: attention interface with a padding-only mask, and whose positions are added before the first layer
@@ -68,13 +69,9 @@ def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Option
     # packed position of every padded position (n: the zero row appended for padding)
     where = torch.full((b * t,), n, dtype=torch.long, device=m.device)
     where[index] = torch.arange(n, device=m.device)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
     runs, offset = [], 0
     unpack = torch.empty(n, dtype=torch.long, device=m.device)
-    for a, z in partition(sorted_lengths, overhead):
-        rows = order[a:z]
-        lr = int(sorted_lengths[a])
+    for rows, lr in length_runs(m, overhead):
         cols = torch.arange(lr, device=m.device)
         flat = (rows[:, None] * t + cols[None, :]).reshape(-1)
         gather = where[flat]
@@ -117,7 +114,7 @@ def packed_attention(p: Plan, attend, module, query, key, value, **kwargs):
     """Attention over packed ``(1, heads, N, dim)`` query/key/value: each run of rows padded to its own
     length, ``attend(module, q, k, v, mask, **kwargs)`` (an attention-interface function returning
     ``(out (rows, len, heads, dim), weights)``), and the real tokens packed back: ``((1, N, heads, dim), None)``."""
-    h, d = query.shape[1], query.shape[-1]
+    h = query.shape[1]
 
     def extended(x):  # (1, h, N, d) -> (N + 1, h, d), the last row zeros (what padded positions gather)
         x = x[0].transpose(0, 1)
@@ -171,13 +168,11 @@ def _unpack_hook(module, args, kwargs, output):
     raise RuntimeError(f"bitfit packing: unexpected output of {type(module).__name__}: {type(output).__name__}")
 
 
-def _family(module: nn.Module) -> str:
-    return type(module).__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
-
-
 def find_layers(model: nn.Module) -> Optional[nn.ModuleList]:
     """The encoder's list of transformer layers, when ``model`` is of a family in :data:`PACK_FAMILIES` and
     has exactly one such list (an encoder-decoder or a model with two stacks gets None)."""
+    from .lean import _family
+
     found = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -209,16 +204,12 @@ def remove(model: nn.Module) -> None:
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
-#: attributes of a model whose modules need rows inside the layers: dynamic biases pool over each row's tokens
-_ROW_USERS = ("_bitfit_dynamic_ctx",)
-
-
 def wanted(kwargs: dict, model: nn.Module) -> bool:
     """The forward's inputs allow packing: a 2-D attention mask given by keyword, an encoder (not a BERT run
     as a causal decoder or with cross-attention), no request for per-layer outputs (hidden states or attention
     maps of the packed layers would not be the padded ones), and nothing inside the layers that works per row
     (dynamic biases)."""
-    if any(name in model.__dict__ for name in _ROW_USERS):
+    if _DYNAMIC_CTX in model.__dict__:  # dynamic biases pool over each row's tokens inside the layers
         return False
     config = getattr(model, "config", None)
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False) \

@@ -53,6 +53,15 @@ def partition(lengths: list, overhead: int = OVERHEAD_TOKENS) -> list:
     return runs[::-1]
 
 
+def length_runs(mask: torch.Tensor, overhead: int = OVERHEAD_TOKENS) -> list:
+    """The rows of the bool right-padded ``mask`` sorted by length (longest first) and cut by :func:`partition`:
+    ``[(row indices, the run's longest length), ...]``."""
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    return [(order[a:b], int(sorted_lengths[a])) for a, b in partition(sorted_lengths, overhead)]
+
+
 def split(inputs: dict, overhead: int = OVERHEAD_TOKENS) -> Optional[list]:
     """``inputs`` (a collated, padded batch) as [(sub_inputs, share of rows), ...] sorted and trimmed, or None
     where splitting does not apply or would not pay: no 2-D ``attention_mask``, labels that are not one
@@ -74,16 +83,12 @@ def split(inputs: dict, overhead: int = OVERHEAD_TOKENS) -> Optional[list]:
     # changes nothing they see (left padding would shift the positions of models that count them from 0)
     if not right_padded(m):
         return None
-    lengths = m.sum(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
-    runs = partition(sorted_lengths, overhead)
+    runs = length_runs(m, overhead)
     if len(runs) == 1:
         return None
     out = []
-    for a, b in runs:
-        rows = order[a:b]
-        keep = max(int(sorted_lengths[a]), 1)
+    for rows, longest in runs:
+        keep = max(longest, 1)
         sub = {}
         for k, v in inputs.items():
             if v is None:
@@ -92,5 +97,5 @@ def split(inputs: dict, overhead: int = OVERHEAD_TOKENS) -> Optional[list]:
                 sub[k] = v[rows, :keep]
             else:
                 sub[k] = v[rows]
-        out.append((sub, (b - a) / n))
+        out.append((sub, rows.numel() / n))
     return out

@@ -741,15 +741,16 @@ def _trainer_class():
             return loss
 
         def _length_sub_batches(self, inputs):
-            """The batch's sub-batches and their shares of its rows, or None to run it whole: off, not on a CPU
-            (an accelerator's step is bound by calls, not padding), gradient accumulation (whose loss scaling
-            transformers decides per model), several processes (each backward would all-reduce), or a loss that is not a plain mean over the batch's rows (a custom
-            loss, label smoothing)."""
+            """The batch's sub-batches and their shares of its rows, or None to run it whole: a model whose layers
+            skip the padding themselves (bitfit.packing: one call is cheaper), off, not on a CPU (an accelerator's
+            step is bound by calls, not padding), gradient accumulation (whose loss scaling transformers decides
+            per model), several processes (each backward would all-reduce), or a loss that is not a plain mean
+            over the batch's rows (a custom loss, label smoothing)."""
             from . import subbatch
             from .lean import packs
 
-            if packs(model := self.model) and not getattr(model, "gradient_checkpointing", False):
-                return None  # its layers skip the padding themselves (bitfit.packing): one call, no sub-batches
+            if packs(self.model):
+                return None
             if not self.length_sub_batches or self.args.device.type != "cpu" or self.label_smoother is not None \
                     or self.compute_loss_func is not None or not isinstance(inputs, Mapping) \
                     or self.args.gradient_accumulation_steps != 1 or self.args.world_size > 1:
