@@ -49,6 +49,13 @@ def _step(model, batch, pack):
                                                      if p.requires_grad}
 
 
+def _spy(monkeypatch, calls, through=True):
+    """Record each packed attention call (either way: the generic run-by-run one or all runs in one node)."""
+    for name in ("packed_attention", "run_attention"):
+        real = getattr(packing, name)
+        monkeypatch.setattr(packing, name, lambda *a, _real=real, **k: calls.append(1) or (_real(*a, **k) if through else None))
+
+
 def _assert_grads_match(g0, g1, rel=1e-4):
     """Each gradient equal to ``rel`` of the largest entry (the key biases' is zero by construction, so only an
     absolute bound says anything about it)."""
@@ -67,8 +74,8 @@ def test_packed_layers_give_the_padded_steps_logits_and_gradients(family, attn, 
     logits0, loss0, g0 = _step(model, batch, pack=False)
     monkeypatch.setattr(packing, "RUN_OVERHEAD_TOKENS", 2)  # these short rows would otherwise attend as one run
     seen, runs = [], []
-    real = packing.packed_attention
-    monkeypatch.setattr(packing, "packed_attention", lambda p, *a, **k: runs.append(len(p.runs)) or real(p, *a, **k))
+    real = packing.run_attention  # no dropout: all runs in one autograd node
+    monkeypatch.setattr(packing, "run_attention", lambda p, *a, **k: runs.append(len(p.runs)) or real(p, *a, **k))
     layers = packing.find_layers(model)
     hook = layers[1].register_forward_pre_hook(
         lambda m, args, kw: seen.append(tuple((args or [kw["hidden_states"]])[0].shape)), with_kwargs=True)
@@ -89,6 +96,57 @@ def test_packed_layers_in_bf16_match_the_padded_bf16_step():
     logits1, _, g1 = _step(model, batch, pack=True)
     torch.testing.assert_close(logits1, logits0, rtol=0.02, atol=0.02)
     _assert_grads_match(g0, g1, rel=0.03)
+
+
+@pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
+def test_all_runs_in_one_autograd_node_match_the_run_by_run_path(frozen_dtype, monkeypatch):
+    from bitfit import lean
+
+    model = _model("bert", frozen_dtype=frozen_dtype)
+    batch = _batch()
+    monkeypatch.setattr(packing, "RUN_OVERHEAD_TOKENS", 2)
+    calls = {"packed_attention": 0, "run_attention": 0}
+    for name in calls:
+        real = getattr(packing, name)
+        monkeypatch.setattr(packing, name, lambda *a, _n=name, _r=real, **k: calls.__setitem__(_n, calls[_n] + 1) or _r(*a, **k))
+    real_check = lean._runs_in_one
+    monkeypatch.setattr(lean, "_runs_in_one", lambda *a, **k: False)
+    logits0, _, g0 = _step(model, batch, pack=True)
+    assert calls == {"packed_attention": 2, "run_attention": 0}
+    monkeypatch.setattr(lean, "_runs_in_one", real_check)
+    logits1, _, g1 = _step(model, batch, pack=True)
+    assert calls == {"packed_attention": 2, "run_attention": 2}
+    tol, rel = (1e-5, 1e-4) if frozen_dtype == "float32" else (2e-2, 3e-2)
+    torch.testing.assert_close(logits1, logits0, rtol=tol, atol=tol)
+    _assert_grads_match(g0, g1, rel=rel)
+    # a retained graph runs backward again: the same gradients once more
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * first[n])
+
+
+@pytest.mark.parametrize("case", ["dropout", "long-runs", "evaluation"])
+def test_attention_runs_one_by_one_where_one_node_does_not_apply(case, monkeypatch):
+    from bitfit import lean
+
+    model = _model("bert", dropout=0.2 if case == "dropout" else 0.0)
+    if case == "long-runs":
+        monkeypatch.setattr(lean, "FUSED_MAX_KEYS_WITHOUT_DROPOUT", 3)
+    if case == "evaluation":
+        model.eval()
+    one, generic = [], []
+    _spy(monkeypatch, generic)
+    real = packing.run_attention
+    monkeypatch.setattr(packing, "run_attention", lambda *a, **k: one.append(1) or real(*a, **k))
+    with torch.set_grad_enabled(case != "evaluation"):
+        out = model(**_batch())
+    assert one == [] and len(generic) == 2
+    assert torch.isfinite(out.logits).all()
 
 
 def test_the_plan_packs_every_real_token_once_and_restores_its_order():
@@ -128,7 +186,7 @@ def test_packing_stays_off_where_it_would_not_be_exact(case, monkeypatch):
         kwargs["output_attentions"] = True
         model.config._attn_implementation = "eager"
     calls = []
-    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    _spy(monkeypatch, calls, through=False)
     out = model(**batch, **kwargs)
     assert calls == []
     if case == "hidden-states":  # the per-layer hidden states are the padded ones
@@ -146,8 +204,7 @@ def test_evaluation_packs_too_with_the_padded_logits(frozen_dtype, monkeypatch):
         ref = model(**batch).logits
         set_lean(model, True)
         calls = []
-        real = packing.packed_attention
-        monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        _spy(monkeypatch, calls)
         out = model(**batch).logits
     assert len(calls) == 2 and model.config._attn_implementation == "sdpa"  # the switch is restored
     tol = 1e-5 if frozen_dtype == "float32" else 2e-2
@@ -156,7 +213,7 @@ def test_evaluation_packs_too_with_the_padded_logits(frozen_dtype, monkeypatch):
 
 def test_packing_is_off_without_lean_and_under_checkpointing(monkeypatch):
     calls = []
-    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    _spy(monkeypatch, calls, through=False)
     stock = bitfit.apply(make("bert"), lean=False)
     assert not packs(stock) and packing.find_layers(stock) is not None
     assert all(not m._forward_pre_hooks for m in stock.modules())
@@ -242,8 +299,7 @@ def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path
     rows = [("good", "pos"), ("bad", "neg"), (long + " great", "pos"), (long + " awful", "neg")] * 4
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     calls = []
-    real = packing.packed_attention
-    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _spy(monkeypatch, calls)
     out = {}
     for lean in (True, False):
         m = ModelArguments(model=str(tmp_path / "model"), frozen_dtype="float32", lean=lean, length_sub_batches=False)
@@ -265,8 +321,7 @@ def test_dynamic_biases_which_pool_each_row_keep_the_padded_layers(monkeypatch):
     from bitfit.dynamic import apply_dynamic, remove
 
     calls = []
-    real = packing.packed_attention
-    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _spy(monkeypatch, calls)
     model = _model("bert")
     apply_dynamic(model, rank=2)
     model(**_batch()).loss.backward()
@@ -297,7 +352,7 @@ def test_the_padding_benchmark_runs_every_way(glue_dir, capsys):
 
 def test_bert_as_a_causal_decoder_keeps_padded_layers(monkeypatch):
     calls = []
-    monkeypatch.setattr(packing, "packed_attention", lambda *a, **k: calls.append(1))
+    _spy(monkeypatch, calls, through=False)
     config = T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=64, is_decoder=True,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -451,10 +451,32 @@ def _fused_attention_forward(module, query, key, value, attention_mask, scaling=
     """Attention-interface function: fused path in CPU training, the model's own function otherwise; over
     packed layers (bitfit.packing) each run of rows of similar length attends on its own."""
     plan = packing.current()
+    if plan is not None and _runs_in_one(module, query, key, plan, dropout, kwargs):
+        if scaling is None:
+            scaling = query.size(-1) ** -0.5
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+        return packing.run_attention(plan, query, key, value, scaling, dtype)
     if plan is not None:
         return packing.packed_attention(plan, _attend, module, query, key, value, scaling=scaling, dropout=dropout,
                                         **kwargs)
     return _attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _runs_in_one(module, query, key, plan, dropout, kwargs) -> bool:
+    """The packed runs' attention runs as one autograd node (bitfit.packing.run_attention): training without
+    dropout, runs no longer than the fused path takes, one key head a query head, the standard eager semantics.
+    Evaluation keeps the model's own (sdpa) function run by run: on a CPU its fused kernels beat three plain ops
+    there (MiniLM, SST-2 dev, bf16: 1.8 s against 2.0 s), while in training one node saves a dozen a run and
+    their backward (a step 119 -> 106 ms)."""
+    return (
+        module.training
+        and dropout == 0.0
+        and plan.runs[0][2] <= FUSED_MAX_KEYS_WITHOUT_DROPOUT
+        and query.device.type == "cpu"
+        and query.shape[1] == key.shape[1]
+        and _family(module) in _FUSED_FAMILIES
+        and not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
+    )
 
 
 def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -50,6 +50,7 @@ class Plan:
     unpack: torch.Tensor  # (N,) where each packed token sits in the runs' outputs laid end to end
     active: bool = False  # the first layer has packed the hidden states and the last has not unpacked them yet
     masks: Optional[dict] = None  # per dtype: the runs' additive key-padding masks
+    fast: Optional[dict] = None  # per (heads, dtype): what run_attention needs of each run
 
 
 def plan(attention_mask: torch.Tensor, overhead: Optional[int] = None) -> Optional[Plan]:
@@ -128,6 +129,90 @@ def packed_attention(p: Plan, attend, module, query, key, value, **kwargs):
         out, _ = attend(module, q, k, v, mask.to(q.dtype), **kwargs)
         outs.append(out.reshape(rows * lr, h, -1))
     out = torch.cat(outs).index_select(0, p.unpack)
+    return out.unsqueeze(0), None
+
+
+class _RunAttention(torch.autograd.Function):
+    """Attention of all of a plan's runs in one autograd node: ``softmax(q k^T * scaling + key mask) @ v`` per run,
+    without dropout, on packed ``(h, N, d)`` query/key/value, returning the packed ``(N, h, d)`` output.
+
+    What the generic path does with a dozen autograd nodes a run (gathers, views, the fused function, the
+    output's regrouping), each with its own backward, this does with plain ops: a run's padded q/k/v are
+    gathered straight into ``(h * rows, len, d)`` batches (padded positions read a real token: their keys are
+    masked, their query rows dropped), and backward returns the packed gradients by the same regrouping
+    the forward's output takes."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, p, scaling):
+        out, saved = _run_attention(p, query, key, value, scaling, save=True)
+        ctx.plan, ctx.scaling = p, scaling
+        ctx.save_for_backward(*(t for run in saved for t in run))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, scaling, flat = ctx.plan, ctx.scaling, ctx.saved_tensors
+        saved = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        _, h, d = grad.shape
+        dtype = saved[0][0].dtype
+        # (h, N + 1, d): the last position a zero gradient, for what padded query positions produced
+        g = torch.cat([grad.to(dtype).transpose(0, 1), grad.new_zeros(h, 1, d, dtype=dtype)], 1)
+        gq, gk, gv = [], [], []
+        for (gather, _, rows, lr, _), (q, k, v, probs) in zip(_fast_runs(p, h, dtype, g.device), saved):
+            gr = g.index_select(1, gather).view(h * rows, lr, d)
+            gv.append(torch.bmm(probs.transpose(1, 2), gr).view(h, rows * lr, d))
+            gs = torch._softmax_backward_data(torch.bmm(gr, v.transpose(1, 2)), probs, -1, probs.dtype).mul_(scaling)
+            gq.append(torch.bmm(gs, k).view(h, rows * lr, d))
+            gk.append(torch.bmm(gs.transpose(1, 2), q).view(h, rows * lr, d))
+        return tuple(torch.cat(x, 1).index_select(1, p.unpack) for x in (gq, gk, gv)) + (None, None)
+
+
+def _fast_runs(p: Plan, h: int, dtype: torch.dtype, device) -> list:
+    """Per run: (gather with padding at the zero row, gather with padding on a real token, rows, length,
+    additive key mask ``(h * rows, 1, length)`` or None where every row of the run is full)."""
+    if p.fast is None:
+        p.fast = {}
+    if (h, dtype) not in p.fast:
+        n, low, out = p.index.numel(), torch.finfo(dtype).min, []
+        for gather, rows, lr, lengths in p.runs:
+            mask = None
+            if bool((lengths < lr).any()):
+                keep = torch.arange(lr, device=device)[None, :] < lengths[:, None]
+                mask = torch.zeros(rows, lr, dtype=dtype, device=device).masked_fill_(~keep, low)
+                mask = mask[None, :, None, :].expand(h, rows, 1, lr).reshape(h * rows, 1, lr)
+            out.append((gather, gather.clamp(max=n - 1), rows, lr, mask))
+        p.fast[(h, dtype)] = out
+    return p.fast[(h, dtype)]
+
+
+def _run_attention(p: Plan, query, key, value, scaling, save=False):
+    """``(out (N, h, d), per run (q, k, v, softmax) where ``save``)`` for packed ``(h, N, d)`` query/key/value."""
+    h, _, d = query.shape
+    outs, saved = [], []
+    for _, safe, rows, lr, mask in _fast_runs(p, h, query.dtype, query.device):
+        q, k, v = (x.index_select(1, safe).view(h * rows, lr, d) for x in (query, key, value))
+        if mask is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
+        else:
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling)
+        probs = torch.softmax(scores, -1)
+        del scores
+        outs.append(torch.bmm(probs, v).view(h, rows * lr, d))
+        if save:
+            saved.append((q, k, v, probs))
+    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 1).index_select(0, p.unpack), saved
+
+
+def run_attention(p: Plan, query, key, value, scaling, dtype):
+    """Attention over packed ``(1, heads, N, dim)`` query/key/value in ``dtype`` without dropout, all runs in one
+    autograd node: ``((1, N, heads, dim), None)``, as an attention-interface function returns."""
+    with torch.autocast(query.device.type, enabled=False):
+        q, k, v = (x[0].to(dtype) for x in (query, key, value))
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out = _RunAttention.apply(q, k, v, p, float(scaling))
+        else:
+            out = _run_attention(p, q, k, v, float(scaling))[0]
     return out.unsqueeze(0), None
 
 
