@@ -128,3 +128,22 @@ def test_accelerate_loop_changes_only_selected():
     # c_attn's underlying tensor is trainable; through the mask only its query slice moves
     fused = {n.replace(".parametrizations.bias.original", ".bias") for n in trainable}
     assert changed == fused
+
+
+def test_the_trainers_flop_count_is_the_stock_one_with_the_parameters_counted_once(tmp_path, monkeypatch):
+    import transformers as T
+
+    from families import make
+
+    from bitfit.train import _trainer_class
+
+    model = bitfit.apply(make("bert"))
+    args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    tr = _trainer_class()(model=model, args=args, train_dataset=[{"input_ids": [1]}])
+    inputs = {"input_ids": torch.ones(4, 7, dtype=torch.long)}
+    want = T.Trainer.floating_point_ops(tr, inputs)
+    counts = []
+    real = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters", lambda self, *a, **k: counts.append(1) or real(self, *a, **k))
+    assert tr.floating_point_ops(inputs) == tr.floating_point_ops(inputs) == want > 0
+    assert len(counts) == 1

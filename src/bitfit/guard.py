@@ -80,12 +80,19 @@ class NonFiniteGuard(TrainerCallback):
         if model is not None and self.model is None:
             self.model = model
         self._losses = []
+        self._params = None  # listed again: a resumed or re-prepared model may train other tensors
+
+    def _trained(self, model) -> list:
+        # walking every parameter each step costs ~1 ms on a small model: the trained ones are listed once a run
+        cached = getattr(self, "_params", None)
+        if cached is None or cached[0] is not model:
+            cached = self._params = (model, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        return cached[1]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         model = self.model if self.model is not None else model
         losses, self._losses = self._losses, []
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if (
-            model is not None and self.check_params) else []
+        params = self._trained(model) if model is not None and self.check_params else []
         parts = [loss.to(torch.float32) for loss in losses]
         device = parts[0].device if parts else (params[0][1].device if params else torch.device("cpu"))
         total = torch.zeros((), device=device)

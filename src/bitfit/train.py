@@ -740,6 +740,17 @@ def _trainer_class():
             self.guard.observe_loss(loss)
             return loss
 
+        def floating_point_ops(self, inputs):
+            # Trainer's FLOP estimate walks every module each step (model.num_parameters): count the parameters once
+            model = self.model
+            main = getattr(model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(model, "num_parameters"):
+                return super().floating_point_ops(inputs)
+            cached = getattr(self, "_bitfit_flop_params", None)
+            if cached is None or cached[0] is not model:
+                cached = self._bitfit_flop_params = (model, model.num_parameters(exclude_embeddings=True))
+            return 6 * inputs[main].numel() * cached[1]
+
         def _length_sub_batches(self, inputs):
             """The batch's sub-batches and their shares of its rows, or None to run it whole: a model whose layers
             skip the padding themselves (bitfit.packing: one call is cheaper), off, not on a CPU (an accelerator's
