@@ -45,7 +45,8 @@ inference needs. Two independent switches, both set by :func:`bitfit.apply`:
       (``bitfit.packing.PACK_FAMILIES``: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT) a
       right-padded batch's real tokens travel packed from the first layer to the last, and attention
       regroups them into runs of rows of similar length; the same values up to rounding, without the
-      padding's cost (a random SST-2 batch is ~3x padding). Dropout then draws on the packed tokens,
+      padding's cost (a random SST-2 batch is ~3x padding); without dropout a layer's runs attend in one
+      autograd node (``bitfit.packing.run_attention``). Dropout then draws on the packed tokens,
       so only ``set_lean(model, True, pack=False)`` is bit-identical to stock under a seed.
 
 ``set_lean(model, False)`` (or ``apply(..., lean=False)``) restores the stock path.

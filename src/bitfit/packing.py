@@ -10,6 +10,12 @@ longest row, attends with a key-padding mask and packs the result back. The embe
 layer and the pooler/head after the last see the usual padded ``(B, L, H)`` tensors, so position ids, token
 types and the head's first-token pooling are untouched.
 
+In training without dropout (``bitfit train``'s default) all runs of a layer attend in one autograd node
+(:func:`run_attention`): a run's padded query/key/value are gathered straight into ``(heads x rows, length,
+dim)`` batches and backward regroups the gradients the way the forward regroups the output, instead of a
+dozen autograd nodes a run; with attention dropout, and in evaluation (where the model's own sdpa kernels
+beat plain ops), the runs attend one by one through the model's attention function (:func:`packed_attention`).
+
 Exact by construction: a real token never sees a padded one (masked keys), so packing changes only which
 matmul rows are computed, not any real token's value; the tests check logits and the trained biases'
 gradients against the padded step on every supported family. Used by the lean training mode on a CPU
@@ -191,10 +197,10 @@ def _run_attention(p: Plan, query, key, value, scaling, save=False):
     outs, saved = [], []
     for _, safe, rows, lr, mask in _fast_runs(p, h, query.dtype, query.device):
         q, k, v = (x.index_select(1, safe).view(h * rows, lr, d) for x in (query, key, value))
-        if mask is None:
-            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
-        else:
-            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling)
+        # the generic path's ops and roundings (matmul, then scale, then mask), so both give the same values
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
+        if mask is not None:
+            scores = scores.add_(mask)
         probs = torch.softmax(scores, -1)
         del scores
         outs.append(torch.bmm(probs, v).view(h, rows * lr, d))
