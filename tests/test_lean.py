@@ -191,6 +191,8 @@ def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(mon
         model = make("bert", attn_implementation="sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                      max_position_embeddings=64)
         bitfit.apply(model, lean=lean)
+        if lean:  # the padded fused path (packed layers attend through bitfit.packing, tests/test_packing.py)
+            set_lean(model, True, pack=False)
         model.train()
         batch = inputs_for("bert", batch=4, seq=seq)
         batch["attention_mask"][0, -2:] = 0
