@@ -469,10 +469,16 @@ def _runs_in_one(module, query, key, plan, dropout, kwargs) -> bool:
     Evaluation keeps the model's own (sdpa) function run by run: on a CPU its fused kernels beat three plain ops
     there (MiniLM, SST-2 dev, bf16: 1.8 s against 2.0 s), while in training one node saves a dozen a run and
     their backward (a packed SST-2 step 6-11% faster)."""
+    return dropout == 0.0 and _fused_applies(module, query, key, dropout, kwargs, keys=plan.runs[0][2])
+
+
+def _fused_applies(module, query, key, dropout, kwargs, keys: int) -> bool:
+    """The fused function can stand in for the model's attention: CPU training, attention dropout or at most
+    FUSED_MAX_KEYS_WITHOUT_DROPOUT ``keys``, one key head a query head, a family with the standard eager
+    semantics and none of the arguments it does not take."""
     return (
         module.training
-        and dropout == 0.0
-        and plan.runs[0][2] <= FUSED_MAX_KEYS_WITHOUT_DROPOUT
+        and (dropout > 0.0 or keys <= FUSED_MAX_KEYS_WITHOUT_DROPOUT)
         and query.device.type == "cpu"
         and query.shape[1] == key.shape[1]
         and _family(module) in _FUSED_FAMILIES
@@ -483,15 +489,7 @@ def _runs_in_one(module, query, key, plan, dropout, kwargs) -> bool:
 def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     impl = module.config._attn_implementation
     orig = impl[len(_LEAN_PREFIX):] if impl and impl.startswith(_LEAN_PREFIX) else impl
-    usable = (
-        module.training
-        and (dropout > 0.0 or key.shape[-2] <= FUSED_MAX_KEYS_WITHOUT_DROPOUT)
-        and query.device.type == "cpu"
-        and torch.is_grad_enabled()
-        and query.shape[1] == key.shape[1]
-        and _family(module) in _FUSED_FAMILIES
-        and not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
-    )
+    usable = torch.is_grad_enabled() and _fused_applies(module, query, key, dropout, kwargs, keys=key.shape[-2])
     if not usable:
         return _stock_attention(module, orig)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs

@@ -179,13 +179,11 @@ def _fast_runs(p: Plan, h: int, dtype: torch.dtype, device) -> list:
     if p.fast is None:
         p.fast = {}
     if (h, dtype) not in p.fast:
-        n, low, out = p.index.numel(), torch.finfo(dtype).min, []
-        for gather, rows, lr, lengths in p.runs:
-            mask = None
-            if bool((lengths < lr).any()):
-                keep = torch.arange(lr, device=device)[None, :] < lengths[:, None]
-                mask = torch.zeros(rows, lr, dtype=dtype, device=device).masked_fill_(~keep, low)
-                mask = mask[None, :, None, :].expand(h, rows, 1, lr).reshape(h * rows, 1, lr)
+        n, out = p.index.numel(), []
+        for (gather, rows, lr, lengths), mask in zip(p.runs, _run_masks(p, dtype, device)):
+            # the run-by-run path's (rows, 1, 1, len) masks, repeated per head; none where no row is padded
+            mask = mask.view(1, rows, 1, lr).expand(h, rows, 1, lr).reshape(h * rows, 1, lr) \
+                if bool((lengths < lr).any()) else None
             out.append((gather, gather.clamp(max=n - 1), rows, lr, mask))
         p.fast[(h, dtype)] = out
     return p.fast[(h, dtype)]
