@@ -63,8 +63,8 @@ def sst2(split: str, n: int):
 def build(name: str, tmp: Path):
     """(base folder, fresh-base factory, tokenizer or None)."""
     if name == "minilm":
-        folder = Path(bitfit.models.resolve_model("minilm"))
-        tok = bitfit.models.load_tokenizer("minilm")
+        folder = Path(bitfit.core.models.resolve_model("minilm"))
+        tok = bitfit.core.models.load_tokenizer("minilm")
 
         def fresh():
             return T.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
@@ -180,7 +180,7 @@ def run(name: str, args, tmp: Path, lines: list):
     exact = torch.equal(logits(bitfit.load(fresh(), art), batch), ref)
     acc = (ref.argmax(-1) == labels).float().mean().item() if labels is not None else None
 
-    from bitfit.artifact import read_artifact
+    from bitfit.artifacts.artifact import read_artifact
 
     meta = read_artifact(art).meta
     n_fix = sum(s.get("fixes", 0) for s in meta["slots"].values())

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
 import bitfit  # noqa: E402
-from bitfit.bank import BiasBank  # noqa: E402
-from bitfit.hardware import cpu_flags, cpu_model  # noqa: E402
+from bitfit.serving.bank import BiasBank  # noqa: E402
+from bitfit.fast.hardware import cpu_flags, cpu_model  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),

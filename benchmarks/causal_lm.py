@@ -4,14 +4,14 @@ One training step (forward in train mode, loss on the response tokens, backward,
 method on randomly initialised models of real shapes, side by side in one run:
 
 - ``full``: full fine-tuning, float32, the model's own loss (full ``[batch, seq, vocab]`` logits);
-- ``naive``: naive BitFit: the same biases ``bitfit train`` trains (``bitfit.train.apply_bitfit``:
+- ``naive``: naive BitFit: the same biases ``bitfit train`` trains (``bitfit.training.train.apply_bitfit``:
   zero biases added on bias-free LLaMA-style models) with ``requires_grad``, float32 stock modules,
   the model's own loss (what a hand-written BitFit loop does);
 - ``lora``: peft LoRA r=8, alpha 16 (peft's default targets: q_proj, v_proj), float32, the model's loss;
 - ``bitfit-plain-loss``: ``bitfit train --task instruct`` before the chunked loss: ``frozen_dtype="auto"``
   and the lean modes, the model's own loss;
 - ``bitfit-no-gc``: ``bitfit train --task instruct --gradient_checkpointing false``: ``frozen_dtype="auto"``,
-  lean modes and the chunked LM-head loss of :mod:`bitfit.lmloss` (no logits);
+  lean modes and the chunked LM-head loss of :mod:`bitfit.fast.lmloss` (no logits);
 - ``bitfit``: ``bitfit train --task instruct`` now (its defaults): the same with gradient (activation)
   checkpointing.
 
@@ -97,8 +97,8 @@ def build(method: str, config):
     """(model, optimizer, loss_fn) of ``method`` on a fresh random model."""
     import transformers as T
 
-    from bitfit import lmloss
-    from bitfit.train import ModelArguments, apply_bitfit
+    from bitfit.fast import lmloss
+    from bitfit.training.train import ModelArguments, apply_bitfit
 
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config)
@@ -177,7 +177,7 @@ def child(shape: str, method: str, args) -> dict:
         losses.append(step(opt, loss_fn, batch))
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
-    from bitfit.lean import get_lean
+    from bitfit.fast.lean import get_lean
 
     lean = get_lean(model)
     return {"peak": _status("VmHWM") - base, "reset": reset, "cpu": cpu, "wall": wall, "losses": losses,
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
         return loss_curve_report(args)
     if args.from_json:
         return from_json(args)
-    from bitfit.hardware import choose_frozen_dtype, cpu_flags, cpu_model
+    from bitfit.fast.hardware import choose_frozen_dtype, cpu_flags, cpu_model
 
     head = (f"CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]; frozen_dtype=auto -> "
             f"{choose_frozen_dtype('cpu').dtype}; torch {torch.__version__}, 1 thread; {time.strftime('%Y-%m-%d')}")

@@ -54,8 +54,8 @@ def run_recipe(args, out: Path) -> dict:
     import transformers as T
 
     from bitfit.data import glue
-    from bitfit.models import resolve_model
-    from bitfit.train import encode, subset
+    from bitfit.core.models import resolve_model
+    from bitfit.training.train import encode, subset
 
     name = resolve_model("minilm")
     tok = T.AutoTokenizer.from_pretrained(name)
@@ -88,7 +88,7 @@ def run_recipe(args, out: Path) -> dict:
 
 def run_bitfit(args, out: Path) -> dict:
     t0, c0 = time.time(), time.process_time()
-    from bitfit.train import parse_train_args, run_train
+    from bitfit.training.train import parse_train_args, run_train
 
     argv = ["--model", "minilm", "--task", "sst2", "--data-dir", args.data_dir, "--train-size", str(args.train_size),
             "--output-dir", str(out), "--overwrite_output_dir", "true", "--disable_tqdm", "true", *args.bitfit_args]
@@ -138,7 +138,7 @@ def main() -> None:
         args.bitfit_args = ["--num_train_epochs", "2", *args.bitfit_args]
     if args.side:
         return child(args)
-    from bitfit.hardware import cpu_flags, cpu_model
+    from bitfit.fast.hardware import cpu_flags, cpu_model
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bitfit-e2e-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ each run through forward and backward of the packaged MiniLM-L6 with `bitfit tra
 (frozen_dtype auto, lean, dropout 0), in one process, one thread, CPU time, the ways rotated round by round:
 
 - ``padded``: the batch as collated, every row padded to the longest (lean mode without packing);
-- ``sub-batches``: the batch cut into runs of similar length (bitfit.subbatch, the fallback for families
+- ``sub-batches``: the batch cut into runs of similar length (bitfit.fast.subbatch, the fallback for families
   that do not pack);
-- ``packed``: the default, padding-free encoder layers (bitfit.packing);
+- ``packed``: the default, padding-free encoder layers (bitfit.fast.packing);
 - ``no padding (bound)``: the same number of rows, every one cut to the batch's mean length: what the
   step would cost if its rows were all alike (a bound, not a way to train).
 
@@ -46,11 +46,11 @@ def main(argv=None) -> int:
     import transformers as T
 
     import bitfit
-    from bitfit import subbatch
+    from bitfit.fast import subbatch
     from bitfit.data import glue
-    from bitfit.hardware import cpu_flags, cpu_model
-    from bitfit.lean import set_lean
-    from bitfit.models import resolve_model
+    from bitfit.fast.hardware import cpu_flags, cpu_model
+    from bitfit.fast.lean import set_lean
+    from bitfit.core.models import resolve_model
 
     T.logging.set_verbosity_error()
     name = resolve_model("minilm")

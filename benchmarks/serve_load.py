@@ -70,7 +70,7 @@ def build_tasks(model: str, n_tasks: int, folder: Path) -> dict:
     import torch
 
     import bitfit
-    from bitfit.models import load_model
+    from bitfit.core.models import load_model
 
     paths = {}
     for k in range(n_tasks):

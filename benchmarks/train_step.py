@@ -67,7 +67,7 @@ METHODS = [
     "lora",
     "beft",
 ]
-FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8", "auto": "auto"}  # auto: bitfit.hardware's choice
+FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8", "auto": "auto"}  # auto: bitfit.fast.hardware's choice
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=30522)
 
 
@@ -89,8 +89,8 @@ def build(method: str, config, seed: int = 0):
     import bitfit
 
     torch.manual_seed(seed)
-    if method == "bitfit-default":  # bitfit train's dropout default for BitFit runs (bitfit.train.BITFIT_DROPOUT)
-        from bitfit.train import BITFIT_DROPOUT
+    if method == "bitfit-default":  # bitfit train's dropout default for BitFit runs (bitfit.training.train.BITFIT_DROPOUT)
+        from bitfit.training.train import BITFIT_DROPOUT
 
         config = copy.deepcopy(config)
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
@@ -156,7 +156,7 @@ def step(model, opt, batch):
 
 def saved_bytes(model, opt, batch) -> int:
     """One full step (it doubles as the warm-up) whose forward's saved tensors are counted."""
-    from bitfit.lean import saved_activation_bytes
+    from bitfit.fast.lean import saved_activation_bytes
 
     n, loss = saved_activation_bytes(lambda: model(**batch).loss, params=[*model.parameters(), *model.buffers()])
     loss.backward()
@@ -224,7 +224,7 @@ def accuracy(args) -> int:
     import transformers as T
 
     import bitfit
-    from bitfit.models import resolve_model
+    from bitfit.core.models import resolve_model
 
     torch.set_num_threads(args.threads)
     task_dir = Path(args.glue) / args.accuracy
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     shape = (f"{'small BERT' if args.small else Path(args.config).name}: {config.num_hidden_layers} layers, "
              f"hidden {config.hidden_size}, seq {args.seq}, batch {args.batch}, {args.threads} thread(s), "
              f"torch {torch.__version__}")
-    from bitfit.hardware import choose_frozen_dtype, cpu_flags, cpu_model
+    from bitfit.fast.hardware import choose_frozen_dtype, cpu_flags, cpu_model
 
     shape += f"; CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]"
     if any(m.startswith("bitfit-auto") for m in methods):

@@ -92,7 +92,7 @@ def figures(runs: list, size: int, out: Path) -> list:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bitfit import plots
+    from bitfit.analysis import plots
 
     out.mkdir(parents=True, exist_ok=True)
     made = []
@@ -161,9 +161,9 @@ def sizes_table(runs: list) -> str:
 
 def bias_change(runs: list, size: int, out: Path) -> str:
     """Mean bias change of the BitFit runs per task (paper's figure), and the role ranking."""
-    from bitfit import analysis
-    from bitfit.commands.compare import _average_rows
-    from bitfit.models import load_model
+    from bitfit.analysis import change
+    from bitfit.cli.commands.compare import _average_rows
+    from bitfit.core.models import load_model
 
     mm = analysis.discover(load_model("minilm", task="base"))
     lines = []

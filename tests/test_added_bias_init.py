@@ -9,9 +9,9 @@ import torch
 from families import logits_of, make
 
 import bitfit
-from bitfit.config import BitFitConfig
+from bitfit.core.config import BitFitConfig
 from bitfit.errors import BitFitConfigError
-from bitfit.prepare import init_added_bias
+from bitfit.core.prepare import init_added_bias
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*have no bias")]
 # q k v o gate up down and 2 norms per layer, and the final norm
@@ -149,7 +149,7 @@ def test_bitfit_train_flag_is_seeded_and_implies_add_missing(llama_dir, tmp_path
     from test_instruct import EXAMPLES
 
     from bitfit.cli import main
-    from bitfit.train import ModelArguments, bitfit_config
+    from bitfit.training.train import ModelArguments, bitfit_config
 
     cfg = bitfit_config(ModelArguments(added_bias_init="normal", added_bias_init_std=1e-2))
     assert cfg.add_missing and cfg.added_bias_init == "normal" and cfg.added_bias_init_std == 1e-2

@@ -5,8 +5,8 @@ import torch
 from families import inputs_for, make, train_steps
 
 import bitfit
-from bitfit import analysis as A
-from bitfit.plots import is_png
+from bitfit.analysis import change as A
+from bitfit.analysis.plots import is_png
 
 
 @pytest.mark.parametrize("family,preset", [("bert", "all"), ("gpt2", "paper-subset")])

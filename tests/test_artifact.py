@@ -11,9 +11,9 @@ import torch
 from families import inputs_for, logits_of, make
 
 import bitfit
-from bitfit.artifact import CONFIG_NAME, WEIGHTS_NAME, Artifact, TaskTensors, fingerprint, read_artifact, task_tensors
+from bitfit.artifacts.artifact import CONFIG_NAME, WEIGHTS_NAME, Artifact, TaskTensors, fingerprint, read_artifact, task_tensors
 from bitfit.errors import ArtifactError
-from bitfit.prepare import bias_tensor
+from bitfit.core.prepare import bias_tensor
 
 
 def base(family, seed=0, **kw):
@@ -120,7 +120,7 @@ def test_added_biases_stored_as_values(tmp_path):
 
 
 def test_exact_delta_repairs_unrepresentable_differences():
-    from bitfit.artifact import _exact_delta
+    from bitfit.artifacts.artifact import _exact_delta
 
     base_v = torch.tensor([3.0, 1e-3, 0.5, 0.0, 1.0])
     value = torch.tensor([2.0**-30, -1e-9, 0.5000001, -0.0, 1.25])
@@ -430,7 +430,7 @@ def test_load_from_local_folder_name(tmp_path):
 
 @pytest.mark.slow
 def test_packaged_minilm_by_alias(tmp_path, minilm_dir):
-    m = bitfit.models.load_model("minilm", num_labels=2, task="classification")
+    m = bitfit.core.models.load_model("minilm", num_labels=2, task="classification")
     bitfit.apply(m)
     train(m)
     bitfit.save(m, tmp_path / "a")

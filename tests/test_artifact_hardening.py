@@ -24,11 +24,11 @@ import torch
 from families import logits_of, make
 
 import bitfit
-from bitfit import artifact as A
-from bitfit.artifact import CONFIG_NAME, WEIGHTS_NAME, read_artifact, task_tensors
-from bitfit.bank import BiasBank
+from bitfit.artifacts import artifact as A
+from bitfit.artifacts.artifact import CONFIG_NAME, WEIGHTS_NAME, read_artifact, task_tensors
+from bitfit.serving.bank import BiasBank
 from bitfit.errors import ArtifactError
-from bitfit.io import atomic_write_json, atomic_write_text
+from bitfit.core.io import atomic_write_json, atomic_write_text
 
 TESTS = Path(__file__).resolve().parent
 
@@ -174,7 +174,7 @@ def test_delta_that_overflows_is_stored_as_value(tmp_path):
     with torch.no_grad():
         bitfit.get_state(m).base[FIRST_BIAS][0] = -3e38
         m.bert.encoder.layer[0].attention.self.query.bias[0] = 3e38
-    ref = bitfit.prepare.bias_tensor(m, FIRST_BIAS).detach().clone()
+    ref = bitfit.core.prepare.bias_tensor(m, FIRST_BIAS).detach().clone()
     bitfit.save(m, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
     assert meta["slots"][FIRST_BIAS]["encoding"] == "value"

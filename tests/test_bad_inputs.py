@@ -18,8 +18,8 @@ from test_train_cli import make_tiny_model_dir, sentiment_rows, write_csv
 from bitfit.cli import main
 from bitfit.data import load_file, load_glue, load_train_file
 from bitfit.errors import BitFitConfigError, BitFitError, DataError
-from bitfit.guard import NonFiniteGuard, is_complete_checkpoint, last_complete_checkpoint
-from bitfit.train import (DataArguments, ModelArguments, TaskInfo, check_output_dir, evaluate_run, json_safe,
+from bitfit.training.guard import NonFiniteGuard, is_complete_checkpoint, last_complete_checkpoint
+from bitfit.training.train import (DataArguments, ModelArguments, TaskInfo, check_output_dir, evaluate_run, json_safe,
                           load_run, parse_train_args, predict_logits, resolve_resume, run_train)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

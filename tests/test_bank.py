@@ -8,9 +8,9 @@ from families import inputs_for, make
 from torch import nn
 
 import bitfit
-from bitfit.bank import BiasBank, choose_strategy
+from bitfit.serving.bank import BiasBank, choose_strategy
 from bitfit.errors import BitFitError
-from bitfit.roles import head_module_names
+from bitfit.core.roles import head_module_names
 
 
 def with_labels(model, n_labels, seed):

@@ -10,7 +10,7 @@ from test_bank import build, make_base, snapshot, task_model
 from torch import nn
 
 import bitfit
-from bitfit.bank import BiasBank
+from bitfit.serving.bank import BiasBank
 from bitfit.errors import BitFitError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from families import inputs_for, make, train_steps
 
-from bitfit import baselines as B
+from bitfit.training import baselines as B
 from bitfit.errors import BitFitConfigError
 
 # tiny BERT dims (tests/families.py): hidden 16, 2 layers, ffn 32, 2 labels

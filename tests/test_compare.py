@@ -11,9 +11,9 @@ import time
 import pytest
 
 from bitfit.cli import main
-from bitfit.commands import compare as C
+from bitfit.cli.commands import compare as C
 from bitfit.errors import BitFitConfigError
-from bitfit.plots import is_png
+from bitfit.analysis.plots import is_png
 
 H, L, I, LABELS = 32, 2, 64, 2  # the tiny model below
 HEAD = H * LABELS + LABELS
@@ -228,7 +228,7 @@ def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- honest numbers (issue 11)
 def test_run_clock_excludes_evaluation_and_checkpointing():
-    from bitfit.timing import RunClock
+    from bitfit.fast.timing import RunClock
 
     clock, nap = RunClock(), 0.03
     clock.on_train_begin(None, None, None)
@@ -251,7 +251,7 @@ def test_run_clock_excludes_evaluation_and_checkpointing():
 
 
 def test_load_readings_and_busy_rule():
-    from bitfit.timing import busy, load_now
+    from bitfit.fast.timing import busy, load_now
 
     ld = load_now()
     assert ld["cpus"] == os.cpu_count() and ld["threads"] >= 1
@@ -285,7 +285,7 @@ def test_table_reports_cpu_time_and_flags_busy_machine():
 
 
 def test_rerun_command_for_bitfit_and_other_methods(tmp_path):
-    from bitfit.train import DataArguments, ModelArguments
+    from bitfit.training.train import DataArguments, ModelArguments
 
     m, d = ModelArguments(model="minilm", dropout=0.0), DataArguments(task="rte", data_dir=str(tmp_path))
     sub, argv = C.rerun_command("paper-subset/frozen_dtype=bfloat16", 4e-4, 43, 300, m, d,
@@ -305,7 +305,7 @@ def test_rerun_command_for_bitfit_and_other_methods(tmp_path):
 
 
 def test_worker_writes_one_line_error(tmp_path):
-    from bitfit.commands import compare_worker
+    from bitfit.cli.commands import compare_worker
 
     result = tmp_path / "result.json"
     job = {"spec": "no-such-method", "lr": 1e-3, "seed": 1, "size": None, "model_args": {"model": "x"},
@@ -408,7 +408,7 @@ def test_isolated_runs_memory_times_load_commands(isolated, capsys):
         assert rec["total_time_s"] - rec["train_time_s"] >= 0.9 * evals > 0
         assert m["train_runtime"] > rec["train_time_s"]
         # load at both ends, and the busy flag follows the rule
-        from bitfit.timing import busy
+        from bitfit.fast.timing import busy
 
         for end in ("start", "end"):
             ld = rec["load"][end]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from families import save_tiny_bert
 
-from bitfit.baselines import METHODS, prepare, train_options
+from bitfit.training.baselines import METHODS, prepare, train_options
 from bitfit.cli import main
-from bitfit.commands import compare as C
+from bitfit.cli.commands import compare as C
 from bitfit.errors import BitFitConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

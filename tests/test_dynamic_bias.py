@@ -1,4 +1,4 @@
-"""Dynamic biases (issue 16, bitfit.dynamic): b + U · pool(D · x). Exact trainable counts, outputs equal to the
+"""Dynamic biases (issue 16, bitfit.methods.dynamic): b + U · pool(D · x). Exact trainable counts, outputs equal to the
 BitFit model's at the start, per-row and causal pooling, a falling loss, seeded draws, refusals (merge, save),
 the own save / remove, and the `bitfit-dynamic` compare method."""
 
@@ -10,8 +10,8 @@ import torch
 from families import inputs_for, logits_of, make, save_tiny_bert
 
 import bitfit
-from bitfit import dynamic
-from bitfit.baselines import METHODS, parse_method, prepare, trainable_count
+from bitfit.methods import dynamic
+from bitfit.training.baselines import METHODS, parse_method, prepare, trainable_count
 from bitfit.errors import ArtifactError, BitFitConfigError
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:.*have no bias")]
@@ -178,7 +178,7 @@ def tiny_bert_dir(tmp_path_factory):
 
 def test_compare_runs_bitfit_dynamic(tiny_bert_dir, tmp_path):
     from bitfit.cli import main
-    from bitfit.commands import compare as C
+    from bitfit.cli.commands import compare as C
 
     out = tmp_path / "cmp"
     argv = ["compare", "--model", str(tiny_bert_dir / "model"), "--train-file", str(tiny_bert_dir / "train.csv"),

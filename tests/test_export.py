@@ -9,7 +9,7 @@ from test_bank import make_base, task_model
 import bitfit
 from bitfit.cli import main
 from bitfit.errors import BitFitError
-from bitfit.export import export_model, merged_task
+from bitfit.serving.export import export_model, merged_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

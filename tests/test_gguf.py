@@ -92,7 +92,7 @@ def _alpaca(path: Path) -> str:
 
 
 def test_gguf_loads_trainable(tiny_gguf):
-    from bitfit.models import load_model
+    from bitfit.core.models import load_model
 
     model = load_model(tiny_gguf, task="causal-lm")
     assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)

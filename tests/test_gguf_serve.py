@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.bank import BiasBank
+from bitfit.serving.bank import BiasBank
 from bitfit.cli import main
-from bitfit.models import load_model, load_tokenizer
+from bitfit.core.models import load_model, load_tokenizer
 
 pytest.importorskip("gguf")
 from test_gguf import _alpaca, write_tiny_llama_gguf  # noqa: E402
@@ -131,11 +131,11 @@ def test_bitfit_serve_gguf_generate(setup, monkeypatch, capsys):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
-    import bitfit.serve
+    import bitfit.serving.app
     from test_serve import running
 
     apps = []
-    monkeypatch.setattr(bitfit.serve, "serve", lambda app, **kw: apps.append((app, kw)))
+    monkeypatch.setattr(bitfit.serving.app, "serve", lambda app, **kw: apps.append((app, kw)))
     argv = ["serve", "--model", setup["path"], "--batch-window-ms", "200", "--max-new-tokens", "16", "--threads", "1"]
     for name, path in setup["tasks"].items():
         argv += ["--task", f"{name}={path}"]
@@ -156,10 +156,10 @@ def test_bitfit_serve_gguf_generate(setup, monkeypatch, capsys):
 
 
 def test_bitfit_serve_gguf_file_option(setup, monkeypatch):
-    import bitfit.serve
+    import bitfit.serving.app
 
     apps = []
-    monkeypatch.setattr(bitfit.serve, "serve", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(bitfit.serving.app, "serve", lambda app, **kw: apps.append(app))
     assert main(["serve", "--model", str(setup["root"]), "--gguf-file", "tiny-llama.Q8_0.gguf", "--threads", "1",
                  "--task", f"chat={setup['tasks']['chat']}"]) == 0
     (app,) = apps
@@ -169,10 +169,10 @@ def test_bitfit_serve_gguf_file_option(setup, monkeypatch):
 
 def test_bitfit_serve_without_model_uses_the_recorded_base(setup, monkeypatch, capsys):
     """Like eval/generate, `bitfit serve` takes the base (the GGUF file) from the run folders' task.json."""
-    import bitfit.serve
+    import bitfit.serving.app
 
     apps = []
-    monkeypatch.setattr(bitfit.serve, "serve", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(bitfit.serving.app, "serve", lambda app, **kw: apps.append(app))
     assert main(["serve", "--threads", "1", "--task", f"chat={setup['tasks']['chat']}"]) == 0
     (app,) = apps
     assert type(app.state.bank.base).__name__ == "LlamaForCausalLM"
@@ -187,7 +187,7 @@ def test_bitfit_merge_gguf_run_with_its_folder_as_model(setup, tmp_path, monkeyp
     folder without it and fail: no config.json); a merge that fails while writing leaves nothing behind."""
     import transformers
 
-    import bitfit.commands.merge as merge_cmd
+    import bitfit.cli.commands.merge as merge_cmd
 
     out = tmp_path / "merged"
     capsys.readouterr()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bitfit
-from bitfit import hardware
+from bitfit.fast import hardware
 from bitfit.errors import BitFitConfigError
 from families import inputs_for, make
 
@@ -82,7 +82,7 @@ def test_apply_auto_records_the_resolved_dtype_and_reloads_in_it(cache_dir, tmp_
     cfg = bitfit.BitFitConfig(frozen_dtype="auto")
     bitfit.apply(model, config=cfg)
     assert cfg.frozen_dtype == "auto"  # the user's config object is not changed
-    state = bitfit.prepare.get_state(model)
+    state = bitfit.core.prepare.get_state(model)
     assert state.config.frozen_dtype == "bfloat16"
     assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
     rep = bitfit.report(model)

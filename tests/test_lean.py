@@ -1,4 +1,4 @@
-"""bf16 frozen base and the memory-lean training mode (bitfit.lean)."""
+"""bf16 frozen base and the memory-lean training mode (bitfit.fast.lean)."""
 
 import copy
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import bitfit
 from bitfit.errors import BitFitConfigError
-from bitfit.lean import LeanDropout, get_lean, lean_dropout, saved_activation_bytes, set_lean
+from bitfit.fast.lean import LeanDropout, get_lean, lean_dropout, saved_activation_bytes, set_lean
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -181,7 +181,7 @@ def test_lean_gradients_match_stock(family, attn):
 def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(monkeypatch):
     """No dropout (BitFit's default): up to FUSED_MAX_KEYS_WITHOUT_DROPOUT keys the fused function runs (CPU
     flash-attention backward is slow there); past it, SDPA. Gradients match the stock path either way."""
-    import bitfit.lean as L
+    import bitfit.fast.lean as L
 
     calls = []
     real = L._FusedAttention.apply
@@ -191,7 +191,7 @@ def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(mon
         model = make("bert", attn_implementation="sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                      max_position_embeddings=64)
         bitfit.apply(model, lean=lean)
-        if lean:  # the padded fused path (packed layers attend through bitfit.packing, tests/test_packing.py)
+        if lean:  # the padded fused path (packed layers attend through bitfit.fast.packing, tests/test_packing.py)
             set_lean(model, True, pack=False)
         model.train()
         batch = inputs_for("bert", batch=4, seq=seq)
@@ -324,7 +324,7 @@ def test_bf16_lean_together_trains():
 
 
 def test_artifact_roundtrip_onto_bf16_base(tmp_path):
-    artifact = pytest.importorskip("bitfit.artifact")
+    artifact = pytest.importorskip("bitfit.artifacts.artifact")
     trained = make("bert")
     bitfit.apply(trained, frozen_dtype="bfloat16")
     with torch.no_grad():
@@ -387,7 +387,7 @@ def _int8_pair(family="bert", **options):
 
 
 def test_int8_quantizes_frozen_linears_only():
-    from bitfit.lean import INT8_S, INT8_W
+    from bitfit.fast.lean import INT8_S, INT8_W
 
     m8, _ = _int8_pair()
     state = get_lean(m8)
@@ -443,7 +443,7 @@ def test_int8_eval_is_the_bf16_path_and_grads_are_close():
 
 
 def test_fast_dropout_draw_keeps_the_right_fraction():
-    from bitfit.lean import _FAST_DRAW, _fast_keep_mask, lean_dropout
+    from bitfit.fast.lean import _FAST_DRAW, _fast_keep_mask, lean_dropout
 
     torch.manual_seed(0)
     for p in (0.1, 0.5):
@@ -463,7 +463,7 @@ def test_fast_dropout_draw_keeps_the_right_fraction():
 
 
 def test_int8_function_matches_float_matmul():
-    from bitfit.lean import _Int8Matmuls, _rowwise_int8
+    from bitfit.fast.lean import _Int8Matmuls, _rowwise_int8
 
     torch.manual_seed(0)
     w = torch.randn(48, 32)
@@ -481,7 +481,7 @@ def test_int8_function_matches_float_matmul():
 
 
 def test_int8_trains_and_switches_off():
-    from bitfit.lean import remove
+    from bitfit.fast.lean import remove
 
     model = make("bert")
     bitfit.apply(model, frozen_dtype="int8")
@@ -494,7 +494,7 @@ def test_int8_trains_and_switches_off():
 
 
 def test_compare_method_option_selects_int8():
-    from bitfit import baselines
+    from bitfit.training import baselines
 
     model = baselines.prepare(make("bert"), "bitfit/frozen_dtype=int8")
     assert len(get_lean(model).int8) == 13

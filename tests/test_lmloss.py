@@ -1,4 +1,4 @@
-"""bitfit.lmloss: the chunked LM-head loss equals the plain (full-logits) loss and its gradients, in float32,
+"""bitfit.fast.lmloss: the chunked LM-head loss equals the plain (full-logits) loss and its gradients, in float32,
 bf16 and int8 frozen modes, tied and untied heads, at chunk boundaries, with ignored and absent labels; and the
 lean modes with gradient checkpointing on decoder families (LLaMA, Qwen2, Mistral, GPT-2, BLOOM, OPT)."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import bitfit
-from bitfit import lmloss
-from bitfit.lmloss import IGNORE_INDEX, chunked_lm_loss, plain_lm_loss
+from bitfit.fast import lmloss
+from bitfit.fast.lmloss import IGNORE_INDEX, chunked_lm_loss, plain_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +197,7 @@ def test_applies_only_to_plain_causal_heads(tiny_bert):
 
 
 def test_bf16_step_keeps_no_logits():
-    from bitfit.lean import saved_activation_bytes
+    from bitfit.fast.lean import saved_activation_bytes
 
     model = tiny_causal("llama", vocab=4000)
     bitfit.apply(model, add_missing=True, frozen_dtype="bfloat16")
@@ -219,10 +219,10 @@ def test_lean_auto_and_gradient_checkpointing(family, monkeypatch):
     """frozen_dtype=auto (bf16 here via the override) + lean + gradient checkpointing + the chunked loss: one
     AdamW step, finite loss, trained tensors move; checkpointing on/off give the same gradients."""
     monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "bfloat16")
-    # checkpointing runs the model's own attention (bitfit.lean._checkpointing); without it, short rows would
+    # checkpointing runs the model's own attention (bitfit.fast.lean._checkpointing); without it, short rows would
     # take the fused one, another bf16 rounding (its gradients against stock: tests/test_lean.py). One
     # attention on both sides, so that what is compared here is checkpointing and the chunked loss alone.
-    monkeypatch.setattr("bitfit.lean.FUSED_MAX_KEYS_WITHOUT_DROPOUT", 0)
+    monkeypatch.setattr("bitfit.fast.lean.FUSED_MAX_KEYS_WITHOUT_DROPOUT", 0)
     grads = {}
     for gc in (False, True):
         model = tiny_causal(family)
@@ -264,7 +264,7 @@ def _causal_lm_bench():
 
 @pytest.mark.parametrize("frozen_dtype,rel", [("float32", 1e-4), pytest.param("bfloat16", 2e-3, marks=pytest.mark.slow)])
 def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, rel, monkeypatch):
-    """`bitfit train --task instruct` on alpaca-style rows: the Trainer computes the loss through bitfit.lmloss, and
+    """`bitfit train --task instruct` on alpaca-style rows: the Trainer computes the loss through bitfit.fast.lmloss, and
     every logged step's loss equals the plain (full-logits) run's."""
     bench = _causal_lm_bench()
     calls = []
@@ -282,7 +282,7 @@ def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, r
 
 
 def test_instruct_checkpointing_default_and_opt_out(tmp_path):
-    from bitfit.train import instruct_checkpointing, parse_train_args
+    from bitfit.training.train import instruct_checkpointing, parse_train_args
 
     on = instruct_checkpointing()
     assert list(on.values()) == [True]
@@ -299,7 +299,7 @@ def test_instruct_checkpointing_default_and_opt_out(tmp_path):
     assert checkpointing([]) is True
     assert checkpointing(["--gradient_checkpointing", "false"]) is False  # the (deprecated) alias still turns it off
     # instruction tuning keeps BitFit's old learning rate (a causal LM has no fresh head; 2e-3 is for tasks with one)
-    from bitfit.train import BITFIT_LR, INSTRUCT_LR, build_training_arguments
+    from bitfit.training.train import BITFIT_LR, INSTRUCT_LR, build_training_arguments
 
     assert parse_train_args(base)[2].learning_rate == INSTRUCT_LR == 1e-3 != BITFIT_LR
     assert parse_train_args(base + ["--learning_rate", "3e-4"])[2].learning_rate == 3e-4
@@ -312,7 +312,7 @@ def test_run_train_instruct_checkpoints_by_default(tmp_path):
     """The library entry point (run_train with a dict of overrides) has the CLI's default, and the same opt-out."""
     from transformers import TrainerCallback
 
-    from bitfit.train import DataArguments, ModelArguments, run_train
+    from bitfit.training.train import DataArguments, ModelArguments, run_train
 
     bench = _causal_lm_bench()
     rows = bench.instruction_rows(8)

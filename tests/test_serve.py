@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.bank import BiasBank
+from bitfit.serving.bank import BiasBank
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -95,8 +95,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from bitfit.models import load_model
-    from bitfit.serve import create_app
+    from bitfit.core.models import load_model
+    from bitfit.serving.app import create_app
 
     base = load_model(str(setup["base_dir"]), task="classification").eval()
     bank = BiasBank(base, {n: str(p) for n, p in setup["paths"].items()})

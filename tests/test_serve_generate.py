@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.bank import BiasBank
+from bitfit.serving.bank import BiasBank
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -45,7 +45,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def client(setup):
-    from bitfit.serve import create_app
+    from bitfit.serving.app import create_app
 
     bank = BiasBank(setup["base"], setup["models"])
     app = create_app(bank, setup["tok"], max_batch=16, batch_window_ms=WINDOW_MS, max_inputs=4, max_length=64,

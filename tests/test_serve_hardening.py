@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.bank import BiasBank
+from bitfit.serving.bank import BiasBank
 from bitfit.errors import BitFitError
 
 httpx = pytest.importorskip("httpx")
@@ -30,8 +30,8 @@ GOOD = {"task": "sst2", "inputs": ["a fine film"]}
 
 
 def make_app(setup, **kw):  # noqa: F811
-    from bitfit.models import load_model
-    from bitfit.serve import create_app
+    from bitfit.core.models import load_model
+    from bitfit.serving.app import create_app
 
     base = load_model(str(setup["base_dir"]), task="classification").eval()
     bank = BiasBank(base, {n: str(p) for n, p in setup["paths"].items()})
@@ -180,7 +180,7 @@ def test_api_key(auth_url):
 
 def test_api_key_argument_checks(setup, monkeypatch, capsys):  # noqa: F811
     from bitfit.cli import main
-    from bitfit.serve import create_app
+    from bitfit.serving.app import create_app
 
     with pytest.raises(BitFitError, match="api_key must be a non-empty string"):
         create_app(object(), setup["tok"], api_key="  ")
@@ -299,7 +299,7 @@ def test_nan_task_is_refused(setup, url, client):  # noqa: F811
         bank.add_task("inf", m)
     assert bank.tasks == ["sst2"]
     # the bank's own check, for tensors that reach it by any path
-    from bitfit.artifact import task_tensors
+    from bitfit.artifacts.artifact import task_tensors
 
     for where in ("bias", "head"):
         tt = task_tensors(bank.base, str(setup["paths"]["nli"]))

@@ -10,13 +10,13 @@ from families import inputs_for, logits_of, make, train_steps
 from test_compare import tiny  # noqa: F401 - the tiny BERT + CSV task of the compare tests (a fixture)
 
 import bitfit
-from bitfit import baselines as B
-from bitfit.artifact import task_tensors
-from bitfit.config import BitFitConfig
+from bitfit.training import baselines as B
+from bitfit.artifacts.artifact import task_tensors
+from bitfit.core.config import BitFitConfig
 from bitfit.errors import BitFitConfigError
-from bitfit.prepare import bias_tensor
-from bitfit.sparse import budget_count, candidates, choose, select_entries
-from bitfit.select import resolve
+from bitfit.core.prepare import bias_tensor
+from bitfit.methods.sparse import budget_count, candidates, choose, select_entries
+from bitfit.core.select import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -245,8 +245,8 @@ def test_compare_methods_parse_and_count():
         B.prepare(make("bert"), "rand/budget=0.25/count=5")
     with pytest.raises(BitFitConfigError, match="training batches"):
         B.prepare(make("bert"), "bitfit-sparse")
-    from bitfit.commands.compare import TRAIN_METHOD, rerun_command
-    from bitfit.train import DataArguments, ModelArguments
+    from bitfit.cli.commands.compare import TRAIN_METHOD, rerun_command
+    from bitfit.training.train import DataArguments, ModelArguments
 
     assert TRAIN_METHOD["bitfit-sparse"] == "bitfit"
     sub, argv = rerun_command("bitfit-sparse/budget=0.25/frozen_dtype=bfloat16", 1e-3, 1, None,

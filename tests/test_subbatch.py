@@ -1,4 +1,4 @@
-"""Random batches run as sub-batches of similar length (bitfit.subbatch): the partition is the cheapest one,
+"""Random batches run as sub-batches of similar length (bitfit.fast.subbatch): the partition is the cheapest one,
 every row goes through once with only its padding trimmed, batches that cannot be split exactly run whole,
 and a training step gives the whole batch's loss and gradient (float32, tight tolerance) through
 BitFitTrainer, run_train and `bitfit train`."""
@@ -14,9 +14,9 @@ import transformers as T
 from families import make, save_tiny_bert
 
 import bitfit
-from bitfit.lean import set_lean
-from bitfit.subbatch import OVERHEAD_TOKENS, partition, split
-from bitfit.train import DataArguments, ModelArguments, _trainer_class, run_train
+from bitfit.fast.lean import set_lean
+from bitfit.fast.subbatch import OVERHEAD_TOKENS, partition, split
+from bitfit.training.train import DataArguments, ModelArguments, _trainer_class, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,7 +105,7 @@ def _trainer(tmp_path, model, sub_batches, **kw):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "qwen2"])
 def test_a_split_step_gives_the_whole_batchs_loss_and_gradient(tmp_path, family, monkeypatch):
-    import bitfit.subbatch as sb
+    import bitfit.fast.subbatch as sb
 
     lengths = [30, 3, 28, 4, 2, 31, 5, 3]
     batch = _batch(lengths)

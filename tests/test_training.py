@@ -6,7 +6,7 @@ import transformers as T
 from families import inputs_for, make, train_steps
 
 import bitfit
-from bitfit.prepare import bias_tensor
+from bitfit.core.prepare import bias_tensor
 
 
 def snapshot(model):
@@ -135,7 +135,7 @@ def test_the_trainers_flop_count_is_the_stock_one_with_the_parameters_counted_on
 
     from families import make
 
-    from bitfit.train import _trainer_class
+    from bitfit.training.train import _trainer_class
 
     model = bitfit.apply(make("bert"))
     args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)

@@ -15,7 +15,7 @@ import transformers as T
 from families import inputs_for, make
 
 import bitfit
-from bitfit.clip import ZeroShotClassifier, class_prompts, set_label_names
+from bitfit.methods.clip import ZeroShotClassifier, class_prompts, set_label_names
 from bitfit.errors import ArtifactError
 
 BIAS_ROLES = ("query", "key", "value", "attn_out", "ln_attn", "ffn_in", "ffn_out", "ln_ffn")
@@ -278,7 +278,7 @@ def test_clip_fingerprint_refuses_another_base(tmp_path):
     fresh = make_clip()
     with torch.no_grad():
         fresh.logit_scale.fill_(1.0)
-    from bitfit.artifact import fingerprint
+    from bitfit.artifacts.artifact import fingerprint
 
     assert fingerprint(fresh) == fingerprint(model)
 

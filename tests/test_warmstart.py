@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.train import EncodedDataset
-from bitfit.warmstart import head_output_layer, warm_start_head
+from bitfit.training.train import EncodedDataset
+from bitfit.methods.warmstart import head_output_layer, warm_start_head
 from families import make
 
 
@@ -79,7 +79,7 @@ def test_bitfit_train_warm_starts_on_request_only(tmp_path):
     from test_train_cli import make_tiny_model_dir, sentiment_rows, write_csv
 
     from bitfit.cli import main
-    from bitfit.models import resolve_model
+    from bitfit.core.models import resolve_model
 
     tiny = make_tiny_model_dir(tmp_path / "tiny", resolve_model("minilm"), pretrain=False)
     train = write_csv(tmp_path / "t.csv", sentiment_rows(32))

@@ -2,23 +2,23 @@
 
 import importlib
 
-from . import models
-from .config import PRESETS, ROLES, BitFitConfig
+from .core import models
+from .core.config import PRESETS, ROLES, BitFitConfig
 from .errors import AlreadyPreparedError, ArtifactError, BitFitConfigError, BitFitError, DataError
-from .prepare import apply, get_state
-from .report import Report, report
-from .roles import discover
+from .core.prepare import apply, get_state
+from .core.report import Report, report
+from .core.roles import discover
 
 __version__ = "0.1.0"
 
 # Heavier parts load on first use: name -> module that defines it.
 _LAZY = {
-    "save": "artifact",
-    "load": "artifact",
-    "merge": "artifact",
-    "unmerge": "artifact",
-    "BiasBank": "bank",
-    "apply_dynamic": "dynamic",
+    "save": "artifacts.artifact",
+    "load": "artifacts.artifact",
+    "merge": "artifacts.artifact",
+    "unmerge": "artifacts.artifact",
+    "BiasBank": "serving.bank",
+    "apply_dynamic": "methods.dynamic",
 }
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ..config import BitFitConfig
+from ..core.config import BitFitConfig
 from ..errors import BitFitConfigError
 from .convert import LEGACY_DEFAULTS, PEFT_TYPE, SELECTION_FIELDS
 

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..errors import ArtifactError, BitFitConfigError
-from ..prepare import apply, get_state, trainable_bias_param
+from ..core.prepare import apply, get_state, trainable_bias_param
 from .config import BitFitPeftConfig
 from .convert import Packed, from_peft_tensors, pack, to_artifact, to_peft_tensors
 
@@ -116,7 +116,7 @@ class BitFitModel(BaseTuner):
         """No-op: bitfit.apply keeps trained tensors float32 whatever the frozen dtype."""
 
     def _check_head_names(self, model: nn.Module, cfg: BitFitPeftConfig) -> None:
-        from ..roles import head_module_names
+        from ..core.roles import head_module_names
 
         wanted = getattr(cfg, "_bitfit_head_names", None) or []
         heads = head_module_names(model, pooler_head=cfg.pooler_head)[0]
@@ -132,7 +132,7 @@ class BitFitModel(BaseTuner):
             )
 
     def _check_base(self, model: nn.Module, cfg: BitFitPeftConfig, adapter_name: str) -> None:
-        from ..artifact import fingerprint
+        from ..artifacts.artifact import fingerprint
 
         meta = cfg.bitfit_meta or {}
         want = (meta.get("base_model") or {}).get("fingerprint")
@@ -157,7 +157,7 @@ class BitFitModel(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         """Add adapter ``adapter_name``: the first one is prepared live by bitfit.apply; later ones are only
         checked (peft leaves a newly added adapter inactive)."""
-        from ..select import resolve
+        from ..core.select import resolve
 
         cfg = self.peft_config[adapter_name]
         if not isinstance(cfg, BitFitPeftConfig):
@@ -189,7 +189,7 @@ class BitFitModel(BaseTuner):
 
     def _activate(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the live adapter (the previous live one must be packed already)."""
-        from ..artifact import load, unmerge
+        from ..artifacts.artifact import load, unmerge
 
         model, ad = self.model, self._adapters
         cfg = self.peft_config[adapter_name]
@@ -280,7 +280,7 @@ class BitFitModel(BaseTuner):
 
     # ------------------------------------------------------------------ delete / merge / unload
     def delete_adapter(self, adapter_name: str) -> None:
-        from ..artifact import unmerge
+        from ..artifacts.artifact import unmerge
 
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
@@ -300,8 +300,8 @@ class BitFitModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list] = None):
-        from ..artifact import merge as bitfit_merge
-        from ..artifact import unmerge
+        from ..artifacts.artifact import merge as bitfit_merge
+        from ..artifacts.artifact import unmerge
 
         if adapter_names:
             if len(adapter_names) != 1:
@@ -359,7 +359,7 @@ class BitFitModel(BaseTuner):
         art = to_artifact(packed, f"(adapter {adapter_name!r})")  # every check of bitfit's reader
         ad = tuner._adapters
         if adapter_name == ad.live:
-            from ..artifact import load
+            from ..artifacts.artifact import load
 
             ad.disabled = None
             load(tuner.model, art, strict=config.strict_base)

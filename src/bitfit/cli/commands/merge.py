@@ -1,0 +1,77 @@
+"""`bitfit merge RUN --output DIR`: a run merged into its base as a plain transformers folder (weights with the
+trained biases folded in, config, tokenizer, model card) that loads with ``transformers.pipeline`` alone."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .. import add_verbose, command
+from ...errors import BitFitError
+from ...core.io import current_umask
+
+
+def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
+    """Merge the run folder ``run`` into its base and save a plain transformers folder at ``output`` (written
+    beside it and renamed into place, so a failure leaves nothing half-written)."""
+    import bitfit
+
+    from ...training.train import ModelArguments, load_trained
+
+    out = Path(os.path.expanduser(output))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BitFitError(f"--output {output} exists and is not an empty folder; choose a new folder")
+    model, tokenizer, info = load_trained(ModelArguments(adapter=run, model=base, gguf_file=gguf_file))
+    plain = bitfit.merge(model)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside the target, renamed into place when complete: a failure leaves no half-written model
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        plain.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        card = Path(os.path.expanduser(run)) / "README.md"
+        text = card.read_text(encoding="utf-8") if card.exists() else "---\nlibrary_name: bitfit\n---\n"
+        text = text.replace("library_name: bitfit", "library_name: transformers", 1)
+        pipeline_tag = "text-generation" if info is not None and info.kind == "instruct" else "text-classification"
+        text = text.replace("---\n", f"---\npipeline_tag: {pipeline_tag}\n", 1)
+        text += (f"\nThis folder is the BitFit run `{Path(run).name}` merged into its base: a plain transformers "
+                 f"model (`transformers.pipeline(\"{pipeline_tag}\", model=...)`), no bitfit needed.\n")
+        (tmp / "README.md").write_text(text, encoding="utf-8")
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@command("merge", "merge a trained run into its base: a plain transformers folder (weights, tokenizer, model card)")
+def main(argv: list) -> int:
+    from .train import _env
+
+    _env()
+    p = argparse.ArgumentParser(
+        prog="bitfit merge",
+        description="Fold a `bitfit train` run's trained biases and head into its base model and save a plain "
+        "transformers folder (config, weights, tokenizer, model card README.md) that loads without bitfit, e.g. "
+        "transformers.pipeline('text-classification', model=DIR).")
+    p.add_argument("run", metavar="RUN", help="the output folder of `bitfit train`")
+    p.add_argument("--output", required=True, metavar="DIR", help="new folder to write")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="the base model (default: the one the run records)")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="GGUF file inside --model's folder (default: the one the run records)")
+    add_verbose(p)
+    args = p.parse_args(argv)
+    out = merge_run(args.run, args.output, args.model, args.gguf_file)
+    print(f"bitfit merge: plain transformers model written to {out}", file=sys.stderr)
+    print(out)
+    return 0

@@ -1,0 +1,203 @@
+"""``frozen_dtype="auto"``: the fastest frozen-weight precision whose accuracy matches float32, chosen
+for the hardware the run is on.
+
+BitFit's frozen weights need no gradient and no more precision than inference. Three modes are
+candidates, each measured to reach float32's dev accuracy (docs/PERFORMANCE.md): ``float32``,
+``bfloat16`` (bf16 weights, autocast) and ``int8`` (bf16 plus int8 training matmuls). Which one is
+fastest depends on the machine: bf16 needs AVX512-BF16 or AMX to beat float32 on a CPU, and int8
+beats bf16 on AVX512-VNNI CPUs without AMX but loses to it on Intel Xeons with AMX.
+
+So on a CPU the choice is **measured**: a probe of about a second times the two matmuls a frozen
+Linear runs in a training step (the forward and the input gradient, BERT-base FFN shape) in each
+mode, and picks the fastest, preferring the more exact mode unless a lower precision is at least
+``MARGIN`` faster. The result is cached per machine (CPU model and flags, torch version, thread
+count) in ``$BITFIT_CACHE_DIR`` (default ``~/.cache/bitfit``), so later runs start at once.
+On CUDA: bfloat16 where the GPU supports it, else float32. Elsewhere (MPS, XPU...): float32.
+``BITFIT_FROZEN_DTYPE=bfloat16`` (or float32/int8) overrides the choice without a probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MARGIN = 1.15  # a lower-precision mode must be this much faster than the next more exact one
+MODES = ("float32", "bfloat16", "int8")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+_CACHE_VERSION = 1
+
+
+@dataclass
+class DtypeChoice:
+    """What ``frozen_dtype="auto"`` picked, and why."""
+
+    dtype: str  # float32, bfloat16 or int8
+    reason: str
+    device: str
+    cpu: Optional[str] = None
+    timings_ms: dict = field(default_factory=dict)  # mode -> probe time (CPU only)
+    cached: bool = False
+
+    @property
+    def frozen_dtype(self) -> Optional[str]:
+        """The value for ``BitFitConfig.frozen_dtype`` (None for float32)."""
+        return None if self.dtype == "float32" else self.dtype
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        t = ", ".join(f"{k} {v:.1f} ms" for k, v in self.timings_ms.items())
+        return f"frozen_dtype=auto -> {self.dtype} on {self.cpu or self.device}: {self.reason}" + (f" ({t})" if t else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list:
+    """The matmul-relevant CPU features present (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("BITFIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bitfit")
+    return Path(root) / "frozen_dtype.json"
+
+
+def _key() -> str:
+    parts = [str(_CACHE_VERSION), cpu_model(), ",".join(cpu_flags()), torch.__version__, str(torch.get_num_threads())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _time_mode(mode: str, tokens: int, d_in: int, d_out: int, repeats: int) -> float:
+    """Seconds (process CPU time per thread, best of ``repeats``) of forward + input gradient of a frozen
+    Linear in ``mode``."""
+    from .lean import _Int8Matmuls, _rowwise_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(d_out, d_in, generator=g) * 0.02
+    x = torch.randn(tokens, d_in, generator=g)
+    grad = torch.randn(tokens, d_out, generator=g)
+    if mode == "int8":
+        wq, ws = _rowwise_int8(w)
+        ws = ws.reshape(-1)
+        xb = x.to(torch.bfloat16).requires_grad_(True)
+
+        def step():
+            y = _Int8Matmuls.apply(xb, None, wq, ws, torch.bfloat16)
+            y.backward(grad.to(torch.bfloat16))
+    else:
+        dt = torch.float32 if mode == "float32" else torch.bfloat16
+        wd, gd = w.to(dt), grad.to(dt)
+        xd = x.to(dt)
+
+        def step():
+            y = xd @ wd.t()
+            (y + gd) @ wd  # the input gradient's matmul (the add keeps it from being a no-op)
+
+    with torch.no_grad() if mode != "int8" else torch.enable_grad():
+        step()  # warm-up (kernel selection, AMX tile configuration)
+        best = float("inf")
+        threads = max(1, torch.get_num_threads())
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / threads
+            best = min(best, max(wall, cpu) if threads == 1 else wall)
+    return best
+
+
+def probe_cpu(tokens: int = 512, d_in: int = 768, d_out: int = 3072, repeats: int = 3) -> dict:
+    """Milliseconds per mode of a frozen Linear's training matmuls on this CPU (best of ``repeats``)."""
+    out = {}
+    for mode in MODES:
+        try:
+            out[mode] = 1000.0 * _time_mode(mode, tokens, d_in, d_out, repeats)
+        except (RuntimeError, NotImplementedError):  # e.g. no int8 matmul kernel on this build
+            continue
+    return out
+
+
+def pick(timings: dict) -> tuple[str, str]:
+    """(mode, reason) from probe timings: walk from float32 down in precision, moving on only when the
+    next mode is at least MARGIN faster than the current pick."""
+    if "float32" not in timings:
+        return "float32", "no probe timing for float32"
+    choice = "float32"
+    for mode in MODES[1:]:
+        if mode in timings and timings[mode] * MARGIN <= timings[choice]:
+            choice = mode
+    if choice == "float32":
+        return choice, f"no lower precision was {MARGIN:.2f}x faster than float32 here"
+    speed = timings["float32"] / timings[choice]
+    return choice, f"{speed:.1f}x faster than float32 in the probe"
+
+
+def choose_frozen_dtype(device=None, *, use_cache: bool = True) -> DtypeChoice:
+    """The frozen dtype ``frozen_dtype="auto"`` uses on ``device`` (a torch device or string; default CPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    forced = os.environ.get("BITFIT_FROZEN_DTYPE")
+    if forced:
+        name = {"bf16": "bfloat16", "fp32": "float32"}.get(forced.strip().lower(), forced.strip().lower())
+        if name not in MODES:
+            from ..errors import BitFitConfigError
+
+            raise BitFitConfigError(f"BITFIT_FROZEN_DTYPE={forced!r} is not one of {', '.join(MODES)}; unset it "
+                                    "or pick one of those")
+        return DtypeChoice(name, "set by BITFIT_FROZEN_DTYPE", dev.type, cpu_model() if dev.type == "cpu" else None)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return DtypeChoice("bfloat16" if ok else "float32",
+                           "the GPU supports bfloat16" if ok else "the GPU has no bfloat16 support", "cuda",
+                           torch.cuda.get_device_name(dev) if torch.cuda.is_available() else None)
+    if dev.type != "cpu":
+        return DtypeChoice("float32", f"no measured low-precision mode for {dev.type}", dev.type)
+    path, key = _cache_path(), _key()
+    cache: dict = {}
+    if use_cache:
+        try:
+            cache = json.loads(path.read_text())
+            if not isinstance(cache, dict):
+                cache = {}
+        except (OSError, ValueError):
+            cache = {}
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("dtype") in MODES and isinstance(hit.get("timings_ms"), dict):
+            return DtypeChoice(hit["dtype"], hit.get("reason", "cached probe"), "cpu", cpu_model(),
+                               hit["timings_ms"], cached=True)
+    timings = probe_cpu()
+    mode, reason = pick(timings)
+    choice = DtypeChoice(mode, reason, "cpu", cpu_model(), {k: round(v, 2) for k, v in timings.items()})
+    if use_cache:
+        cache[key] = {"dtype": mode, "reason": reason, "timings_ms": choice.timings_ms, "cpu": cpu_model(),
+                      "flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            from ..core.io import atomic_write_json
+
+            atomic_write_json(path, cache)
+        except OSError:
+            pass  # a read-only home: probe again next time
+    return choice

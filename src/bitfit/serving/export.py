@@ -1,0 +1,218 @@
+"""Export one BitFit task as a self-contained model: TorchScript or ONNX, no bitfit needed to run it.
+
+The task is merged into its base first (:func:`bitfit.merge`: a plain transformers model whose
+biases are the task's), then traced with ``torch.jit.trace`` or exported with
+``torch.onnx.export``. The exported graph takes the tokenizer's tensors (``input_ids``,
+``attention_mask``, and ``token_type_ids`` where the model has them; any batch size and
+length) and returns the logits: ``[batch, labels]`` for a classifier, ``[batch, length,
+vocab]`` for a causal LM (one forward pass without KV cache; decode with your own loop).
+Biases that cannot be merged into the architecture (added RMSNorm biases) stay as the
+BitFit model's own ``+ bias`` ops and are traced with it.
+
+:func:`export_model` checks the exported file against the PyTorch model (TorchScript by
+loading it back, ONNX with onnxruntime when installed) and returns the largest difference.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import BitFitError
+
+FORMATS = ("torchscript", "onnx")
+
+
+class LogitsOnly(nn.Module):
+    """``model(**dict(zip(names, tensors))).logits`` with positional tensor inputs (traceable)."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], extra: Optional[dict] = None):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+        self.extra = dict(extra or {})
+
+    def forward(self, *tensors):
+        out = self.model(**dict(zip(self.input_names, tensors)), **self.extra)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out[0]
+
+
+def input_names_for(model: nn.Module, tokenizer=None) -> list:
+    """The tensors the exported graph takes: the tokenizer's, limited to what ``forward`` accepts."""
+    params = inspect.signature(model.forward).parameters
+    wanted = list(getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask", "token_type_ids"])
+    names = [n for n in wanted if n in params]
+    cfg = getattr(model, "config", None)
+    if "token_type_ids" in names and tokenizer is None and not getattr(cfg, "type_vocab_size", 0):
+        names.remove("token_type_ids")
+    if "input_ids" not in names:
+        raise BitFitError(f"{type(model).__name__} takes no input_ids: only text models are exported")
+    return names
+
+
+def example_inputs(model: nn.Module, names: Sequence[str], batch: int = 2, length: int = 8, seed: int = 0) -> tuple:
+    cfg = getattr(model, "config", None)
+    vocab = int(getattr(cfg, "vocab_size", 100) or 100)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in names:
+        if n == "input_ids":
+            out.append(torch.randint(3, max(4, vocab), (batch, length), generator=g))
+        elif n == "attention_mask":
+            mask = torch.ones(batch, length, dtype=torch.long)
+            if batch > 1 and length > 2:
+                mask[-1, -2:] = 0  # right padding on the last row
+            out.append(mask)
+        else:  # token_type_ids
+            tt = torch.zeros(batch, length, dtype=torch.long)
+            tt[:, length // 2:] = 1 if int(getattr(cfg, "type_vocab_size", 1) or 1) > 1 else 0
+            out.append(tt)
+    return tuple(out)
+
+
+def merged_task(source, base=None) -> nn.Module:
+    """The task of ``source`` (artifact/run folder or BitFit model) merged into its base, in eval mode.
+
+    ``base``: model name/folder or module (default: the base named in the artifact)."""
+    from .. import load, merge
+    from ..artifacts.artifact import read_artifact
+    from ..core.prepare import get_state
+
+    if isinstance(source, nn.Module):
+        model = source
+        if get_state(model) is None:
+            raise BitFitError("export needs a BitFit model (bitfit.apply / bitfit.load) or an artifact folder")
+    else:
+        art = read_artifact(source)
+        if base is None:
+            base = art.meta["base_model"].get("name")
+            if not base:
+                raise BitFitError(f"the artifact {source} does not record its base model's name; pass --base MODEL")
+        model = load(base, source)
+    try:
+        model = merge(model)
+    except BitFitError as exc:  # e.g. RMSNorm biases: no switch in the architecture for them
+        warnings.warn(f"exporting the BitFit model unmerged ({exc}); its added-bias ops are traced with it")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _extra(model: nn.Module) -> dict:
+    params = inspect.signature(model.forward).parameters
+    extra = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    if "return_dict" in params:
+        extra["return_dict"] = True
+    return extra
+
+
+def export_model(model: nn.Module, path, fmt: str, *, tokenizer=None, input_names=None, opset: Optional[int] = None,
+                 check: bool = True) -> dict:
+    """Export ``model`` (a plain or merged model) to ``path`` as ``fmt`` ("torchscript" or "onnx").
+
+    Returns ``{"path", "format", "inputs", "max_abs_diff"}``; ``max_abs_diff`` is measured on two
+    input shapes other than the traced one (None when ``check`` is False or, for ONNX,
+    onnxruntime is not installed)."""
+    if fmt not in FORMATS:
+        raise BitFitError(f"format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    names = list(input_names or input_names_for(model, tokenizer))
+    wrapper = LogitsOnly(model, names, _extra(model)).eval()
+    example = example_inputs(model, names, batch=2, length=8)
+    with torch.no_grad():
+        if fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
+            torch.jit.save(traced, str(path))
+        else:
+            _export_onnx(wrapper, example, names, path, opset)
+    report = {"path": str(path), "format": fmt, "inputs": names, "max_abs_diff": None}
+    if check:
+        report["max_abs_diff"] = check_export(model, path, fmt, names)
+    return report
+
+
+def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise BitFitError("ONNX export needs the onnx package: pip install 'bitfit[export]'") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    length = torch.export.Dim("length", min=2, max=100000)
+    dynamic_shapes = tuple({0: batch, 1: length} for _ in names)
+    errors = []
+    for dynamo in (True, False):
+        try:
+            kwargs = dict(input_names=names, output_names=["logits"])
+            if opset is not None:
+                kwargs["opset_version"] = opset
+            if dynamo:
+                kwargs.update(dynamo=True, dynamic_shapes=(dynamic_shapes,), optimize=True)
+            else:
+                axes = {n: {0: "batch", 1: "length"} for n in names}
+                axes["logits"] = {0: "batch"}
+                kwargs.update(dynamo=False, dynamic_axes=axes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, example, str(path), **kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - try the other exporter, then report both
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}"[:600])
+    raise BitFitError("ONNX export failed: " + " | ".join(errors))
+
+
+def check_export(model: nn.Module, path, fmt: str, names: Sequence[str]) -> Optional[float]:
+    """Largest |exported - PyTorch| over the logits of two input shapes other than the traced one."""
+    worst = 0.0
+    run = None
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(path))
+
+        def run(inputs):
+            with torch.no_grad():
+                return loaded(*inputs)
+    else:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed_names = [i.name for i in sess.get_inputs()]
+
+        def run(inputs):
+            feed = {n: t.numpy() for n, t in zip(names, inputs) if n in feed_names}
+            return torch.from_numpy(sess.run(["logits"], feed)[0])
+    wrapper = LogitsOnly(model, names, _extra(model)).eval()
+    for batch, length in ((3, 11), (1, 5)):
+        inputs = example_inputs(model, names, batch=batch, length=length, seed=batch)
+        with torch.no_grad():
+            ref = wrapper(*inputs)
+        got = run(inputs)
+        if tuple(got.shape) != tuple(ref.shape):
+            raise BitFitError(f"the exported {fmt} model gives logits of shape {tuple(got.shape)} for inputs "
+                              f"{batch}x{length}; PyTorch gives {tuple(ref.shape)}")
+        worst = max(worst, float((got.float() - ref.float()).abs().max()))
+    return worst
+
+
+def export_task(source, output, fmt: str, base=None, tokenizer=None, check: bool = True) -> dict:
+    """Merge the task at ``source`` into ``base`` and export it (see :func:`export_model`)."""
+    model = merged_task(source, base)
+    return export_model(model, output, fmt, tokenizer=tokenizer, check=check)
+
+
+__all__ = ["export_model", "export_task", "merged_task", "check_export", "LogitsOnly", "FORMATS"]
