@@ -152,7 +152,7 @@ def _module(model: nn.Module, module_name: str) -> nn.Module:
     return model.get_submodule(module_name) if module_name else model
 
 
-def _locate(model: nn.Module, slot_name: str, saved_prefix: str = "") -> Optional[str]:
+def locate(model: nn.Module, slot_name: str, saved_prefix: str = "") -> Optional[str]:
     """``slot_name`` as it is called in ``model`` (adds/strips the body prefix), or None."""
     mod_name = slot_name.rsplit(".", 1)[0] if "." in slot_name else ""
     own_prefix = _body(model)[1]
@@ -1045,7 +1045,7 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
     for name, s in art.meta["slots"].items():
         full = None
         if not s["added"]:
-            here = _locate(base, name, prefix)
+            here = locate(base, name, prefix)
             full = _base_value(base, here) if here is not None else None
             if full is None:
                 raise ArtifactError(f"artifact {art.path} has a bias for {name}, which this base model does not have")
@@ -1082,7 +1082,7 @@ def check_finite(tt: TaskTensors, where: str = "the task") -> TaskTensors:
 
 def _indices_from_meta(model: nn.Module, meta: dict, name: str, prefix: str) -> torch.Tensor:
     """Trained indices of a fused slot, reproduced from the model's roles and the stored roles."""
-    here = _locate(model, name, prefix)
+    here = locate(model, name, prefix)
     state = get_state(model)
     mm = state.model_map if state is not None else discover(model)
     s = meta["slots"][name]
@@ -1100,7 +1100,7 @@ def _indices_from_meta(model: nn.Module, meta: dict, name: str, prefix: str) -> 
 
 # ----------------------------------------------------------------------------- load
 def _load_base(name: str, meta: dict) -> nn.Module:
-    from ..training.train import quiet_loading
+    from ..core.models import quiet_loading
 
     with quiet_loading():  # the artifact restores the head: no "MISSING ... newly initialized" report
         return _load_base_model(name, meta)

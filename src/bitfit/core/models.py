@@ -177,3 +177,25 @@ def load_tokenizer(name: str, **kwargs):
             raise BitFitError(f"could not load the tokenizer of GGUF file {kwargs['gguf_file']!r} in {path!r}: "
                               f"{exc}") from None
         raise _wrap_load_error(name, exc) from None
+
+
+class quiet_loading:
+    """Silence transformers' load report (MISSING / UNEXPECTED keys, "newly initialized") while a run's base is
+    loaded: the run's artifact then restores the head and biases, so the report would be untrue. ``--verbose``
+    (BITFIT_VERBOSE=1) keeps it."""
+
+    def __enter__(self):
+        import transformers
+
+        self.level = None
+        if not os.environ.get("BITFIT_VERBOSE"):
+            self.level = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        import transformers
+
+        if self.level is not None:
+            transformers.logging.set_verbosity(self.level)
+        return False

@@ -49,10 +49,10 @@ PROJECTION_NAMES = {"visual_projection", "text_projection"}
 # Task heads recognised by name where the model has no ``base_model_prefix`` body (CLIPForImageClassification).
 TASK_HEAD_NAMES = {"classifier", "score", "qa_outputs", "classification_head"}
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
-_STACK_RE = re.compile(r"(?:^|\.)(encoder|decoder)(?:\.|$)")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
+STACK_RE = re.compile(r"(?:^|\.)(encoder|decoder)(?:\.|$)")
 # The towers of a dual encoder (CLIP): each is a stack of its own ("text.0", "vision.0" in reports).
-_TOWER_RE = re.compile(r"(?:^|\.)(text|vision)_model(?:\.|$)")
+TOWER_RE = re.compile(r"(?:^|\.)(text|vision)_model(?:\.|$)")
 # Top-level scalars of a contrastive dual encoder (CLIP's temperature; SigLIP's logit bias): the "head"
 # of a zero-shot classifier, whose classes are text prompts through the text tower (bitfit.methods.clip).
 SCALAR_HEADS = ("logit_scale", "logit_bias")
@@ -368,15 +368,15 @@ def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
         exists = isinstance(bias, torch.Tensor)
         if exists and not isinstance(bias, nn.Parameter):  # a buffer (e.g. a causal mask): not ours
             continue
-        m = _LAYER_RE.search(name)
+        m = LAYER_RE.search(name)
         layer = int(m.group(1)) if m else None
         in_layer = name[m.end() :] if m else None
         stack = None
         if enc_dec:
-            s = _STACK_RE.search(name)
+            s = STACK_RE.search(name)
             stack = s.group(1) if s else None
         else:
-            s = _TOWER_RE.search(name)
+            s = TOWER_RE.search(name)
             stack = s.group(1) if s else None
         parent_cls = type(modules.get(name.rsplit(".", 1)[0], model)).__name__ if "." in name else ""
         role = _classify(name, in_layer, parent_cls)

@@ -615,11 +615,11 @@ class BiasBank:
         added = set(getattr(tt, "added", []) or [])
         swap, hooked = {}, {}
         head = dict(tt.head or {})
-        from ..artifacts.artifact import _locate
+        from ..artifacts.artifact import locate
 
         prefix = meta.get("base_prefix", "") or ""
         for saved_slot, value in tt.biases.items():
-            slot = _locate(self.base, saved_slot, prefix) or saved_slot
+            slot = locate(self.base, saved_slot, prefix) or saved_slot
             if saved_slot not in added and self._head_of(slot) is not None:
                 # saved with pooler_head=False: the untrained pooler's bias was a BitFit bias; here that pooler
                 # is a per-task head module (its weight stays the base's)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import BitFitConfigError, BitFitError
 from ..methods.lrgroups import PAPER_ROLE_LR
-from ..core.roles import _LAYER_RE, _STACK_RE, _TOWER_RE, discover, head_module_names
+from ..core.roles import LAYER_RE, STACK_RE, TOWER_RE, discover, head_module_names
 from .train import BITFIT_LR
 
 try:  # GPT-2 style Conv1D: weight is [in, out]
@@ -155,10 +155,10 @@ def full(model: nn.Module) -> nn.Module:
 
 
 def _layer_of(name: str, stacks) -> Optional[tuple[Optional[str], int]]:
-    m = _LAYER_RE.search(name)
+    m = LAYER_RE.search(name)
     if not m:
         return None
-    for rx in (_STACK_RE, _TOWER_RE):  # encoder/decoder, or a dual encoder's text/vision tower
+    for rx in (STACK_RE, TOWER_RE):  # encoder/decoder, or a dual encoder's text/vision tower
         s = rx.search(name[: m.start() + 1])
         if s and s.group(1) in stacks:
             return s.group(1), int(m.group(1))

@@ -940,7 +940,7 @@ def atomic_write_json(path, obj):
     return _atomic_write_json(path, json_safe(obj))
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
     import transformers
 
     import bitfit
@@ -1319,7 +1319,7 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
             "argv": list(argv) if argv is not None else None,
             "command": ("bitfit train " + " ".join(_quote(a) for a in argv)) if argv is not None else None,
             "model_args": dataclasses.asdict(model_args), "data_args": dataclasses.asdict(data_args),
-            "training_args": training_args.to_dict(), "method": method, "versions": _versions(),
+            "training_args": training_args.to_dict(), "method": method, "versions": library_versions(),
             "frozen_dtype_choice": dtype_choice.to_dict() if dtype_choice is not None else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
         })
@@ -1446,7 +1446,7 @@ def parse_train_args(argv: list):
         parser.set_defaults(**training_defaults("bitfit", primary, instruct=data_args.is_instruct))
         parser.parse_args_into_dataclasses(argv)  # prints help and exits
     bs = _peek_int(argv, "per_device_train_batch_size", 32)
-    explicit_epochs = _given(argv, "num_train_epochs") or _given(argv, "max_steps")
+    explicit_epochs = flag_given(argv, "num_train_epochs") or flag_given(argv, "max_steps")
     if not explicit_epochs:
         n_train = count_train_rows(data_args, _peek_int(argv, "seed", 42))
         if info is None:  # own files: primary metric depends on the label type
@@ -1467,17 +1467,17 @@ def parse_train_args(argv: list):
         # --length_sub_batches; length-grouped batches cost RTE 3 points)
         defaults.update(length_grouping())
         # the bias-only step's memory is mostly saved activations: checkpoint them unless told otherwise
-        defaults.update(instruct_checkpointing([f for f in CHECKPOINTING_FLAGS if _given(argv, f)]))
-    if (_given(argv, "bf16") or _given(argv, "fp16")) and not _has_accelerator():
+        defaults.update(instruct_checkpointing([f for f in CHECKPOINTING_FLAGS if flag_given(argv, f)]))
+    if (flag_given(argv, "bf16") or flag_given(argv, "fp16")) and not _has_accelerator():
         defaults["use_cpu"] = True  # autocast on the CPU instead of transformers' "needs a GPU" error
     parser.set_defaults(**defaults)
-    if not _given(argv, "output_dir"):
+    if not flag_given(argv, "output_dir"):
         raise BitFitError("--output-dir is required (the folder the trained artifact and logs go to)")
     try:
         model_args, data_args, training_args, *run = parser.parse_args_into_dataclasses(argv)
     except ValueError as exc:  # TrainingArguments' own checks
         raise BitFitConfigError(f"invalid training arguments: {exc}") from None
-    if model_args.halve_every_epochs is not None and _given(argv, "lr_scheduler_type"):
+    if model_args.halve_every_epochs is not None and flag_given(argv, "lr_scheduler_type"):
         raise BitFitConfigError("--halve_every_epochs is a learning-rate schedule of its own: drop --lr_scheduler_type "
                                 "(or --halve_every_epochs)")
     if run:  # our own flag rides on the TrainingArguments object (run_train reads it with getattr)
@@ -1486,7 +1486,7 @@ def parse_train_args(argv: list):
     return model_args, data_args, training_args
 
 
-def _given(argv: list, name: str) -> bool:
+def flag_given(argv: list, name: str) -> bool:
     forms = {f"--{name}", f"--{name.replace('_', '-')}"}
     return any(a.split("=", 1)[0] in forms for a in argv)
 
@@ -1567,6 +1567,8 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
                 if not getattr(data_args, name) and meta.get(name) and os.path.exists(meta[name]):
                     setattr(data_args, name, meta[name])
 
+    from ..core.models import quiet_loading
+
     with quiet_loading():  # the artifact restores the head: no "classifier MISSING ... newly initialized" report
         model, tokenizer = load_base(model_args, info)
     if (Path(os.path.expanduser(model_args.adapter)) / "tokenizer_config.json").exists():
@@ -1582,28 +1584,6 @@ def load_trained(model_args: ModelArguments, data_args: Optional[DataArguments] 
     model = bitfit.load(model, model_args.adapter)
     model.eval()
     return model, tokenizer, info
-
-
-class quiet_loading:
-    """Silence transformers' load report (MISSING / UNEXPECTED keys, "newly initialized") while a run's base is
-    loaded: the run's artifact then restores the head and biases, so the report would be untrue. ``--verbose``
-    (BITFIT_VERBOSE=1) keeps it."""
-
-    def __enter__(self):
-        import transformers
-
-        self.level = None
-        if not os.environ.get("BITFIT_VERBOSE"):
-            self.level = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc):
-        import transformers
-
-        if self.level is not None:
-            transformers.logging.set_verbosity(self.level)
-        return False
 
 
 def _artifact_labels(adapter: str) -> Optional[tuple]:

@@ -680,11 +680,11 @@ def _data_label(path: Optional[str]) -> str:
 
 def write_compare_command(out: Path, argv: list, isolated: bool) -> None:
     """The compare folder's command.json: the compare's own command line (rerunning it resumes)."""
-    from ...training.train import _versions
+    from ...training.train import library_versions
 
     atomic_write_json(Path(out) / "command.json", {
         "argv": list(argv), "command": _command_line("compare", list(argv)), "cwd": os.getcwd(),
-        "isolated": isolated, "versions": _versions(),
+        "isolated": isolated, "versions": library_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
 
@@ -735,7 +735,7 @@ def _split_training_flags(rest: list) -> dict:
     """TrainingArguments flags the user gave explicitly, as a dict of overrides."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from ...training.train import _given
+    from ...training.train import flag_given
 
     if not rest:
         return {}
@@ -752,7 +752,7 @@ def _split_training_flags(rest: list) -> dict:
     for f in dataclasses.fields(TrainingArguments):
         if f.name in ("output_dir",):
             continue
-        if _given(rest, f.name):
+        if flag_given(rest, f.name):
             out[f.name] = getattr(ta, f.name)
     return out
 
