@@ -180,7 +180,7 @@ def run(name: str, args, tmp: Path, lines: list):
     exact = torch.equal(logits(bitfit.load(fresh(), art), batch), ref)
     acc = (ref.argmax(-1) == labels).float().mean().item() if labels is not None else None
 
-    from bitfit.artifacts.artifact import read_artifact
+    from bitfit.artifacts import read_artifact
 
     meta = read_artifact(art).meta
     n_fix = sum(s.get("fixes", 0) for s in meta["slots"].values())

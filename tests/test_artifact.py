@@ -11,7 +11,7 @@ import torch
 from families import inputs_for, logits_of, make
 
 import bitfit
-from bitfit.artifacts.artifact import CONFIG_NAME, WEIGHTS_NAME, Artifact, TaskTensors, fingerprint, read_artifact, task_tensors
+from bitfit.artifacts import CONFIG_NAME, WEIGHTS_NAME, Artifact, TaskTensors, fingerprint, read_artifact, task_tensors
 from bitfit.errors import ArtifactError
 from bitfit.core.prepare import bias_tensor
 

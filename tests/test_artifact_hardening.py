@@ -25,7 +25,7 @@ from families import logits_of, make
 
 import bitfit
 from bitfit.artifacts import artifact as A
-from bitfit.artifacts.artifact import CONFIG_NAME, WEIGHTS_NAME, read_artifact, task_tensors
+from bitfit.artifacts import CONFIG_NAME, WEIGHTS_NAME, read_artifact, task_tensors
 from bitfit.serving.bank import BiasBank
 from bitfit.errors import ArtifactError
 from bitfit.core.io import atomic_write_json, atomic_write_text

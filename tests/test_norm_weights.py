@@ -9,7 +9,7 @@ from families import logits_of, make, train_steps
 from torch import nn
 
 import bitfit
-from bitfit.artifacts.artifact import fingerprint, read_artifact, task_tensors
+from bitfit.artifacts import fingerprint, read_artifact, task_tensors
 from bitfit.errors import ArtifactError, BitFitConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ from test_artifact import train
 from test_bank import task_model
 
 import bitfit
-from bitfit.artifacts.artifact import CONFIG_NAME, fingerprint
+from bitfit.artifacts import CONFIG_NAME, fingerprint
 from bitfit.serving.bank import BiasBank
 from bitfit.core.roles import untrained_pooler
 

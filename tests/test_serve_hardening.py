@@ -299,7 +299,7 @@ def test_nan_task_is_refused(setup, url, client):  # noqa: F811
         bank.add_task("inf", m)
     assert bank.tasks == ["sst2"]
     # the bank's own check, for tensors that reach it by any path
-    from bitfit.artifacts.artifact import task_tensors
+    from bitfit.artifacts import task_tensors
 
     for where in ("bias", "head"):
         tt = task_tensors(bank.base, str(setup["paths"]["nli"]))

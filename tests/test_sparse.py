@@ -11,7 +11,7 @@ from test_compare import tiny  # noqa: F401 - the tiny BERT + CSV task of the co
 
 import bitfit
 from bitfit.training import baselines as B
-from bitfit.artifacts.artifact import task_tensors
+from bitfit.artifacts import task_tensors
 from bitfit.core.config import BitFitConfig
 from bitfit.errors import BitFitConfigError
 from bitfit.core.prepare import bias_tensor

@@ -278,7 +278,7 @@ def test_clip_fingerprint_refuses_another_base(tmp_path):
     fresh = make_clip()
     with torch.no_grad():
         fresh.logit_scale.fill_(1.0)
-    from bitfit.artifacts.artifact import fingerprint
+    from bitfit.artifacts import fingerprint
 
     assert fingerprint(fresh) == fingerprint(model)
 

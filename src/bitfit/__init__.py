@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 
 # Heavier parts load on first use: name -> module that defines it.
 _LAZY = {
-    "save": "artifacts.artifact",
-    "load": "artifacts.artifact",
-    "merge": "artifacts.artifact",
-    "unmerge": "artifacts.artifact",
+    "save": "artifacts",
+    "load": "artifacts",
+    "merge": "artifacts",
+    "unmerge": "artifacts",
     "BiasBank": "serving.bank",
     "apply_dynamic": "methods.dynamic",
 }

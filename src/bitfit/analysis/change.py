@@ -112,7 +112,7 @@ def _meta_model(meta: dict) -> nn.Module:
 
 def artifact_change_table(path, model_map: Optional[ModelMap] = None) -> tuple[list[dict], ModelMap, dict]:
     """Change rows straight from a BitFit artifact (its stored differences), the model map, the meta."""
-    from ..artifacts.artifact import read_artifact
+    from ..artifacts import read_artifact
 
     art = read_artifact(path)
     mm = model_map or discover(_meta_model(art.meta))
@@ -347,7 +347,7 @@ def ranking_markdown(result: dict) -> str:
 
 def find_artifacts(run_dir) -> list[Path]:
     """Artifact folders (with bitfit_config.json) under ``run_dir``, itself included."""
-    from ..artifacts.artifact import CONFIG_NAME
+    from ..artifacts import CONFIG_NAME
 
     root = Path(run_dir)
     return sorted({p.parent for p in root.rglob(CONFIG_NAME)})

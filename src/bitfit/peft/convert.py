@@ -74,7 +74,7 @@ class Packed:
 # ----------------------------------------------------------------------------- bitfit artifact folders
 def read_bitfit_dir(path: PathLike) -> Packed:
     """The header and raw tensors of a bitfit artifact folder, after bitfit's own validation."""
-    from ..artifacts.artifact import CONFIG_NAME, WEIGHTS_NAME, read_artifact
+    from ..artifacts import CONFIG_NAME, WEIGHTS_NAME, read_artifact
 
     p = Path(os.path.expanduser(str(path)))
     read_artifact(p)  # every check bitfit.load makes on the files (checksum, keys, sizes)
@@ -107,7 +107,7 @@ def _write_folder(out: PathLike, files: dict) -> Path:
 
 def bitfit_files(packed: Packed) -> dict:
     """``{file name: bytes}`` of the bitfit artifact folder holding ``packed``."""
-    from ..artifacts.artifact import CONFIG_NAME, FORMAT, WEIGHTS_NAME
+    from ..artifacts import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 
     weights = safetensors.torch.save(_contiguous(packed.raw), metadata={"format": "pt", "bitfit": FORMAT})
     meta = dict(packed.meta, weights_sha256=hashlib.sha256(weights).hexdigest())
@@ -119,9 +119,9 @@ def write_bitfit_dir(packed: Packed, out: PathLike) -> Path:
 
 
 def to_artifact(packed: Packed, where: Optional[PathLike] = None):
-    """``packed`` as a validated :class:`bitfit.artifacts.artifact.Artifact` (what ``bitfit.load`` takes);
+    """``packed`` as a validated :class:`bitfit.artifacts.Artifact` (what ``bitfit.load`` takes);
     ``where`` is the folder its error messages name."""
-    from ..artifacts.artifact import read_artifact
+    from ..artifacts import read_artifact
 
     with tempfile.TemporaryDirectory(prefix="bitfit-peft-") as d:
         art = read_artifact(write_bitfit_dir(packed, Path(d) / "artifact"))
@@ -131,7 +131,7 @@ def to_artifact(packed: Packed, where: Optional[PathLike] = None):
 
 def pack(model) -> Packed:
     """What ``bitfit.save`` writes for the BitFit model ``model``, in memory."""
-    from ..artifacts.artifact import save
+    from ..artifacts import save
 
     with tempfile.TemporaryDirectory(prefix="bitfit-peft-") as d:
         return read_bitfit_dir(save(model, Path(d) / "artifact"))
@@ -261,7 +261,7 @@ def peft_config_dict(meta: dict, task_type: Optional[str] = None, inference_mode
 
 def is_peft_adapter(path) -> bool:
     """True for a folder that holds a peft adapter (``adapter_config.json``) and no bitfit artifact."""
-    from ..artifacts.artifact import CONFIG_NAME
+    from ..artifacts import CONFIG_NAME
 
     try:
         p = Path(os.path.expanduser(str(path)))
@@ -301,7 +301,7 @@ def peft_files(packed: Packed, config: dict) -> dict:
 
 
 def read_peft_adapter(path: PathLike):
-    """A peft-format BitFit adapter folder as a validated :class:`bitfit.artifacts.artifact.Artifact`
+    """A peft-format BitFit adapter folder as a validated :class:`bitfit.artifacts.Artifact`
     (``bitfit.load`` uses this for such folders)."""
     _, packed = read_peft_dir(path)
     return to_artifact(packed, path)
@@ -331,7 +331,7 @@ def from_bitfit(bitfit_dir: PathLike, out_dir: PathLike, task_type: Optional[str
 
 def convert(src: PathLike, out_dir: PathLike, task_type: Optional[str] = None) -> tuple[str, Path]:
     """Convert ``src`` to the other format: (``"bitfit"`` or ``"peft"``: the format written, folder)."""
-    from ..artifacts.artifact import CONFIG_NAME
+    from ..artifacts import CONFIG_NAME
 
     p = Path(os.path.expanduser(str(src)))
     if (p / CONFIG_NAME).is_file():

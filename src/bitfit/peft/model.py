@@ -132,7 +132,7 @@ class BitFitModel(BaseTuner):
             )
 
     def _check_base(self, model: nn.Module, cfg: BitFitPeftConfig, adapter_name: str) -> None:
-        from ..artifacts.artifact import fingerprint
+        from ..artifacts import fingerprint
 
         meta = cfg.bitfit_meta or {}
         want = (meta.get("base_model") or {}).get("fingerprint")
@@ -189,7 +189,7 @@ class BitFitModel(BaseTuner):
 
     def _activate(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the live adapter (the previous live one must be packed already)."""
-        from ..artifacts.artifact import load, unmerge
+        from ..artifacts import load, unmerge
 
         model, ad = self.model, self._adapters
         cfg = self.peft_config[adapter_name]
@@ -280,7 +280,7 @@ class BitFitModel(BaseTuner):
 
     # ------------------------------------------------------------------ delete / merge / unload
     def delete_adapter(self, adapter_name: str) -> None:
-        from ..artifacts.artifact import unmerge
+        from ..artifacts import unmerge
 
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
@@ -300,8 +300,8 @@ class BitFitModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list] = None):
-        from ..artifacts.artifact import merge as bitfit_merge
-        from ..artifacts.artifact import unmerge
+        from ..artifacts import merge as bitfit_merge
+        from ..artifacts import unmerge
 
         if adapter_names:
             if len(adapter_names) != 1:
@@ -359,7 +359,7 @@ class BitFitModel(BaseTuner):
         art = to_artifact(packed, f"(adapter {adapter_name!r})")  # every check of bitfit's reader
         ad = tuner._adapters
         if adapter_name == ad.live:
-            from ..artifacts.artifact import load
+            from ..artifacts import load
 
             ad.disabled = None
             load(tuner.model, art, strict=config.strict_base)

@@ -549,7 +549,7 @@ class BiasBank:
             raise BitFitError(f"task names must be non-empty strings, got {name!r}")
         if name in self._tasks and not replace:
             raise BitFitError(f"task {name!r} is already in the bank; remove_task it first or pass replace=True")
-        from ..artifacts.artifact import task_tensors
+        from ..artifacts import task_tensors
 
         tt = task_tensors(self.base, source, strict=self.strict)
         task = self._build_task(name, tt)
@@ -615,7 +615,7 @@ class BiasBank:
         added = set(getattr(tt, "added", []) or [])
         swap, hooked = {}, {}
         head = dict(tt.head or {})
-        from ..artifacts.artifact import locate
+        from ..artifacts import locate
 
         prefix = meta.get("base_prefix", "") or ""
         for saved_slot, value in tt.biases.items():
@@ -944,11 +944,11 @@ class BiasBank:
 
 
 def _read_sources(tasks: Optional[dict], strict: bool = True) -> Optional[dict]:
-    """``tasks`` with artifact folders read (:func:`bitfit.artifacts.artifact.read_artifact`): their records name the
+    """``tasks`` with artifact folders read (:func:`bitfit.artifacts.read_artifact`): their records name the
     head class the base is loaded with."""
     if not tasks:
         return tasks
-    from ..artifacts.artifact import read_artifact
+    from ..artifacts import read_artifact
 
     return {name: read_artifact(str(src), strict=strict) if isinstance(src, str) or hasattr(src, "__fspath__")
             else src for name, src in tasks.items()}

@@ -81,7 +81,7 @@ def merged_task(source, base=None) -> nn.Module:
 
     ``base``: model name/folder or module (default: the base named in the artifact)."""
     from .. import load, merge
-    from ..artifacts.artifact import read_artifact
+    from ..artifacts import read_artifact
     from ..core.prepare import get_state
 
     if isinstance(source, nn.Module):

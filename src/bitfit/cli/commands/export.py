@@ -30,7 +30,7 @@ def main(argv: list) -> int:
     add_verbose(p)
     args = p.parse_args(argv)
 
-    from ...artifacts.artifact import read_artifact
+    from ...artifacts import read_artifact
     from ...serving.export import export_model, merged_task
     from ...core.models import load_tokenizer
 

@@ -98,7 +98,7 @@ def main(argv: list) -> int:
 
     import torch
 
-    from ...artifacts.artifact import read_artifact
+    from ...artifacts import read_artifact
     from ...serving.bank import BiasBank
     from ...core.models import load_model, load_tokenizer
     from ...serving.app import create_app, serve
