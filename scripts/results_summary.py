@@ -161,7 +161,7 @@ def sizes_table(runs: list) -> str:
 
 def bias_change(runs: list, size: int, out: Path) -> str:
     """Mean bias change of the BitFit runs per task (paper's figure), and the role ranking."""
-    from bitfit.analysis import change
+    from bitfit.analysis import change as analysis
     from bitfit.cli.commands.compare import _average_rows
     from bitfit.core.models import load_model
 

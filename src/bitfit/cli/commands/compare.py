@@ -301,7 +301,7 @@ def run_one(spec: str, lr: float, seed: int, size: Optional[int], model_args, da
     ``train_argv``: the compare's TrainingArguments flags (for the run's command.json)."""
     import torch
 
-    from ...analysis import change
+    from ...analysis import change as analysis
     from ...training import baselines
     from ...fast.timing import DEFINITIONS, busy, load_now
     from ...training.train import run_train
@@ -648,7 +648,7 @@ def _average_rows(tables: list) -> list:
 
 def write_analyses(records: list, rows: list, out: Path, model_name: str) -> dict:
     """Bias-change heatmap/CSV/ranking per method whose biases moved (mean over seeds at the best lr)."""
-    from ...analysis import change
+    from ...analysis import change as analysis
 
     mm = None
     done = {}
@@ -863,7 +863,7 @@ def _glue_batches(model_name: str, task: str, data_dir: Optional[str], n_batches
 
 def analyze_artifact(path: Path, out: Path, base: Optional[str], task: Optional[str], data_dir: Optional[str],
                      n_batches: int, batch_size: int) -> dict:
-    from ...analysis import change
+    from ...analysis import change as analysis
 
     rows, mm, meta = analysis.artifact_change_table(path)
     grads = None
@@ -889,7 +889,7 @@ def analyze_artifact(path: Path, out: Path, base: Optional[str], task: Optional[
 def analyze_checkpoint(path: Path, out: Path, base: str, task: Optional[str], data_dir: Optional[str],
                        n_batches: int, batch_size: int) -> dict:
     """A plainly saved model (e.g. full fine-tuning) against its base: change of every bias."""
-    from ...analysis import change
+    from ...analysis import change as analysis
     from ...core.models import load_model
 
     trained = load_model(str(path), task="classification")
@@ -906,7 +906,7 @@ def analyze_checkpoint(path: Path, out: Path, base: str, task: Optional[str], da
 @command("analyze", "which biases moved in a run: change per role and layer (heatmap, CSV) and gradient ranking")
 def analyze_main(argv: list) -> int:
     _env()
-    from ...analysis import change
+    from ...analysis import change as analysis
 
     p = argparse.ArgumentParser(
         prog="bitfit analyze",
