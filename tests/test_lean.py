@@ -9,7 +9,8 @@ from torch import nn
 
 import bitfit
 from bitfit.errors import BitFitConfigError
-from bitfit.fast.lean import LeanDropout, get_lean, lean_dropout, saved_activation_bytes, set_lean
+from bitfit.fast.dropout import LeanDropout, lean_dropout
+from bitfit.fast.lean import get_lean, saved_activation_bytes, set_lean
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -181,11 +182,11 @@ def test_lean_gradients_match_stock(family, attn):
 def test_without_dropout_short_rows_take_the_fused_path_with_stock_gradients(monkeypatch):
     """No dropout (BitFit's default): up to FUSED_MAX_KEYS_WITHOUT_DROPOUT keys the fused function runs (CPU
     flash-attention backward is slow there); past it, SDPA. Gradients match the stock path either way."""
-    import bitfit.fast.lean as L
+    import bitfit.fast.attention as L
 
     calls = []
-    real = L._FusedAttention.apply
-    monkeypatch.setattr(L._FusedAttention, "apply", lambda *a: calls.append(a[0].shape[-2]) or real(*a))
+    real = L.FusedAttention.apply
+    monkeypatch.setattr(L.FusedAttention, "apply", lambda *a: calls.append(a[0].shape[-2]) or real(*a))
 
     def grads(lean, seq):
         model = make("bert", attn_implementation="sdpa", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -387,7 +388,7 @@ def _int8_pair(family="bert", **options):
 
 
 def test_int8_quantizes_frozen_linears_only():
-    from bitfit.fast.lean import INT8_S, INT8_W
+    from bitfit.fast.int8 import INT8_S, INT8_W
 
     m8, _ = _int8_pair()
     state = get_lean(m8)
@@ -443,34 +444,34 @@ def test_int8_eval_is_the_bf16_path_and_grads_are_close():
 
 
 def test_fast_dropout_draw_keeps_the_right_fraction():
-    from bitfit.fast.lean import _FAST_DRAW, _fast_keep_mask, lean_dropout
+    from bitfit.fast.dropout import FAST_DRAW, fast_keep_mask, lean_dropout
 
     torch.manual_seed(0)
     for p in (0.1, 0.5):
-        keep = _fast_keep_mask((1000, 1000), p, "cpu")
+        keep = fast_keep_mask((1000, 1000), p, "cpu")
         assert keep.dtype == torch.bool and abs(keep.float().mean().item() - (1 - p)) < 2e-3
         assert abs(keep[:, ::4].float().mean().item() - (1 - p)) < 4e-3  # every 16-bit lane is uniform
         assert abs(keep[:, 3::4].float().mean().item() - (1 - p)) < 4e-3
     x = torch.ones(200, 500, requires_grad=True)
-    token = _FAST_DRAW.set(True)
+    token = FAST_DRAW.set(True)
     try:
         y = lean_dropout(x, 0.2)
     finally:
-        _FAST_DRAW.reset(token)
+        FAST_DRAW.reset(token)
     assert set(y.unique().tolist()) == {0.0, 1.25} and abs((y > 0).float().mean().item() - 0.8) < 0.01
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient = the same mask and scale
 
 
 def test_int8_function_matches_float_matmul():
-    from bitfit.fast.lean import _Int8Matmuls, _rowwise_int8
+    from bitfit.fast.int8 import Int8Matmuls, rowwise_int8
 
     torch.manual_seed(0)
     w = torch.randn(48, 32)
-    wq, ws = _rowwise_int8(w)
+    wq, ws = rowwise_int8(w)
     x = torch.randn(2, 5, 32, requires_grad=True)
     b = torch.randn(48, requires_grad=True)
-    y = _Int8Matmuls.apply(x, b, wq, ws.reshape(-1), torch.float32)
+    y = Int8Matmuls.apply(x, b, wq, ws.reshape(-1), torch.float32)
     ref = x @ w.t() + b
     assert y.shape == (2, 5, 48)
     assert (y - ref).norm() / ref.norm() < 0.02

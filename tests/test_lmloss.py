@@ -222,7 +222,7 @@ def test_lean_auto_and_gradient_checkpointing(family, monkeypatch):
     # checkpointing runs the model's own attention (bitfit.fast.lean._checkpointing); without it, short rows would
     # take the fused one, another bf16 rounding (its gradients against stock: tests/test_lean.py). One
     # attention on both sides, so that what is compared here is checkpointing and the chunked loss alone.
-    monkeypatch.setattr("bitfit.fast.lean.FUSED_MAX_KEYS_WITHOUT_DROPOUT", 0)
+    monkeypatch.setattr("bitfit.fast.attention.FUSED_MAX_KEYS_WITHOUT_DROPOUT", 0)
     grads = {}
     for gc in (False, True):
         model = tiny_causal(family)
@@ -282,7 +282,8 @@ def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, r
 
 
 def test_instruct_checkpointing_default_and_opt_out(tmp_path):
-    from bitfit.training.train import instruct_checkpointing, parse_train_args
+    from bitfit.cli.trainargs import parse_train_args
+    from bitfit.training.defaults import instruct_checkpointing
 
     on = instruct_checkpointing()
     assert list(on.values()) == [True]
@@ -299,7 +300,7 @@ def test_instruct_checkpointing_default_and_opt_out(tmp_path):
     assert checkpointing([]) is True
     assert checkpointing(["--gradient_checkpointing", "false"]) is False  # the (deprecated) alias still turns it off
     # instruction tuning keeps BitFit's old learning rate (a causal LM has no fresh head; 2e-3 is for tasks with one)
-    from bitfit.training.train import BITFIT_LR, INSTRUCT_LR, build_training_arguments
+    from bitfit.training.defaults import BITFIT_LR, INSTRUCT_LR, build_training_arguments
 
     assert parse_train_args(base)[2].learning_rate == INSTRUCT_LR == 1e-3 != BITFIT_LR
     assert parse_train_args(base + ["--learning_rate", "3e-4"])[2].learning_rate == 3e-4
@@ -312,7 +313,8 @@ def test_run_train_instruct_checkpoints_by_default(tmp_path):
     """The library entry point (run_train with a dict of overrides) has the CLI's default, and the same opt-out."""
     from transformers import TrainerCallback
 
-    from bitfit.training.train import DataArguments, ModelArguments, run_train
+    from bitfit.training.arguments import DataArguments, ModelArguments
+    from bitfit.training.run import run_train
 
     bench = _causal_lm_bench()
     rows = bench.instruction_rows(8)

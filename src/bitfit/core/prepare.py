@@ -18,6 +18,26 @@ from .roles import BiasSlot, ModelMap, discover
 from .select import Selection, resolve
 
 STATE_ATTR = "_bitfit_state"
+# On a model with dynamic biases (bitfit.methods.dynamic): the attention mask of the current call and the
+# hook handles. Packed layers (bitfit.fast.packing) read it to keep such a model's rows padded.
+DYNAMIC_ATTR = "_bitfit_dynamic_ctx"
+
+# Steps that packages above core add to `apply`. Core knows nothing of them; they register when imported,
+# and importing bitfit imports them (bitfit/__init__.py), so every apply runs them.
+_FINISHERS: list = []  # fn(model, config) after the selection trains: bitfit.fast.lean.finish_apply
+_ENTRY_CHOOSER = None  # fn(model, model_map, selection, config, batches, entries) -> entries: bitfit.methods.sparse
+
+
+def register_finisher(fn) -> None:
+    """Run ``fn(model, config)`` at the end of every :func:`apply` (once per function)."""
+    if fn not in _FINISHERS:
+        _FINISHERS.append(fn)
+
+
+def register_entry_chooser(fn) -> None:
+    """Let ``fn`` choose the bias entries a ``budget`` trains (sparse BitFit)."""
+    global _ENTRY_CHOOSER
+    _ENTRY_CHOOSER = fn
 
 
 class SliceMask(nn.Module):
@@ -274,9 +294,8 @@ def apply(
         state.base[name] = params[name].detach().clone()
 
     object.__setattr__(target, STATE_ATTR, state)
-    from ..fast.lean import finish_apply  # frozen_dtype (bf16 base) and the memory-lean training mode
-
-    finish_apply(target, cfg)
+    for finish in _FINISHERS:  # bitfit.fast: frozen_dtype (a bf16/int8 base) and the memory-lean training mode
+        finish(target, cfg)
     return model
 
 
@@ -287,20 +306,9 @@ def _sparse_entries(target, model_map, sel, cfg, batches, entries):
             raise BitFitConfigError("entries= / batches= choose bias entries under a budget: pass budget= too "
                                     "(a fraction such as 0.5, or a count)")
         return None
-    from ..methods import sparse
-
-    if entries is None:
-        if batches is None:
-            raise BitFitConfigError(
-                f"budget={cfg.budget!r} chooses bias entries by their importance on data: pass batches= (a few "
-                "labelled training batches) or entries= (from bitfit.methods.sparse.select_entries)"
-            )
-        cands = sparse.candidates(model_map, sel)
-        count = sparse.budget_count(cfg.budget, sum(int(c.numel()) for c in cands.values()))
-        scores = sparse.importance_scores(target, batches, [model_map.slot(n) for n in cands], cfg.importance,
-                                          cfg.importance_batches)
-        entries = sparse.choose(scores, cands, count, cfg.importance_unit)
-    return sparse.check_entries(model_map, sel, entries, cfg.budget)
+    if _ENTRY_CHOOSER is None:  # pragma: no cover - importing bitfit registers bitfit.methods.sparse
+        raise BitFitConfigError("budget= needs bitfit.methods.sparse: import bitfit before calling apply")
+    return _ENTRY_CHOOSER(target, model_map, sel, cfg, batches, entries)
 
 
 def _check_selection(model_map: ModelMap, sel: Selection, cfg: BitFitConfig) -> None:

@@ -173,8 +173,9 @@ def report(model: nn.Module) -> Report:
     )
 
 
-def _modes(target) -> list:
-    from ..fast.lean import get_lean
+# Readers of the training modes a model runs in (bitfit.fast.lean registers one): fn(model) -> list of str.
+MODE_READERS: list = []
 
-    lean = get_lean(target)
-    return lean.describe() if lean is not None else []
+
+def _modes(target) -> list:
+    return [mode for read in MODE_READERS for mode in read(target)]

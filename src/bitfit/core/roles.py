@@ -414,3 +414,9 @@ def roles_of(model_map: ModelMap) -> dict:
 
 __all__ = ["BiasSlot", "ModelMap", "discover", "roles_of", "head_module_names", "untrained_pooler", "HEAD", "KNOWN_FAMILIES",
            "SCALAR_HEADS"]
+
+
+def module_family(module) -> str:
+    """The transformers family a module's class comes from (``modeling_bert`` -> ``"bert"``)."""
+    mod = type(module).__module__
+    return mod.rsplit(".", 1)[-1].removeprefix("modeling_")

@@ -94,19 +94,19 @@ def _key() -> str:
 def _time_mode(mode: str, tokens: int, d_in: int, d_out: int, repeats: int) -> float:
     """Seconds (process CPU time per thread, best of ``repeats``) of forward + input gradient of a frozen
     Linear in ``mode``."""
-    from .lean import _Int8Matmuls, _rowwise_int8
+    from .int8 import Int8Matmuls, rowwise_int8
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(d_out, d_in, generator=g) * 0.02
     x = torch.randn(tokens, d_in, generator=g)
     grad = torch.randn(tokens, d_out, generator=g)
     if mode == "int8":
-        wq, ws = _rowwise_int8(w)
+        wq, ws = rowwise_int8(w)
         ws = ws.reshape(-1)
         xb = x.to(torch.bfloat16).requires_grad_(True)
 
         def step():
-            y = _Int8Matmuls.apply(xb, None, wq, ws, torch.bfloat16)
+            y = Int8Matmuls.apply(xb, None, wq, ws, torch.bfloat16)
             y.backward(grad.to(torch.bfloat16))
     else:
         dt = torch.float32 if mode == "float32" else torch.bfloat16

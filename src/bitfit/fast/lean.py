@@ -55,10 +55,7 @@ inference needs. Two independent switches, both set by :func:`bitfit.apply`:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
-import math
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,19 +64,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import packing
+from ..core import prepare, report
+from ..core.roles import module_family
 from ..errors import BitFitConfigError, BitFitError
+from .attention import attention_applies, register
+from .dropout import FAST_DRAW, LeanDropout
+from .int8 import drop_int8, quantize_frozen_linears
 
 LEAN_ATTR = "_bitfit_lean"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-INT8_W, INT8_S = "_bitfit_int8_weight", "_bitfit_int8_scale"  # non-persistent buffers of int8 Linears
 
-# modeling modules whose eager attention is the standard matmul*scaling (+mask) -> softmax ->
-# dropout -> matmul that the fused function reproduces exactly
-_FUSED_FAMILIES = {
-    "bert", "roberta", "xlm_roberta", "camembert", "electra", "distilbert", "vit", "opt", "bart",
-    "mbart", "llama", "qwen2", "mistral", "data2vec", "deit",
-}
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias", "head_mask")
 
 
 def _to_dtype(dtype) -> torch.dtype:
@@ -205,341 +199,6 @@ def cast_frozen(model: nn.Module, dtype="bfloat16") -> int:
     return n
 
 
-# ------------------------------------------------------------------ int8 training matmuls
-
-
-def _rowwise_int8(x2: torch.Tensor, col_scale: Optional[torch.Tensor] = None):
-    """(int8 rows, float32 per-row scale) with ``x2 * col_scale ~= q * scale`` (symmetric absmax per row).
-
-    Element-wise work runs on float32 copies with in-place ops: mixed-dtype and broadcast
-    ops (int32 * float, addcmul) are several times slower on CPU."""
-    y = x2.float()
-    fresh = y is not x2
-    if col_scale is not None:
-        y = y.mul_(col_scale) if fresh else y * col_scale
-        fresh = True
-    amax = y.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
-    inv = amax.reciprocal().mul_(127.0)
-    y = y.mul_(inv) if fresh else y * inv
-    return y.round_().to(torch.int8), amax.div_(127.0)
-
-
-class _Int8Matmuls(torch.autograd.Function):
-    """``x @ W^T + b`` and its input gradient as int8 matmuls (no weight gradient: W is frozen)."""
-
-    @staticmethod
-    def forward(ctx, x, bias, wq, w_scale, out_dtype):
-        shape = x.shape
-        xq, xs = _rowwise_int8(x.reshape(-1, shape[-1]))
-        y = torch._int_mm(xq, wq.t()).float().mul_(xs).mul_(w_scale)
-        if bias is not None:
-            y.add_(bias.float())
-        ctx.save_for_backward(wq, w_scale)
-        ctx.in_shape, ctx.in_dtype, ctx.has_bias = shape, x.dtype, bias is not None
-        return y.to(out_dtype).view(*shape[:-1], wq.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        wq, w_scale = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1]).float()
-        grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gq, gs = _rowwise_int8(g2, w_scale)  # the weight's row scales belong to the summed dimension
-            grad_x = torch._int_mm(gq, wq).float().mul_(gs).to(ctx.in_dtype).view(ctx.in_shape)
-        return grad_x, grad_bias, None, None, None
-
-
-class _Int8Forward:
-    """Instance-level ``forward`` of a frozen Linear: int8 matmuls in training, the module's own otherwise."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __call__(self, x):
-        module = self.module
-        wq = module._buffers.get(INT8_W)
-        if (
-            wq is None or not module.training or not torch.is_grad_enabled() or not x.is_floating_point()
-            or x.device != wq.device or x.numel() == 0
-            or (x.device.type == "cuda" and (x.numel() // x.shape[-1] <= 16 or x.shape[-1] % 8 or wq.shape[0] % 8))
-        ):
-            return type(module).forward(module, x)
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        return _Int8Matmuls.apply(x, module.bias, wq, module._buffers[INT8_S], out_dtype)
-
-
-def quantize_frozen_linears(model: nn.Module) -> list:
-    """Give every frozen ``nn.Linear`` of ``model`` an int8 copy of its weight (per-row scales, as
-    non-persistent buffers: they follow ``.to()`` and never reach a state dict) and the int8
-    training forward. Returns the module names."""
-    names = []
-    for name, module in model.named_modules():
-        w = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
-        if w is None or w.requires_grad or not w.is_floating_point() or w.dim() != 2:
-            continue
-        if "forward" in module.__dict__ and not isinstance(module.__dict__["forward"], _Int8Forward):
-            continue  # somebody else's instance forward: leave the module alone
-        with torch.no_grad():
-            wq, scale = _rowwise_int8(w.detach())
-        module.register_buffer(INT8_W, wq, persistent=False)
-        module.register_buffer(INT8_S, scale.reshape(-1), persistent=False)
-        module.forward = _Int8Forward(module)
-        names.append(name)
-    return names
-
-
-def drop_int8(model: nn.Module) -> None:
-    """Undo :func:`quantize_frozen_linears`."""
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _Int8Forward):
-            del module.__dict__["forward"]
-        module._buffers.pop(INT8_W, None)
-        module._buffers.pop(INT8_S, None)
-
-
-# ------------------------------------------------------------------ lean dropout
-
-
-# Set (by the model's lean forward) while a training forward of an int8 model runs: that path is not
-# bit-identical to stock anyway, so dropout may use a cheaper draw than torch's bernoulli_.
-_FAST_DRAW = contextvars.ContextVar("bitfit_fast_draw", default=False)
-_DRAW_BITS = 15
-
-
-def _fast_keep_mask(shape, p: float, device) -> torch.Tensor:
-    """Keep mask with P(keep) = 1 - p to 2**-15: 15 random bits per value, four values carved out of
-    every 64-bit word of one ``random_()`` call (about 5x cheaper than ``bernoulli_`` on CPU)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()  # [0, 2**63)
-    bits = words.view(torch.int16)[:n].view(shape).bitwise_and_((1 << _DRAW_BITS) - 1)
-    return bits >= round(p * (1 << _DRAW_BITS))
-
-
-def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    if _FAST_DRAW.get() and x.device.type == "cpu":
-        return _fast_keep_mask(x.shape, p, x.device)
-    # The draw torch's CPU dropout makes (empty_like(input).bernoulli_(1 - p)) made straight into a
-    # bool tensor: CPU bernoulli_ consumes the generator the same way for every dtype, so under a
-    # fixed seed this is the stock path's mask exactly (the tests check it).
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
-
-
-def _scale(p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    # stock: noise.div_(1 - p), computed in the tensor's dtype
-    return torch.ones((), dtype=dtype, device=device).div_(1 - p)
-
-
-class _MaskedScale(torch.autograd.Function):
-    """x * noise with noise = scale where kept, 0 where dropped; saves only the bool drop mask."""
-
-    @staticmethod
-    def forward(ctx, x, drop, scale):
-        ctx.save_for_backward(drop, scale)
-        return x.mul(scale).masked_fill_(drop, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        drop, scale = ctx.saved_tensors
-        return grad.mul(scale.to(grad.dtype)).masked_fill_(drop, 0), None, None
-
-
-def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Dropout that saves a bool mask for backward (CPU); stock ``F.dropout`` elsewhere."""
-    if not training or p == 0.0 or x.numel() == 0:
-        return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or not torch.is_grad_enabled() or not x.requires_grad:
-        return F.dropout(x, p, training)
-    return _MaskedScale.apply(x, _keep_mask(x, p).logical_not_(), _scale(p, x.dtype, x.device))
-
-
-class LeanDropout(nn.Dropout):
-    """``nn.Dropout`` with the same draws whose backward keeps a bool mask, not a float tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace:
-            return F.dropout(x, self.p, self.training, True)
-        return lean_dropout(x, self.p, self.training)
-
-
-# ------------------------------------------------------------------ fused attention
-
-
-class _FusedAttention(torch.autograd.Function):
-    """softmax(q k^T * scaling + mask) -> dropout -> @ v, saving q, k, v and one signed softmax."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scaling, p, causal):
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-        if causal:
-            L, S = scores.shape[-2:]
-            tri = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=S - L)
-            scores = scores.masked_fill(~tri, torch.finfo(scores.dtype).min)
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + mask
-        probs = torch.softmax(scores, dim=-1)  # low precision: CPU kernels accumulate in float32
-        del scores
-        if p > 0.0:
-            keep = _keep_mask(probs, p)
-            scale = _scale(p, probs.dtype, probs.device)
-            signed = torch.where(keep, probs, probs.neg())  # sign bit = dropped (softmax >= 0)
-            del keep
-            dropped = signed.relu().mul_(scale)  # = probs * noise of stock dropout
-        else:
-            scale = None
-            dropped = probs
-            signed = probs
-        out = torch.matmul(dropped, v)
-        ctx.save_for_backward(q, k, v, signed)
-        ctx.scaling = scaling
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, signed = ctx.saved_tensors
-        scale = ctx.scale
-        if scale is not None:
-            drop = torch.signbit(signed)
-            probs = signed.abs()
-            dropped = signed.relu().mul_(scale)
-        else:
-            drop, probs, dropped = None, signed, signed
-        grad = grad.to(v.dtype)
-        gv = torch.matmul(dropped.transpose(-1, -2), grad) if ctx.needs_input_grad[2] else None
-        del dropped
-        gq = gk = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gp = torch.matmul(grad, v.transpose(-1, -2))
-            if drop is not None:
-                gp = gp.mul_(scale).masked_fill_(drop, 0)
-            gs = torch._softmax_backward_data(gp, probs, -1, probs.dtype)
-            gs = gs.mul_(ctx.scaling)
-            if ctx.needs_input_grad[0]:
-                gq = torch.matmul(gs, k)
-            if ctx.needs_input_grad[1]:
-                gk = torch.matmul(gs.transpose(-1, -2), q)
-        return gq, gk, gv, None, None, None, None
-
-
-def _family(module: nn.Module) -> str:
-    mod = type(module).__module__
-    return mod.rsplit(".", 1)[-1].removeprefix("modeling_")
-
-
-def _stock_attention(module, impl):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if impl in (None, "eager"):
-        return eager
-    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
-
-
-_LEAN_PREFIX = "bitfit_lean:"
-# Without dropout the fused path still runs for short sequences: torch's CPU flash-attention backward
-# (what sdpa runs) costs more than the whole rest of a short-sequence BitFit step (MiniLM, bf16, one
-# thread: a step 315 -> 160 ms at 32 tokens, 821 -> 451 ms at 128; 600 -> 541 at 256, level at 512),
-# while the fused path keeps the [heads, keys, keys] softmax, so long sequences stay on sdpa.
-FUSED_MAX_KEYS_WITHOUT_DROPOUT = 128
-
-
-def _fused_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention-interface function: fused path in CPU training, the model's own function otherwise; over
-    packed layers (bitfit.fast.packing) each run of rows of similar length attends on its own."""
-    plan = packing.current()
-    if plan is not None and _runs_in_one(module, query, key, plan, dropout, kwargs):
-        if scaling is None:
-            scaling = query.size(-1) ** -0.5
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-        return packing.run_attention(plan, query, key, value, scaling, dtype)
-    if plan is not None:
-        return packing.packed_attention(plan, _attend, module, query, key, value, scaling=scaling, dropout=dropout,
-                                        **kwargs)
-    return _attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-
-def _runs_in_one(module, query, key, plan, dropout, kwargs) -> bool:
-    """The packed runs' attention runs as one autograd node (bitfit.fast.packing.run_attention): training without
-    dropout, runs no longer than the fused path takes, one key head a query head, the standard eager semantics.
-    Evaluation keeps the model's own (sdpa) function run by run: on a CPU its fused kernels beat three plain ops
-    there (MiniLM, SST-2 dev, bf16: 1.8 s against 2.0 s), while in training one node saves a dozen a run and
-    their backward (a packed SST-2 step 6-11% faster)."""
-    return dropout == 0.0 and _fused_applies(module, query, key, dropout, kwargs, keys=plan.runs[0][2])
-
-
-def _fused_applies(module, query, key, dropout, kwargs, keys: int) -> bool:
-    """The fused function can stand in for the model's attention: CPU training, attention dropout or at most
-    FUSED_MAX_KEYS_WITHOUT_DROPOUT ``keys``, one key head a query head, a family with the standard eager
-    semantics and none of the arguments it does not take."""
-    return (
-        module.training
-        and (dropout > 0.0 or keys <= FUSED_MAX_KEYS_WITHOUT_DROPOUT)
-        and query.device.type == "cpu"
-        and query.shape[1] == key.shape[1]
-        and _family(module) in _FUSED_FAMILIES
-        and not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
-    )
-
-
-def _attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    impl = module.config._attn_implementation
-    orig = impl[len(_LEAN_PREFIX):] if impl and impl.startswith(_LEAN_PREFIX) else impl
-    usable = torch.is_grad_enabled() and _fused_applies(module, query, key, dropout, kwargs, keys=key.shape[-2])
-    if not usable:
-        return _stock_attention(module, orig)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-    is_causal = kwargs.get("is_causal")
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = orig == "sdpa" and mask is None and query.shape[2] > 1 and bool(is_causal)
-    dtype = query.dtype
-    if torch.is_autocast_enabled(query.device.type):
-        dtype = torch.get_autocast_dtype(query.device.type)
-    with torch.autocast(query.device.type, enabled=False):
-        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(dtype)
-        out = _FusedAttention.apply(q, k, v, mask, float(scaling), float(dropout), causal)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register(orig: str) -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    name = _LEAN_PREFIX + orig
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _fused_attention_forward)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[orig]
-    if ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name) is not mask_fn:
-        type(ALL_MASK_ATTENTION_FUNCTIONS).register(name, mask_fn)
-    return name
-
-
-def _attention_applies(model: nn.Module) -> Optional[str]:
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in ("eager", "sdpa"):
-        return None
-    for module in model.modules():
-        if getattr(module, "config", None) is config and _family(module) in _FUSED_FAMILIES and (
-            "Attention" in type(module).__name__
-        ):
-            if hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS"):
-                return impl
-    return None
-
-
 # ------------------------------------------------------------------ lean gated MLP
 
 # families whose MLP forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
@@ -582,7 +241,7 @@ class _LeanGatedMLP:
 def _is_gated_mlp(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return (
-        _family(module) in _GATED_MLP_FAMILIES and type(module).__name__.endswith("MLP")
+        module_family(module) in _GATED_MLP_FAMILIES and type(module).__name__.endswith("MLP")
         and all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
         and (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation")
         and "forward" not in act.__dict__  # nobody replaced the activation's forward (a kernel)
@@ -633,7 +292,7 @@ class _Forward:
                 device = next(module.parameters()).device.type
                 stack.enter_context(torch.autocast(device, dtype=lean.frozen_dtype))
             if lean.lean and lean.int8 and module.training:
-                stack.callback(_FAST_DRAW.reset, _FAST_DRAW.set(True))
+                stack.callback(FAST_DRAW.reset, FAST_DRAW.set(True))
             if lean.lean and lean.attention and not _checkpointing(module):
                 plan = None
                 if lean.pack and not args and packing.wanted(kwargs, module) \
@@ -642,7 +301,7 @@ class _Forward:
                 config = module.config
                 saved = config._attn_implementation_internal
                 if (module.training or plan is not None) and saved in ("eager", "sdpa"):
-                    config._attn_implementation_internal = _register(saved)
+                    config._attn_implementation_internal = register(saved)
                     stack.callback(setattr, config, "_attn_implementation_internal", saved)
                     if plan is not None:
                         stack.callback(packing.deactivate, packing.activate(plan))
@@ -723,7 +382,7 @@ def set_lean(model: nn.Module, on: bool = True, pack: bool = True) -> LeanState:
             elif type(module) is LeanDropout:
                 names.append(name)
         lean.dropouts = names
-        impl = _attention_applies(target)
+        impl = attention_applies(target)
         lean.attention = impl is not None
         lean.attn_impl = impl
         lean.mlps = _set_lean_mlps(target, True)
@@ -802,3 +461,12 @@ def saved_activation_bytes(fn, params=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return sum(seen.values()), result
+
+
+def _modes(model: nn.Module) -> list:
+    lean = get_lean(model)
+    return lean.describe() if lean is not None else []
+
+
+prepare.register_finisher(finish_apply)
+report.MODE_READERS.append(_modes)

@@ -70,18 +70,18 @@ class _Int8Head:
         self.wq, self.w_scale, self.out_dtype = wq, w_scale, out_dtype
 
     def logits(self, h: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        from .lean import _rowwise_int8
+        from .int8 import rowwise_int8
 
-        xq, xs = _rowwise_int8(h)
+        xq, xs = rowwise_int8(h)
         y = torch._int_mm(xq, self.wq.t()).float().mul_(xs).mul_(self.w_scale)
         if bias is not None:
             y.add_(bias.float())
         return y.to(self.out_dtype)
 
     def grad_input(self, g: torch.Tensor) -> torch.Tensor:
-        from .lean import _rowwise_int8
+        from .int8 import rowwise_int8
 
-        gq, gs = _rowwise_int8(g.to(self.out_dtype).float(), self.w_scale)
+        gq, gs = rowwise_int8(g.to(self.out_dtype).float(), self.w_scale)
         return torch._int_mm(gq, self.wq).float().mul_(gs)
 
 
@@ -252,10 +252,10 @@ class _HeadInput:
         dev = x.device.type
         autocast = torch.is_autocast_enabled(dev)
         self.cdtype = torch.get_autocast_dtype(dev) if autocast else module.weight.dtype
-        from .lean import INT8_W, INT8_S, _Int8Forward
+        from .int8 import INT8_S, INT8_W, Int8Forward
 
         wq = module._buffers.get(INT8_W)
-        if (wq is not None and isinstance(module.__dict__.get("forward"), _Int8Forward) and module.training
+        if (wq is not None and isinstance(module.__dict__.get("forward"), Int8Forward) and module.training
                 and torch.is_grad_enabled() and x.is_floating_point() and x.device.type == "cpu"
                 and x.device == wq.device):
             self.int8 = _Int8Head(wq, module._buffers[INT8_S], self.cdtype if autocast else x.dtype)

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..methods.dynamic import _CTX as _DYNAMIC_CTX
+from ..core.prepare import DYNAMIC_ATTR
+from ..core.roles import module_family
 from .subbatch import length_runs, right_padded
 
 #: encoder families whose layers are token-wise apart from an attention that goes through transformers'
@@ -260,13 +261,11 @@ def _unpack_hook(module, args, kwargs, output):
 def find_layers(model: nn.Module) -> Optional[nn.ModuleList]:
     """The encoder's list of transformer layers, when ``model`` is of a family in :data:`PACK_FAMILIES` and
     has exactly one such list (an encoder-decoder or a model with two stacks gets None)."""
-    from .lean import _family
-
     found = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             first = module[0]
-            if _family(first) in PACK_FAMILIES and all(type(m) is type(first) for m in module) and any(
+            if module_family(first) in PACK_FAMILIES and all(type(m) is type(first) for m in module) and any(
                 "Attention" in type(sub).__name__ for sub in first.modules()
             ):
                 found.append(module)
@@ -298,7 +297,7 @@ def wanted(kwargs: dict, model: nn.Module) -> bool:
     as a causal decoder or with cross-attention), no request for per-layer outputs (hidden states or attention
     maps of the packed layers would not be the padded ones), and nothing inside the layers that works per row
     (dynamic biases)."""
-    if _DYNAMIC_CTX in model.__dict__:  # dynamic biases pool over each row's tokens inside the layers
+    if DYNAMIC_ATTR in model.__dict__:  # dynamic biases pool over each row's tokens inside the layers
         return False
     config = getattr(model, "config", None)
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False) \

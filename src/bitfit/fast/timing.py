@@ -1,5 +1,5 @@
 """The time and load figures of a training run, defined once: ``metrics.json`` of `bitfit train`
-(:func:`bitfit.training.train.run_train`) and `bitfit compare`'s run.json / table both take them from here.
+(:func:`bitfit.training.run.run_train`) and `bitfit compare`'s run.json / table both take them from here.
 
 Definitions (docs/COMPARE.md):
 

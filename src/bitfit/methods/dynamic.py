@@ -28,12 +28,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..core.prepare import DYNAMIC_ATTR
 from ..errors import ArtifactError, BitFitConfigError
 
 ATTR = "bitfit_dynamic"  # the net's name on the module it shifts
 WEIGHTS = "dynamic_bias.safetensors"
 POOLS = ("auto", "mean", "causal")
-_CTX = "_bitfit_dynamic_ctx"  # on the model: the attention mask of the current call and the hook handles
 # (bitfit.fast.packing.wanted keeps a model that holds it on padded layers: the pools need rows)
 
 
@@ -162,7 +162,7 @@ def apply_dynamic(model: nn.Module, rank: int = 4, targets: Union[None, str, Seq
         module.add_module(ATTR, net)
         ctx["handles"].append(module.register_forward_hook(_shift))
     ctx["handles"].append(target.register_forward_pre_hook(_keep_mask(ctx), with_kwargs=True))
-    object.__setattr__(target, _CTX, ctx)
+    object.__setattr__(target, DYNAMIC_ATTR, ctx)
     return model
 
 
@@ -171,7 +171,7 @@ def remove(model: nn.Module) -> nn.Module:
     from ..core.prepare import unwrap
 
     target = unwrap(model)
-    ctx = target.__dict__.pop(_CTX, None)
+    ctx = target.__dict__.pop(DYNAMIC_ATTR, None)
     for handle in (ctx or {}).get("handles", ()):
         handle.remove()
     for m in target.modules():

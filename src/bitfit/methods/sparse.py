@@ -25,6 +25,7 @@ from torch import nn
 from ..core.config import IMPORTANCE_SCORES, IMPORTANCE_UNITS, BitFitConfig, parse_budget
 from ..errors import BitFitConfigError, BitFitError, DataError
 from ..core.roles import ModelMap, discover
+from ..core.prepare import register_entry_chooser
 from ..core.select import Selection, resolve
 
 
@@ -222,3 +223,23 @@ def sample_batches(dataset, collate: Callable, n_batches: int, batch_size: int, 
 
 __all__ = ["select_entries", "importance_scores", "choose", "candidates", "budget_count", "check_entries",
            "sample_batches"]
+
+
+def choose_entries(target: nn.Module, model_map: ModelMap, sel: Selection, cfg: BitFitConfig, batches, entries):
+    """The entries ``cfg.budget`` trains: ``entries`` checked, or the most important ones on ``batches``
+    (what :func:`bitfit.apply` runs under a budget)."""
+    if entries is None:
+        if batches is None:
+            raise BitFitConfigError(
+                f"budget={cfg.budget!r} chooses bias entries by their importance on data: pass batches= (a few "
+                "labelled training batches) or entries= (from bitfit.methods.sparse.select_entries)"
+            )
+        cands = candidates(model_map, sel)
+        count = budget_count(cfg.budget, sum(int(c.numel()) for c in cands.values()))
+        scores = importance_scores(target, batches, [model_map.slot(n) for n in cands], cfg.importance,
+                                   cfg.importance_batches)
+        entries = choose(scores, cands, count, cfg.importance_unit)
+    return check_entries(model_map, sel, entries, cfg.budget)
+
+
+register_entry_chooser(choose_entries)
