@@ -174,7 +174,13 @@ def test_lean_gradients_match_stock(family, attn):
     assert state.attention and state.dropouts
     assert not any(type(m) is LeanDropout for m in stock.modules())
     assert lean.config._attn_implementation == attn  # restored after the forward
-    assert torch.equal(loss0, loss1)  # same dropout draws: the same forward
+    if attn == "eager":  # the fused function runs eager attention's ops on the same values, same draws
+        assert torch.equal(loss0, loss1)
+    else:
+        # stock sdpa runs torch's fused CPU kernel (a blocked, online softmax whose blocking depends on the
+        # CPU's vector width), the lean path matmul -> softmax -> matmul: the same dropout draws, float32
+        # rounding apart (a few ulp of a loss near 0.7, seen on AVX2-only CPUs), so 1e-5 relative.
+        torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-7)
     assert len(g0) > 10
     assert_grads_match(g0, g1)
 
@@ -325,7 +331,7 @@ def test_bf16_lean_together_trains():
 
 
 def test_artifact_roundtrip_onto_bf16_base(tmp_path):
-    artifact = pytest.importorskip("bitfit.artifacts.artifact")
+    artifact = pytest.importorskip("bitfit.artifacts")
     trained = make("bert")
     bitfit.apply(trained, frozen_dtype="bfloat16")
     with torch.no_grad():

@@ -99,7 +99,13 @@ def test_packed_layers_in_bf16_match_the_padded_bf16_step():
 
 
 @pytest.mark.parametrize("frozen_dtype", ["float32", "bfloat16"])
-def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_bit(frozen_dtype, monkeypatch):
+def test_all_runs_in_one_autograd_node_match_the_run_by_run_path(frozen_dtype, monkeypatch):
+    """One node runs the same ops on the same values as the run-by-run path, but as one batched matmul over
+    (heads x rows) where the other runs one per run: the CPU's BLAS may block a float32 reduction differently
+    for the two shapes (it does on AVX-512 and AVX2 CPUs, not on AMX), so float32 agrees to rounding: a
+    reduction of <= 64 terms moves a value by <= 64 * 2**-24 of the largest term (4e-6), so 1e-5 of the
+    largest gradient. In bf16 the matmuls accumulate in float32 and round once to bf16, which absorbs
+    that: the values are bit for bit the same on every CPU this was run on."""
 
     model = _model("bert", frozen_dtype=frozen_dtype)
     batch = _batch()
@@ -115,9 +121,12 @@ def test_all_runs_in_one_autograd_node_give_the_run_by_run_paths_values_bit_for_
     monkeypatch.setattr(attention, "runs_in_one", real_check)
     logits1, _, g1 = _step(model, batch, pack=True)
     assert calls == {"packed_attention": 2, "run_attention": 2}
-    # the same ops in the same order on the same values: bit for bit what the run-by-run path gives
-    assert torch.equal(logits1, logits0)
-    assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+    if frozen_dtype == "bfloat16":
+        assert torch.equal(logits1, logits0)
+        assert g0.keys() == g1.keys() and all(torch.equal(g0[n], g1[n]) for n in g0)
+    else:
+        torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-7)
+        _assert_grads_match(g0, g1, rel=1e-5)
     # a retained graph runs backward again: the same gradients once more
     model.zero_grad()
     loss = model(**batch).loss
