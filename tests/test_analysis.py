@@ -1,5 +1,7 @@
 """Bias change (from memory and from an artifact), gradient magnitudes, rankings, heatmaps."""
 
+import json
+
 import pytest
 import torch
 from families import inputs_for, make, train_steps
@@ -19,7 +21,8 @@ def test_change_from_artifact_equals_change_in_memory(tmp_path, family, preset):
     mm = bitfit.get_state(model).model_map
     mem = {(r["role"], r["layer"]): r for r in A.change_table(mm, before, after)}
     bitfit.save(model, tmp_path / "art")
-    rows, mm2, meta = A.artifact_change_table(tmp_path / "art")
+    # slots whose change bitfit.save cannot write exactly are stored as values: those are read against the base
+    rows, mm2, meta = A.artifact_change_table(tmp_path / "art", base=make(family))
     art = {(r["role"], r["layer"]): r for r in rows}
     trained = {k for k, r in mem.items() if r["value"] > 0}
     assert set(art) == trained  # the artifact holds exactly the trained roles
@@ -34,6 +37,47 @@ def test_change_from_artifact_equals_change_in_memory(tmp_path, family, preset):
         assert art[("query", "1")]["dim"] == 16
     else:  # gpt2: only the query third of the fused c_attn bias trained
         assert art[("query", "0")]["dim"] == 16 and ("key", "0") not in art
+
+
+def _base_with_a_large_query_bias():
+    model = make("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.bias.copy_(1.0 + 1e-3 * torch.arange(16))
+    return model
+
+
+def test_value_encoded_slots_are_read_as_changes_from_the_base(tmp_path):
+    """A trained value far below its base value (here 1e-9 against ~1) cannot be written as base + delta in
+    float32, so bitfit.save stores that slot as its value; analysis must subtract the base, not read the value
+    as a change."""
+    model = _base_with_a_large_query_bias()
+    bitfit.apply(model, preset="all")
+    before = A.snapshot_biases(model)
+    train_steps(model, "bert", steps=2, weight_decay=0.0)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.bias.copy_(1e-9 * torch.randn(16))
+    after = A.snapshot_biases(model)
+    mm = bitfit.get_state(model).model_map
+    mem = {(r["role"], r["layer"]): r for r in A.change_table(mm, before, after)}
+    bitfit.save(model, tmp_path / "art")
+    meta = json.loads((tmp_path / "art" / "bitfit_config.json").read_text())
+    encodings = {name: s.get("encoding") for name, s in meta["slots"].items()}
+    assert encodings["bert.encoder.layer.1.attention.self.query.bias"] == "value"
+    rows, _, _ = A.artifact_change_table(tmp_path / "art", base=_base_with_a_large_query_bias())
+    art = {(r["role"], r["layer"]): r for r in rows}
+    assert art[("query", "1")]["value"] == pytest.approx(mem[("query", "1")]["value"], rel=1e-6)
+    assert art[("query", "1")]["value"] == pytest.approx(float((1.0 + 1e-3 * torch.arange(16)).mean()), rel=1e-6)
+    for k in art:
+        assert art[k]["value"] == pytest.approx(mem[k]["value"], rel=1e-6), k
+    # without a base it cannot know the change, and says how to give one
+    with pytest.raises(bitfit.ArtifactError, match="--base"):
+        A.artifact_change_table(tmp_path / "art")
+    # a base with other frozen weights is refused, not silently subtracted
+    other = make("bert")
+    with torch.no_grad():
+        other.bert.encoder.layer[0].attention.self.query.weight.mul_(2)
+    with pytest.raises(bitfit.ArtifactError, match="not the one this artifact was trained on"):
+        A.artifact_change_table(tmp_path / "art", base=other)
 
 
 def test_grad_recorder_key_gets_no_gradient_under_softmax():

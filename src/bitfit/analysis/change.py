@@ -110,26 +110,82 @@ def _meta_model(meta: dict) -> nn.Module:
         return transformers.AutoModel.from_config(config)
 
 
-def artifact_change_table(path, model_map: Optional[ModelMap] = None) -> tuple[list[dict], ModelMap, dict]:
-    """Change rows straight from a BitFit artifact (its stored differences), the model map, the meta."""
+def _base_values(art, base, path) -> dict:
+    """Slot name (as the artifact names it) -> the base's bias (float32) for every slot the artifact stores as
+    its trained value rather than its change (``"encoding": "value"``; added biases start at zero and need none)."""
+    from ..artifacts import fingerprint, locate
+
+    meta = art.meta
+    added = set(meta.get("added") or [])
+    wanted = [n for n, s in meta["slots"].items() if s.get("encoding") == "value" and n not in added]
+    if not wanted:
+        return {}
+    if base is None:
+        base = meta["base_model"].get("name")
+    if base is None or base == "":
+        raise ArtifactError(
+            f"{path}: {len(wanted)} bias slots are stored as their trained values, and their change needs the base "
+            "model's values, but the artifact does not name its base: pass base= (bitfit analyze --base MODEL)"
+        )
+    if isinstance(base, (str, Path)):
+        from ..core.models import load_model, quiet_loading
+
+        try:
+            with quiet_loading():
+                base = load_model(str(base), task="base")
+        except BitFitError as exc:
+            raise ArtifactError(
+                f"{path}: {len(wanted)} bias slots are stored as their trained values; loading the base model to "
+                f"compute their change failed ({exc}); pass base= (bitfit analyze --base MODEL)"
+            ) from None
+    want_fp = meta["base_model"].get("fingerprint")
+    if want_fp and fingerprint(base) != want_fp:
+        raise ArtifactError(f"{path}: the given base model is not the one this artifact was trained on (its frozen "
+                            "weights differ): pass the run's own base model")
+    prefix = meta.get("prefix") or meta["base_model"].get("prefix") or ""
+    params = dict(base.named_parameters())
+    out = {}
+    for name in wanted:
+        here = locate(base, name, prefix)
+        bias = params.get(here) if here else None
+        if bias is None:
+            raise ArtifactError(f"{path}: bias slot {name} is not in the given base model")
+        out[name] = bias.detach().float().reshape(-1).cpu()
+    return out
+
+
+def artifact_change_table(path, model_map: Optional[ModelMap] = None, base=None) -> tuple[list[dict], ModelMap, dict]:
+    """Change rows straight from a BitFit artifact, the model map, the meta.
+
+    An artifact stores most slots as their change from the base (``"encoding": "delta"``), which is read as it
+    is; a slot stored as its trained value (``"encoding": "value"``, chosen when the change cannot be written
+    exactly) is compared with the base model's value: ``base`` (a model, or a name/folder), by default the base
+    the artifact names. Its frozen weights must match the artifact's fingerprint."""
     from ..artifacts import read_artifact
 
     art = read_artifact(path)
     mm = model_map or discover(_meta_model(art.meta))
+    base_values = _base_values(art, base, path)
     acc: dict = {}
     for name, s in art.meta["slots"].items():
         try:
             slot = mm.slot(name)
         except KeyError:
             raise ArtifactError(f"artifact slot {name} is not a bias slot of its own architecture") from None
-        stored = art.tensors[f"bias:{name}"]  # a difference (encoding delta) or a value of an added bias (base 0)
-        if s.get("indices") is None:
+        stored = art.tensors[f"bias:{name}"].float()  # a difference, or a value (an added bias's base is 0)
+        sub = None
+        if s.get("indices") is not None:
+            idx = art.tensors.get(f"entries:{name}")  # sparse BitFit stores its trained indices (the rest: no change)
+            sub = slot.indices(s["roles"]) if idx is None else idx
+        if name in base_values:
+            b = base_values[name]
+            stored = stored - (b if sub is None else b[sub])
+        if sub is None:
             full = stored
             roles = slot.roles
         else:
-            idx = art.tensors.get(f"entries:{name}")  # sparse BitFit stores its trained indices (the rest: no change)
-            full = torch.full((slot.size,), float("nan") if idx is None else 0.0)
-            full[slot.indices(s["roles"]) if idx is None else idx] = stored
+            full = torch.full((slot.size,), float("nan") if art.tensors.get(f"entries:{name}") is None else 0.0)
+            full[sub] = stored
             roles = {r: slot.roles[r] for r in s["roles"]}
         for role, idx in roles.items():
             _add(acc, role, slot.layer_key, full if idx is None else full[idx])
