@@ -4,7 +4,7 @@ One training step (forward in train mode, loss on the response tokens, backward,
 method on randomly initialised models of real shapes, side by side in one run:
 
 - ``full``: full fine-tuning, float32, the model's own loss (full ``[batch, seq, vocab]`` logits);
-- ``naive``: naive BitFit: the same biases ``bitfit train`` trains (``bitfit.training.train.apply_bitfit``:
+- ``naive``: naive BitFit: the same biases ``bitfit train`` trains (``bitfit.training.base.apply_bitfit``:
   zero biases added on bias-free LLaMA-style models) with ``requires_grad``, float32 stock modules,
   the model's own loss (what a hand-written BitFit loop does);
 - ``lora``: peft LoRA r=8, alpha 16 (peft's default targets: q_proj, v_proj), float32, the model's loss;
@@ -98,7 +98,8 @@ def build(method: str, config):
     import transformers as T
 
     from bitfit.fast import lmloss
-    from bitfit.training.train import ModelArguments, apply_bitfit
+    from bitfit.training.arguments import ModelArguments
+    from bitfit.training.base import apply_bitfit
 
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(config)

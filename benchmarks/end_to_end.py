@@ -55,7 +55,7 @@ def run_recipe(args, out: Path) -> dict:
 
     from bitfit.data import glue
     from bitfit.core.models import resolve_model
-    from bitfit.training.train import encode, subset
+    from bitfit.training.tasks import encode, subset
 
     name = resolve_model("minilm")
     tok = T.AutoTokenizer.from_pretrained(name)
@@ -88,7 +88,8 @@ def run_recipe(args, out: Path) -> dict:
 
 def run_bitfit(args, out: Path) -> dict:
     t0, c0 = time.time(), time.process_time()
-    from bitfit.training.train import parse_train_args, run_train
+    from bitfit.cli.trainargs import parse_train_args
+    from bitfit.training.run import run_train
 
     argv = ["--model", "minilm", "--task", "sst2", "--data-dir", args.data_dir, "--train-size", str(args.train_size),
             "--output-dir", str(out), "--overwrite_output_dir", "true", "--disable_tqdm", "true", *args.bitfit_args]

@@ -89,8 +89,8 @@ def build(method: str, config, seed: int = 0):
     import bitfit
 
     torch.manual_seed(seed)
-    if method == "bitfit-default":  # bitfit train's dropout default for BitFit runs (bitfit.training.train.BITFIT_DROPOUT)
-        from bitfit.training.train import BITFIT_DROPOUT
+    if method == "bitfit-default":  # bitfit train's dropout default for BitFit runs (bitfit.training.defaults.BITFIT_DROPOUT)
+        from bitfit.training.defaults import BITFIT_DROPOUT
 
         config = copy.deepcopy(config)
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):

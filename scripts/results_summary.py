@@ -162,7 +162,7 @@ def sizes_table(runs: list) -> str:
 def bias_change(runs: list, size: int, out: Path) -> str:
     """Mean bias change of the BitFit runs per task (paper's figure), and the role ranking."""
     from bitfit.analysis import change as analysis
-    from bitfit.cli.commands.compare import _average_rows
+    from bitfit.training.compare_report import average_rows
     from bitfit.core.models import load_model
 
     mm = analysis.discover(load_model("minilm", task="base"))
@@ -171,8 +171,8 @@ def bias_change(runs: list, size: int, out: Path) -> str:
         rs = [r for r in runs if r["task"] == t and r["spec"] == "bitfit" and r["train_size"] == size and r["change"]]
         if not rs:
             continue
-        change = _average_rows([r["change"] for r in rs])
-        grads = _average_rows([r["grad"] for r in rs if r.get("grad")]) or None
+        change = average_rows([r["change"] for r in rs])
+        grads = average_rows([r["grad"] for r in rs if r.get("grad")]) or None
         res = analysis.write_report(out / f"analysis_{t}", change, grads, mm, title=f" (BitFit, {t})")
         ch = ", ".join(f"{x['paper'] or x['role']} {x['value']:.1e}" for x in res["change"]["roles"][:4])
         gr = ", ".join(f"{x['paper'] or x['role']}" for x in res.get("grad", {}).get("roles", [])[:4])

@@ -149,7 +149,8 @@ def test_bitfit_train_flag_is_seeded_and_implies_add_missing(llama_dir, tmp_path
     from test_instruct import EXAMPLES
 
     from bitfit.cli import main
-    from bitfit.training.train import ModelArguments, bitfit_config
+    from bitfit.training.arguments import ModelArguments
+    from bitfit.training.base import bitfit_config
 
     cfg = bitfit_config(ModelArguments(added_bias_init="normal", added_bias_init_std=1e-2))
     assert cfg.add_missing and cfg.added_bias_init == "normal" and cfg.added_bias_init_std == 1e-2

@@ -120,7 +120,7 @@ def test_added_biases_stored_as_values(tmp_path):
 
 
 def test_exact_delta_repairs_unrepresentable_differences():
-    from bitfit.artifacts.artifact import _exact_delta
+    from bitfit.artifacts.saving import _exact_delta
 
     base_v = torch.tensor([3.0, 1e-3, 0.5, 0.0, 1.0])
     value = torch.tensor([2.0**-30, -1e-9, 0.5000001, -0.0, 1.25])

@@ -24,7 +24,8 @@ import torch
 from families import logits_of, make
 
 import bitfit
-from bitfit.artifacts import artifact as A
+from bitfit.artifacts import saving as S
+from bitfit.artifacts import store as A
 from bitfit.artifacts import CONFIG_NAME, WEIGHTS_NAME, read_artifact, task_tensors
 from bitfit.serving.bank import BiasBank
 from bitfit.errors import ArtifactError
@@ -362,7 +363,7 @@ def test_recovery_when_folder_missing(tmp_path):
     path = bitfit.save(a, tmp_path / "run")
     (path / "log.txt").write_text("keep me")
     new = A._make_side_folder(path, "tmp")
-    meta, tensors = A._collect(b)
+    meta, tensors = S._collect(b)
     A._write_files(new, meta, tensors)
     bak = A._side_name(path, "bak")
     os.rename(path, bak)

@@ -19,8 +19,12 @@ from bitfit.cli import main
 from bitfit.data import load_file, load_glue, load_train_file
 from bitfit.errors import BitFitConfigError, BitFitError, DataError
 from bitfit.training.guard import NonFiniteGuard, is_complete_checkpoint, last_complete_checkpoint
-from bitfit.training.train import (DataArguments, ModelArguments, TaskInfo, check_output_dir, evaluate_run, json_safe,
-                          load_run, parse_train_args, predict_logits, resolve_resume, run_train)
+from bitfit.cli.trainargs import parse_train_args
+from bitfit.training.arguments import DataArguments, ModelArguments
+from bitfit.training.evaluate import evaluate_run, predict_logits
+from bitfit.training.run import run_train
+from bitfit.training.runfolder import check_output_dir, json_safe, load_run, resolve_resume
+from bitfit.training.tasks import TaskInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -82,7 +82,7 @@ def test_verbose_anywhere_and_stores_nothing(monkeypatch):
 
 def test_train_parses_with_verbose_given_directly(tmp_path, monkeypatch):
     """The train parser (HfArgumentParser over the dataclasses) still returns its three results with --verbose."""
-    from bitfit.training.train import parse_train_args
+    from bitfit.cli.trainargs import parse_train_args
 
     monkeypatch.setenv("BITFIT_VERBOSE", "")
     train = tmp_path / "t.csv"
@@ -97,7 +97,8 @@ def test_train_batches_random_for_classification_and_by_length_for_instructions(
     """`bitfit train` keeps random batches for classification and regression (their padding is trimmed in
     sub-batches, --length_sub_batches; length-grouped batches cost RTE 3 points, docs/RESULTS.md) and groups
     instruction rows by length; an explicit --train_sampling_strategy wins."""
-    from bitfit.training.train import length_grouping, parse_train_args
+    from bitfit.cli.trainargs import parse_train_args
+    from bitfit.training.defaults import length_grouping
 
     train = tmp_path / "t.csv"
     train.write_text("text,label\na,x\nb,y\n")

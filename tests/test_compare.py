@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bitfit.cli import main
-from bitfit.cli.commands import compare as C
+from bitfit.training import compare as C
 from bitfit.errors import BitFitConfigError
 from bitfit.analysis.plots import is_png
 
@@ -185,6 +185,8 @@ def test_lr_grid_parsing():
 
 
 def test_summarize_picks_best_mean_lr():
+    from bitfit.training import compare_report as C
+
     def rec(lr, seed, score):
         return {"spec": "bitfit", "method": "bitfit", "lr": lr, "seed": seed, "train_size": None, "n_train": 10,
                 "primary": "accuracy", "task_metrics": ["accuracy"], "score": score,
@@ -201,6 +203,8 @@ def test_summarize_picks_best_mean_lr():
 
 
 def test_training_flags_and_errors(capsys):
+    from bitfit.cli.commands import compare as C
+
     assert C._split_training_flags(["--num_train_epochs", "3", "--per-device-train-batch-size", "8"]) == {
         "num_train_epochs": 3.0, "per_device_train_batch_size": 8}
     with pytest.raises(BitFitConfigError, match="unknown option"):
@@ -219,7 +223,7 @@ def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
         (tmp_path / "results.md").write_text("table")
         return {"files": {}}
 
-    monkeypatch.setattr(C, "run_compare", fake_run_compare)
+    monkeypatch.setattr("bitfit.cli.commands.compare.run_compare", fake_run_compare)
     assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", str(tmp_path), "--dropout", "0"]) == 0
     assert seen["dropout"] == 0.0
     assert main(["compare", "--model", "x", "--task", "rte", "--output-dir", str(tmp_path)]) == 0
@@ -273,6 +277,8 @@ def _rec(seed, busy, load1=0.5):
 
 
 def test_table_reports_cpu_time_and_flags_busy_machine():
+    from bitfit.training import compare_report as C
+
     quiet = C.summarize([_rec(1, False), _rec(2, False)], ["bitfit"])
     md = C.markdown_table(quiet, "rte")
     assert "| 120 ms | 200 ms | 700 MB |" in md and "busy" not in md
@@ -285,7 +291,8 @@ def test_table_reports_cpu_time_and_flags_busy_machine():
 
 
 def test_rerun_command_for_bitfit_and_other_methods(tmp_path):
-    from bitfit.training.train import DataArguments, ModelArguments
+    from bitfit.training import compare_run as C
+    from bitfit.training.arguments import DataArguments, ModelArguments
 
     m, d = ModelArguments(model="minilm", dropout=0.0), DataArguments(task="rte", data_dir=str(tmp_path))
     sub, argv = C.rerun_command("paper-subset/frozen_dtype=bfloat16", 4e-4, 43, 300, m, d,
@@ -305,7 +312,7 @@ def test_rerun_command_for_bitfit_and_other_methods(tmp_path):
 
 
 def test_worker_writes_one_line_error(tmp_path):
-    from bitfit.cli.commands import compare_worker
+    from bitfit.training import compare_worker
 
     result = tmp_path / "result.json"
     job = {"spec": "no-such-method", "lr": 1e-3, "seed": 1, "size": None, "model_args": {"model": "x"},

@@ -9,7 +9,7 @@ from families import save_tiny_bert
 
 from bitfit.training.baselines import METHODS, prepare, train_options
 from bitfit.cli import main
-from bitfit.cli.commands import compare as C
+from bitfit.training import compare_run as C
 from bitfit.errors import BitFitConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

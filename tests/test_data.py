@@ -7,7 +7,8 @@ import pytest
 
 from bitfit.data import TASKS, TextData, get_task, load_file, load_glue, load_train_file, write_leaderboard
 from bitfit.errors import DataError
-from bitfit.training.train import DataArguments, load_splits, subset
+from bitfit.training.arguments import DataArguments
+from bitfit.training.tasks import load_splits, subset
 
 # (task, split) -> official row count, first label id of the split
 OFFICIAL = {

@@ -178,7 +178,7 @@ def tiny_bert_dir(tmp_path_factory):
 
 def test_compare_runs_bitfit_dynamic(tiny_bert_dir, tmp_path):
     from bitfit.cli import main
-    from bitfit.cli.commands import compare as C
+    from bitfit.training import compare_run as C
 
     out = tmp_path / "cmp"
     argv = ["compare", "--model", str(tiny_bert_dir / "model"), "--train-file", str(tiny_bert_dir / "train.csv"),

@@ -15,7 +15,9 @@ from families import make, save_tiny_bert
 import bitfit
 from bitfit.errors import BitFitConfigError
 from bitfit.methods.lrgroups import halving_lambda, halving_period, parse_role_multipliers, steps_per_epoch
-from bitfit.training.train import DataArguments, ModelArguments, _trainer_class, check_lr_options, run_train
+from bitfit.training.arguments import DataArguments, ModelArguments
+from bitfit.training.run import check_lr_options, run_train
+from bitfit.training.trainer import _trainer_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import pytest
 from bitfit.data import METRICS, TASKS, glue_metrics, primary_metric
 from bitfit.data.metrics import classification_metrics, regression_metrics
 from bitfit.errors import DataError
-from bitfit.training.train import TaskInfo, make_compute_metrics
+from bitfit.training.tasks import TaskInfo, make_compute_metrics
 
 
 def test_cola_matthews_by_hand():

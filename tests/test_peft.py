@@ -58,7 +58,7 @@ def by_role(model):
 
 # ------------------------------------------------------------------ config
 def test_import_bitfit_does_not_import_peft():
-    code = "import sys, bitfit, bitfit.artifacts.artifact; print('peft' in sys.modules)"
+    code = "import sys, bitfit, bitfit.artifacts.loading; print('peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -358,7 +358,7 @@ def test_accelerate_loop_matches_native(one_thread):
 
 def test_compare_method_bitfit_peft():
     from bitfit.training import baselines
-    from bitfit.cli.commands.compare import TRAIN_METHOD
+    from bitfit.training.compare_run import TRAIN_METHOD
 
     model = baselines.prepare(make("bert"), "bitfit-peft/preset=ffn")
     assert isinstance(model, PeftModel)
@@ -430,10 +430,11 @@ def test_compare_bitfit_peft_trains_like_bitfit(tiny_task, tmp_path, monkeypatch
     batches; and then trains to the same loss and dev score."""
     from transformers import TrainerCallback
 
-    from bitfit.training import train as tr
-    from bitfit.cli.commands import compare
+    from bitfit.training import run as tr
+    from bitfit.training import compare_run as compare
     from bitfit.core.prepare import bitfit_model
-    from bitfit.training.train import HEAD_LR_FACTOR, DataArguments, ModelArguments
+    from bitfit.training.arguments import DataArguments, ModelArguments
+    from bitfit.training.defaults import HEAD_LR_FACTOR
 
     monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "bfloat16")  # what "auto" picks, fixed for the test
     seen = {}

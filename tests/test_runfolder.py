@@ -98,7 +98,8 @@ def test_glue_dir_from_env_is_recorded(raw_dir, tmp_path, monkeypatch, capsys):
 def test_positive_label_choice_and_f1():
     from bitfit.data.metrics import classification_metrics
     from bitfit.errors import DataError
-    from bitfit.training.train import DataArguments, make_compute_metrics, positive_label, task_info
+    from bitfit.training.arguments import DataArguments
+    from bitfit.training.tasks import make_compute_metrics, positive_label, task_info
 
     d = DataArguments(train_file="x.csv")
     assert positive_label(task_info(d, (["fresh", "rotten"], False))) == "rotten"  # the default: label id 1

@@ -245,8 +245,8 @@ def test_compare_methods_parse_and_count():
         B.prepare(make("bert"), "rand/budget=0.25/count=5")
     with pytest.raises(BitFitConfigError, match="training batches"):
         B.prepare(make("bert"), "bitfit-sparse")
-    from bitfit.cli.commands.compare import TRAIN_METHOD, rerun_command
-    from bitfit.training.train import DataArguments, ModelArguments
+    from bitfit.training.compare_run import TRAIN_METHOD, rerun_command
+    from bitfit.training.arguments import DataArguments, ModelArguments
 
     assert TRAIN_METHOD["bitfit-sparse"] == "bitfit"
     sub, argv = rerun_command("bitfit-sparse/budget=0.25/frozen_dtype=bfloat16", 1e-3, 1, None,

@@ -16,7 +16,9 @@ from families import make, save_tiny_bert
 import bitfit
 from bitfit.fast.lean import set_lean
 from bitfit.fast.subbatch import OVERHEAD_TOKENS, partition, split
-from bitfit.training.train import DataArguments, ModelArguments, _trainer_class, run_train
+from bitfit.training.arguments import DataArguments, ModelArguments
+from bitfit.training.run import run_train
+from bitfit.training.trainer import _trainer_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,9 @@ import torch
 
 import bitfit
 from bitfit.cli import main
-from bitfit.training.train import ModelArguments, auto_epochs, parse_train_args
+from bitfit.cli.trainargs import parse_train_args
+from bitfit.training.arguments import ModelArguments
+from bitfit.training.defaults import auto_epochs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,7 +243,7 @@ def test_resume_from_checkpoint_gives_same_biases(tiny_dir, tmp_path):
 def test_model_arguments_reach_bitfit_apply(tiny_dir):
     import transformers as T
 
-    from bitfit.training.train import apply_bitfit
+    from bitfit.training.base import apply_bitfit
 
     model = T.AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=2)
     apply_bitfit(model, ModelArguments(model=tiny_dir, preset="paper-subset", layers="-1:", frozen_dtype="bf16"))
@@ -257,7 +259,7 @@ def test_model_arguments_reach_bitfit_apply(tiny_dir):
 def test_no_lean_flag_gives_stock_modules(tiny_dir):
     import transformers as T
 
-    from bitfit.training.train import apply_bitfit
+    from bitfit.training.base import apply_bitfit
 
     from transformers import HfArgumentParser
 
@@ -296,7 +298,7 @@ def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path, monkeypatch):
     import transformers as T
 
     from bitfit.core.models import dropout_overrides, load_model
-    from bitfit.training.train import load_base
+    from bitfit.training.base import load_base
 
     bert = tmp_path / "bert"
     T.BertForSequenceClassification(T.BertConfig(
@@ -334,8 +336,8 @@ def test_dropout_option_sets_every_dropout(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_bitfit_runs_default_to_dropout_zero_full_fine_tuning_keeps_the_models(monkeypatch, tmp_path):
-    import bitfit.training.train as tr
-    from bitfit.training.train import DataArguments
+    import bitfit.training.run as tr
+    from bitfit.training.arguments import DataArguments
 
     seen = []
 
@@ -358,7 +360,9 @@ def test_bitfit_runs_default_to_dropout_zero_full_fine_tuning_keeps_the_models(m
 def test_default_dropout_is_skipped_for_a_config_without_dropout(tiny_dir, monkeypatch):
     import bitfit.core.models
     from bitfit.errors import BitFitConfigError
-    from bitfit.training.train import load_base, task_info, DataArguments
+    from bitfit.training.arguments import DataArguments
+    from bitfit.training.base import load_base
+    from bitfit.training.tasks import task_info
 
     def no_dropout(*a, **k):
         raise BitFitConfigError("--dropout: the config has no dropout setting")

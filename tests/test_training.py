@@ -135,7 +135,7 @@ def test_the_trainers_flop_count_is_the_stock_one_with_the_parameters_counted_on
 
     from families import make
 
-    from bitfit.training.train import _trainer_class
+    from bitfit.training.trainer import _trainer_class
 
     model = bitfit.apply(make("bert"))
     args = T.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bitfit
-from bitfit.training.train import EncodedDataset
+from bitfit.training.tasks import EncodedDataset
 from bitfit.methods.warmstart import head_output_layer, warm_start_head
 from families import make
 

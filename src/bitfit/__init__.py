@@ -31,6 +31,21 @@ def __getattr__(name):
     raise AttributeError(f"module 'bitfit' has no attribute {name!r}")
 
 
+def _read_peft_adapter(folder):
+    """A peft-format BitFit adapter folder (docs/PEFT.md) as an Artifact. bitfit.peft is imported on
+    this first call only, so ``import bitfit`` never imports peft."""
+    from .peft.convert import read_peft_adapter
+
+    return read_peft_adapter(folder)
+
+
+# bitfit.load reads a folder holding peft's adapter_config.json (and no bitfit_config.json) with bitfit.peft;
+# the artifacts layer sits below peft, so the reader is registered from here.
+from .artifacts.loading import register_reader as _register_reader  # noqa: E402
+
+_register_reader("adapter_config.json", _read_peft_adapter)
+
+
 __all__ = [
     "apply",
     "report",

@@ -80,8 +80,7 @@ def merged_task(source, base=None) -> nn.Module:
     """The task of ``source`` (artifact/run folder or BitFit model) merged into its base, in eval mode.
 
     ``base``: model name/folder or module (default: the base named in the artifact)."""
-    from .. import load, merge
-    from ..artifacts import read_artifact
+    from ..artifacts import load, merge, read_artifact
     from ..core.prepare import get_state
 
     if isinstance(source, nn.Module):

@@ -46,7 +46,7 @@ from torch import nn
 from ..errors import BitFitConfigError, BitFitError
 from ..methods.lrgroups import PAPER_ROLE_LR
 from ..core.roles import LAYER_RE, STACK_RE, TOWER_RE, discover, head_module_names
-from .train import BITFIT_LR
+from .defaults import BITFIT_LR
 
 try:  # GPT-2 style Conv1D: weight is [in, out]
     from transformers.pytorch_utils import Conv1D

@@ -20,7 +20,8 @@ def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
     beside it and renamed into place, so a failure leaves nothing half-written)."""
     import bitfit
 
-    from ...training.train import ModelArguments, load_trained
+    from ...training.arguments import ModelArguments
+    from ...training.restore import load_trained
 
     out = Path(os.path.expanduser(output))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -82,7 +82,7 @@ def main(argv: list) -> int:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise BitFitError(f"task name(s) given twice: {', '.join(dup)}; give each --task a distinct NAME")
-    from ...serving.app import DEFAULT_MAX_QUEUE
+    from ...serving.batching import DEFAULT_MAX_QUEUE
 
     if args.max_queue is None:
         args.max_queue = DEFAULT_MAX_QUEUE

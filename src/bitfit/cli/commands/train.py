@@ -18,7 +18,9 @@ def _env():
 @command("train", "train a model's biases on a GLUE task, your own files, or instruction data")
 def train_main(argv: list) -> int:
     _env()
-    from ...training.train import json_safe, parse_train_args, run_train
+    from ...training.run import run_train
+    from ...training.runfolder import json_safe
+    from ..trainargs import parse_train_args
 
     if not argv:
         argv = ["--help"]
@@ -41,7 +43,7 @@ def train_main(argv: list) -> int:
 def _parse(argv: list, prog: str, extra):
     from transformers import HfArgumentParser
 
-    from ...training.train import DataArguments, ModelArguments
+    from ...training.arguments import DataArguments, ModelArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments), prog=prog, allow_abbrev=False)
     extra(parser)
@@ -55,7 +57,7 @@ def _parse(argv: list, prog: str, extra):
 def _split(parser, argv):
     import dataclasses
 
-    from ...training.train import DataArguments, ModelArguments
+    from ...training.arguments import DataArguments, ModelArguments
 
     ns = parser.parse_args(argv or ["--help"])
     d = vars(ns)
@@ -67,7 +69,8 @@ def _split(parser, argv):
 @command("eval", "evaluate a trained run on the dev split with the task's official metric(s)")
 def eval_main(argv: list) -> int:
     _env()
-    from ...training.train import evaluate_run, json_safe
+    from ...training.evaluate import evaluate_run
+    from ...training.runfolder import json_safe
 
     def extra(p):
         p.add_argument("--split", default="dev", help="split to score (dev; train for a sanity check)")
@@ -87,7 +90,7 @@ def eval_main(argv: list) -> int:
 @command("predict", "predict a split with a trained run (test: GLUE leaderboard files)")
 def predict_main(argv: list) -> int:
     _env()
-    from ...training.train import predict_run
+    from ...training.evaluate import predict_run
 
     def extra(p):
         p.add_argument("--split", default="test", help="test (default) or dev")
@@ -99,7 +102,7 @@ def predict_main(argv: list) -> int:
 
     model_args, data_args, ns = _parse(argv, "bitfit predict", extra)
     if ns.text is not None:
-        from ...training.train import predict_text
+        from ...training.evaluate import predict_text
 
         label, score = predict_text(model_args, ns.text, ns.text_pair)
         print(f"{label}\t{score:.4f}")
@@ -115,7 +118,7 @@ def predict_main(argv: list) -> int:
 @command("generate", "generate a response with an instruction-tuned run")
 def generate_main(argv: list) -> int:
     _env()
-    from ...training.train import generate
+    from ...training.generate import generate
 
     def extra(p):
         p.add_argument("--prompt", required=True, help="the instruction")
