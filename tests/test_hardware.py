@@ -49,6 +49,19 @@ def test_choice_is_probed_once_per_machine_then_cached(cache_dir):
     assert "bfloat16" in first.describe() and "3.3x faster" in first.reason
 
 
+def test_the_choice_line_says_whether_it_measured_or_read_the_cache(cache_dir):
+    path, calls = cache_dir
+    first = hardware.choose_frozen_dtype("cpu").describe()
+    second = hardware.choose_frozen_dtype("cpu").describe()
+    cache_file = str(path / "frozen_dtype.json")
+    assert "measured now" in first and "cached from" not in first
+    measured = json.loads((path / "frozen_dtype.json").read_text()).popitem()[1]["measured"]
+    assert "measured now" not in second
+    assert f"cached from {measured.replace('T', ' ')}, delete {cache_file} to re-measure" in second
+    (path / "frozen_dtype.json").unlink()  # what the line tells the user to do: the next run measures again
+    assert "measured now" in hardware.choose_frozen_dtype("cpu").describe() and len(calls) == 2
+
+
 def test_a_corrupt_cache_is_probed_again(cache_dir):
     path, calls = cache_dir
     (path / "frozen_dtype.json").write_text("{not json")

@@ -1,19 +1,24 @@
 """``frozen_dtype="auto"``: the fastest frozen-weight precision whose accuracy matches float32, chosen
 for the hardware the run is on.
 
-BitFit's frozen weights need no gradient and no more precision than inference. Three modes are
-candidates, each measured to reach float32's dev accuracy (docs/PERFORMANCE.md): ``float32``,
-``bfloat16`` (bf16 weights, autocast) and ``int8`` (bf16 plus int8 training matmuls). Which one is
-fastest depends on the machine: bf16 needs AVX512-BF16 or AMX to beat float32 on a CPU, and int8
-beats bf16 on AVX512-VNNI CPUs without AMX but loses to it on Intel Xeons with AMX.
+BitFit's frozen weights need no gradient and no more precision than inference. The candidates, from
+the most exact down (docs/PERFORMANCE.md): ``float32``, ``float16`` (only on CPUs with native fp16
+matmuls: AVX512-FP16 or AMX-FP16), ``bfloat16`` (bf16 weights, autocast), ``int8-fbgemm`` (float32
+weights, int8 training matmuls on fbgemm: bitfit.fast.int8_fbgemm) and ``int8`` (bf16 plus int8
+training matmuls on ``torch._int_mm``). Which one is fastest depends on the machine: bf16 needs
+AVX512-BF16 or AMX to beat float32 on a CPU, ``int8`` beats bf16 on AVX512-VNNI CPUs without AMX but
+loses to it on Intel Xeons with AMX, and on CPUs with AVX2 only (no AVX-512, VNNI or AMX) bf16 and
+``int8`` run many times slower than float32 while ``int8-fbgemm`` runs at about half its time.
 
 So on a CPU the choice is **measured**: a probe of about a second times the two matmuls a frozen
 Linear runs in a training step (the forward and the input gradient, BERT-base FFN shape) in each
 mode, and picks the fastest, preferring the more exact mode unless a lower precision is at least
-``MARGIN`` faster. The result is cached per machine (CPU model and flags, torch version, thread
+``MARGIN`` faster. A mode more than ``SCREEN_SLOWER`` times slower than float32 on a 64-token screen is
+not timed further (its table entry is the screen's time scaled to the probe's token count), so machines
+where bf16 is emulated still probe in a few seconds. The result is cached per machine (CPU model and flags, torch version, thread
 count) in ``$BITFIT_CACHE_DIR`` (default ``~/.cache/bitfit``), so later runs start at once.
 On CUDA: bfloat16 where the GPU supports it, else float32. Elsewhere (MPS, XPU...): float32.
-``BITFIT_FROZEN_DTYPE=bfloat16`` (or float32/int8) overrides the choice without a probe.
+``BITFIT_FROZEN_DTYPE=bfloat16`` (or any mode of ``MODES``) overrides the choice without a probe.
 """
 
 from __future__ import annotations
@@ -30,21 +35,26 @@ from typing import Optional
 import torch
 
 MARGIN = 1.15  # a lower-precision mode must be this much faster than the next more exact one
-MODES = ("float32", "bfloat16", "int8")
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
-_CACHE_VERSION = 1
+MODES = ("float32", "float16", "bfloat16", "int8-fbgemm", "int8")  # the most exact first
+SCREEN_TOKENS, SCREEN_SLOWER = 64, 4.0  # a mode this much slower than float32 on the screen is not timed further
+_FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # native fp16 matmuls; elsewhere CPU fp16 is emulated
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
+          "avx512_fp16", "amx_fp16")
+_CACHE_VERSION = 2
 
 
 @dataclass
 class DtypeChoice:
     """What ``frozen_dtype="auto"`` picked, and why."""
 
-    dtype: str  # float32, bfloat16 or int8
+    dtype: str  # one of MODES
     reason: str
     device: str
     cpu: Optional[str] = None
     timings_ms: dict = field(default_factory=dict)  # mode -> probe time (CPU only)
     cached: bool = False
+    measured: Optional[str] = None  # when the CPU probe ran (UTC, ISO 8601)
+    cache_file: Optional[str] = None  # where the probe's result is kept
 
     @property
     def frozen_dtype(self) -> Optional[str]:
@@ -56,7 +66,13 @@ class DtypeChoice:
 
     def describe(self) -> str:
         t = ", ".join(f"{k} {v:.1f} ms" for k, v in self.timings_ms.items())
-        return f"frozen_dtype=auto -> {self.dtype} on {self.cpu or self.device}: {self.reason}" + (f" ({t})" if t else "")
+        line = f"frozen_dtype=auto -> {self.dtype} on {self.cpu or self.device}: {self.reason}" + (f" ({t})" if t else "")
+        if self.cached:
+            return (line + f"; cached from {(self.measured or 'an earlier run').replace('T', ' ')}, delete "
+                    f"{self.cache_file} to re-measure")
+        if self.timings_ms:
+            return line + "; measured now" + (f", cached in {self.cache_file}" if self.cache_file else "")
+        return line
 
 
 def cpu_model() -> str:
@@ -186,18 +202,20 @@ def choose_frozen_dtype(device=None, *, use_cache: bool = True) -> DtypeChoice:
         hit = cache.get(key)
         if isinstance(hit, dict) and hit.get("dtype") in MODES and isinstance(hit.get("timings_ms"), dict):
             return DtypeChoice(hit["dtype"], hit.get("reason", "cached probe"), "cpu", cpu_model(),
-                               hit["timings_ms"], cached=True)
+                               hit["timings_ms"], cached=True, measured=hit.get("measured"), cache_file=str(path))
     timings = probe_cpu()
     mode, reason = pick(timings)
-    choice = DtypeChoice(mode, reason, "cpu", cpu_model(), {k: round(v, 2) for k, v in timings.items()})
+    choice = DtypeChoice(mode, reason, "cpu", cpu_model(), {k: round(v, 2) for k, v in timings.items()},
+                         measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if use_cache:
         cache[key] = {"dtype": mode, "reason": reason, "timings_ms": choice.timings_ms, "cpu": cpu_model(),
                       "flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                      "measured": choice.measured}
         try:
             from ..core.io import atomic_write_json
 
             atomic_write_json(path, cache)
+            choice.cache_file = str(path)
         except OSError:
             pass  # a read-only home: probe again next time
     return choice
