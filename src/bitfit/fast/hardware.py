@@ -1,24 +1,19 @@
 """``frozen_dtype="auto"``: the fastest frozen-weight precision whose accuracy matches float32, chosen
 for the hardware the run is on.
 
-BitFit's frozen weights need no gradient and no more precision than inference. The candidates, from
-the most exact down (docs/PERFORMANCE.md): ``float32``, ``float16`` (only on CPUs with native fp16
-matmuls: AVX512-FP16 or AMX-FP16), ``bfloat16`` (bf16 weights, autocast), ``int8-fbgemm`` (float32
-weights, int8 training matmuls on fbgemm: bitfit.fast.int8_fbgemm) and ``int8`` (bf16 plus int8
-training matmuls on ``torch._int_mm``). Which one is fastest depends on the machine: bf16 needs
-AVX512-BF16 or AMX to beat float32 on a CPU, ``int8`` beats bf16 on AVX512-VNNI CPUs without AMX but
-loses to it on Intel Xeons with AMX, and on CPUs with AVX2 only (no AVX-512, VNNI or AMX) bf16 and
-``int8`` run many times slower than float32 while ``int8-fbgemm`` runs at about half its time.
+BitFit's frozen weights need no gradient and no more precision than inference. Three modes are
+candidates, each measured to reach float32's dev accuracy (docs/PERFORMANCE.md): ``float32``,
+``bfloat16`` (bf16 weights, autocast) and ``int8`` (bf16 plus int8 training matmuls). Which one is
+fastest depends on the machine: bf16 needs AVX512-BF16 or AMX to beat float32 on a CPU, and int8
+beats bf16 on AVX512-VNNI CPUs without AMX but loses to it on Intel Xeons with AMX.
 
 So on a CPU the choice is **measured**: a probe of about a second times the two matmuls a frozen
 Linear runs in a training step (the forward and the input gradient, BERT-base FFN shape) in each
 mode, and picks the fastest, preferring the more exact mode unless a lower precision is at least
-``MARGIN`` faster. A mode more than ``SCREEN_SLOWER`` times slower than float32 on a 64-token screen is
-not timed further (its table entry is the screen's time scaled to the probe's token count), so machines
-where bf16 is emulated still probe in a few seconds. The result is cached per machine (CPU model and flags, torch version, thread
+``MARGIN`` faster. The result is cached per machine (CPU model and flags, torch version, thread
 count) in ``$BITFIT_CACHE_DIR`` (default ``~/.cache/bitfit``), so later runs start at once.
 On CUDA: bfloat16 where the GPU supports it, else float32. Elsewhere (MPS, XPU...): float32.
-``BITFIT_FROZEN_DTYPE=bfloat16`` (or any mode of ``MODES``) overrides the choice without a probe.
+``BITFIT_FROZEN_DTYPE=bfloat16`` (or float32/int8) overrides the choice without a probe.
 """
 
 from __future__ import annotations
@@ -35,19 +30,16 @@ from typing import Optional
 import torch
 
 MARGIN = 1.15  # a lower-precision mode must be this much faster than the next more exact one
-MODES = ("float32", "float16", "bfloat16", "int8-fbgemm", "int8")  # the most exact first
-SCREEN_TOKENS, SCREEN_SLOWER = 64, 4.0  # a mode this much slower than float32 on the screen is not timed further
-_FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # native fp16 matmuls; elsewhere CPU fp16 is emulated
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
-          "avx512_fp16", "amx_fp16")
-_CACHE_VERSION = 2
+MODES = ("float32", "bfloat16", "int8")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+_CACHE_VERSION = 1
 
 
 @dataclass
 class DtypeChoice:
     """What ``frozen_dtype="auto"`` picked, and why."""
 
-    dtype: str  # one of MODES
+    dtype: str  # float32, bfloat16 or int8
     reason: str
     device: str
     cpu: Optional[str] = None
