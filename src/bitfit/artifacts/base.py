@@ -106,12 +106,13 @@ def base_value(model: nn.Module, slot_name: str) -> Optional[torch.Tensor]:
     return b.detach().float().cpu()
 
 
-def check_fingerprint(model: nn.Module, meta: dict, strict: bool, where) -> None:
-    """Refuse (``strict``) or warn when ``model``'s frozen weights are not the base the artifact ``meta`` names."""
+def check_fingerprint(model: nn.Module, meta: dict, strict: bool, where, got: Optional[str] = None) -> None:
+    """Refuse (``strict``) or warn when ``model``'s frozen weights are not the base the artifact ``meta`` names.
+    ``got``: ``fingerprint(model)`` when the caller has it already (computed once for a model it never writes)."""
     want = meta["base_model"].get("fingerprint")
     if not want:
         return
-    got = fingerprint(model)
+    got = got or fingerprint(model)
     if got == want:
         return
     name = meta["base_model"].get("name") or meta["base_model"].get("architecture")

@@ -4,6 +4,8 @@ A bias bank (``bitfit.serving``) builds its tasks from these."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -39,13 +41,15 @@ _NO_GAINS = ("{where} trained norm gains (train_norm_weights): a bias bank (and 
              "and heads only; use bitfit.load (or merge) for it")
 
 
-def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTensors:
+def task_tensors(base_model: nn.Module, source, strict: bool = True, base_fingerprint: Optional[str] = None
+                 ) -> TaskTensors:
     """Full float32 bias values, added slots and head of one task over ``base_model``.
 
     ``source``: an artifact folder, an :class:`Artifact`, or a BitFit model in memory.
     ``base_model`` (a plain or BitFit model over the same body) supplies the base values the
     artifact's differences apply to; it is not modified. Slot names are those of the saved
-    model; ``meta["base_prefix"]`` is its body prefix (e.g. ``"bert."``).
+    model; ``meta["base_prefix"]`` is its body prefix (e.g. ``"bert."``). ``base_fingerprint``:
+    :func:`fingerprint` of ``base_model`` when the caller keeps it (a bias bank computes it once).
     """
     base = unwrap(base_model)
     if isinstance(source, nn.Module):
@@ -57,7 +61,7 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
             raise ArtifactError(_NO_GAINS.format(where="the model in memory"))
         meta = meta_of(src)
         if strict and src is not base:
-            check_fingerprint(base, meta, strict, "in memory")
+            check_fingerprint(base, meta, strict, "in memory", base_fingerprint)
         biases = {s.name: bias_tensor(src, s.name).detach().float().cpu().clone() for s in state.trained_slots()}
         params = dict(src.named_parameters())
         head = {n: params[n].detach().float().cpu().clone() for n in state.model_map.head_params}
@@ -65,7 +69,7 @@ def task_tensors(base_model: nn.Module, source, strict: bool = True) -> TaskTens
     art = read_artifact(source, strict=strict)
     if art.meta.get("norm_weights"):
         raise ArtifactError(_NO_GAINS.format(where=f"artifact {art.path}"))
-    check_fingerprint(base, art.meta, strict, art.path)
+    check_fingerprint(base, art.meta, strict, art.path, base_fingerprint)
     prefix = art.meta["base_model"].get("prefix", "")
     biases = {}
     for name, s in art.meta["slots"].items():

@@ -130,13 +130,21 @@ class BiasBank:
             )
         self.base = unwrap(base_model)
         self._lock = threading.RLock()
+        # held by a thread adding or removing a task while it waits for the lock; calls pass through it before
+        # taking the lock, so a thread calling the bank in a tight loop does not starve the adding thread
+        self._gate = threading.Lock()
         self._tasks: dict[str, BankTask] = {}
         self._head_names, _ = head_module_names(self.base)
         self._modules = dict(self.base.named_modules())
         self._gather_ok = True  # set False when the model turns out not to allow per-row biases
         self._tables: dict[str, SlotTable] = {}  # slot name -> the tasks' values for it
         self._plans: dict = {}  # (task names, device) -> CallPlan of a call over those tasks
+        self._dirty = False  # tasks were added or removed since the tables were last packed
+        self._fingerprint: Optional[str] = None  # the base's, computed once (the bank never writes the base)
         self.stats = {"calls": 0, "rows": 0, "group": 0, "gather": 0}
+        # upkeep work done so far: table re-packs (one before the first call after adds/removes) and base
+        # fingerprints (one per bank)
+        self.upkeep = {"repacks": 0, "fingerprints": 0}
         for name, source in (tasks or {}).items():
             self.add_task(name, source)
 
@@ -187,23 +195,39 @@ class BiasBank:
     def add_task(self, name: str, source, *, replace: bool = False) -> None:
         """Add task ``name`` from an artifact folder, Artifact, or in-memory BitFit model.
 
-        Only the task's own tensors are kept (bias values and head); the base is shared.
+        Only the task's own tensors are kept (bias values and head); the base is shared. Safe while other
+        threads call the bank: an artifact folder is read before the bank's lock is taken; the checks against
+        the base (which a running call changes for its duration: module classes, head children) run under it.
         """
         if not isinstance(name, str) or not name:
             raise BitFitError(f"task names must be non-empty strings, got {name!r}")
         if name in self._tasks and not replace:
             raise BitFitError(f"task {name!r} is already in the bank; remove_task it first or pass replace=True")
-        from ..artifacts import task_tensors
+        from ..artifacts import read_artifact, task_tensors
 
-        tt = task_tensors(self.base, source, strict=self.strict)
-        task = self._build_task(name, tt)
-        with self._lock:
+        if isinstance(source, str) or hasattr(source, "__fspath__"):
+            source = read_artifact(source, strict=self.strict)
+        with self._gate, self._lock:
+            if name in self._tasks and not replace:
+                raise BitFitError(f"task {name!r} is already in the bank; remove_task it first or pass replace=True")
+            tt = task_tensors(self.base, source, strict=self.strict, base_fingerprint=self._base_fingerprint())
+            task = self._build_task(name, tt)
             if name in self._tasks:
                 self._drop(name)
             self._store(task)
 
+    def _base_fingerprint(self) -> str:
+        """The base's fingerprint (:func:`bitfit.artifacts.fingerprint`), computed on first use (under the lock:
+        not while a call has the base's modules switched)."""
+        if self._fingerprint is None:
+            from ..artifacts import fingerprint
+
+            self._fingerprint = fingerprint(self.base)
+            self.upkeep["fingerprints"] += 1
+        return self._fingerprint
+
     def remove_task(self, name: str) -> None:
-        with self._lock:
+        with self._gate, self._lock:
             self._get(name)
             self._drop(name)
 
@@ -226,17 +250,25 @@ class BiasBank:
         for slot in list(task.swap) + list(task.hooked):
             table = self._tables[slot]
             table.remove(name)
-            if table.values is None:
+            if not table.owners:
                 del self._tables[slot]
             else:
                 touched.append(table)
         self._refresh(touched)
 
     def _refresh(self, tables) -> None:
-        """Re-pack the slot tables (:func:`bitfit.serving.store.repack`) after a task was added or removed.
-        Every cached call plan is dropped (they name the old packs)."""
+        """After a task was added or removed: every cached call plan is dropped (they name the old packs) and the
+        tables are re-packed before the next call (:meth:`_packed`), once however many tasks changed."""
         self._plans.clear()
-        repack(self._tables, self._tasks)
+        self._dirty = True
+
+    def _packed(self) -> None:
+        """Re-pack the slot tables (:func:`bitfit.serving.store.repack`) if tasks changed since the last pack
+        (under the lock)."""
+        if self._dirty:
+            repack(self._tables, self._tasks)
+            self._dirty = False
+            self.upkeep["repacks"] += 1
 
     def _build_task(self, name: str, tt) -> BankTask:
         """Task ``name`` from its tensors, checked against this bank's base
@@ -248,16 +280,18 @@ class BiasBank:
         """Bytes held: ``base`` (shared model), ``tasks`` (name -> the task's own tensors), ``total``.
 
         A task's biases live in the bank's per-slot tables (views), counted by their own size."""
-        base_tensors = list(self.base.parameters()) + list(self.base.buffers())
-        base_ptrs = {t.untyped_storage().data_ptr() for t in base_tensors}
-        per_task = {}
-        for n, t in self._tasks.items():
-            biases = sum(v.numel() * v.element_size() for v in list(t.swap.values()) + list(t.hooked.values()))
-            heads = [x for m in t.heads.values() for x in list(m.parameters()) + list(m.buffers())
-                     if x.untyped_storage().data_ptr() not in base_ptrs]
-            per_task[n] = biases + tensor_bytes(heads)
-        base = tensor_bytes(base_tensors)
-        return {"base": base, "tasks": per_task, "total": base + sum(per_task.values())}
+        with self._lock:
+            self._packed()
+            base_tensors = list(self.base.parameters()) + list(self.base.buffers())
+            base_ptrs = {t.untyped_storage().data_ptr() for t in base_tensors}
+            per_task = {}
+            for n, t in self._tasks.items():
+                biases = sum(v.numel() * v.element_size() for v in list(t.swap.values()) + list(t.hooked.values()))
+                heads = [x for m in t.heads.values() for x in list(m.parameters()) + list(m.buffers())
+                         if x.untyped_storage().data_ptr() not in base_ptrs]
+                per_task[n] = biases + tensor_bytes(heads)
+            base = tensor_bytes(base_tensors)
+            return {"base": base, "tasks": per_task, "total": base + sum(per_task.values())}
 
     # ----------------------------------------------------------------------- calls
     def __call__(self, tasks: Sequence[str], strategy: Optional[str] = None, **inputs) -> BankOutput:
@@ -279,7 +313,10 @@ class BiasBank:
         for k, v in row_inputs.items():
             if v.shape[0] != n:
                 raise BitFitError(f"{k} has {v.shape[0]} rows but tasks names {n}; give one task per row")
+        with self._gate:
+            pass  # a thread adding or removing a task goes first
         with self._lock:
+            self._packed()
             order: dict[str, list] = {}
             for i, t in enumerate(tasks):
                 self._get(t)
@@ -414,7 +451,10 @@ class BiasBank:
         returns = int(kwargs.get("num_return_sequences") or getattr(gen_cfg, "num_return_sequences", 1) or 1)
         expand = beams if beams > 1 else returns  # how generate repeats each prompt row
         rows = [t for t in tasks for _ in range(expand)]
+        with self._gate:
+            pass  # a thread adding or removing a task goes first
         with self._lock:
+            self._packed()
             order: dict[str, list] = {}
             for i, t in enumerate(rows):
                 self._get(t)

@@ -8,8 +8,8 @@ A BitFit task differs from its base only in its biases (and its head). This modu
 * :class:`SlotTable`: per bias slot, one ``[tasks that train it, size]`` table holding the tasks'
   values (their only copy), and :class:`BiasPack`, which stores tables with the same owners side by
   side so a mixed call gathers them with one ``index_select``;
-* :func:`repack`: re-packing the tables and pointing each task's bias views at them after a task is
-  added or removed; :func:`tensor_bytes` for the bank's memory report.
+* :func:`repack`: re-packing the tables and pointing each task's bias views at them before the first
+  call after tasks were added or removed; :func:`tensor_bytes` for the bank's memory report.
 
 How the rows of these tables reach the layers during a call is :mod:`bitfit.serving.rowbias`.
 """
@@ -75,7 +75,8 @@ class SlotTable:
         self.cdim = channel_dim(module)
         self.values: Optional[torch.Tensor] = None
         self.owners: list = []
-        self.row_of: dict = {}
+        self.row_of: dict = {}  # owner -> row of ``values``, set by :func:`repack`
+        self.pending: list = []  # values of owners added since the last repack (``[1, size]`` each), in order
         self.pack: Optional[BiasPack] = None  # the tables with the same owners, dtype and device, side by side
         self.offset = 0  # this table's first column in its pack
         self.adds_own_bias = self.kind == "post" and not added  # the module's forward adds its base bias itself
@@ -98,17 +99,23 @@ class SlotTable:
         return rows - self.module.bias.detach().to(rows.dtype) if self.adds_own_bias else rows
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.reshape(1, -1)
-        self.values = value.clone() if self.values is None else torch.cat([self.values, value])
+        """Append task ``name``'s value. It joins ``values`` at the next :func:`repack`: adding copies nothing, so
+        adding many tasks in a row costs one copy of the table, not one per task."""
+        self.pending.append(value.reshape(1, -1))
         self.owners.append(name)
-        self.row_of = {n: i for i, n in enumerate(self.owners)}
+
+    def settle(self) -> None:
+        """Move the pending values into ``values`` (one copy)."""
+        if self.pending:
+            self.values = torch.cat(([] if self.values is None else [self.values]) + self.pending)
+            self.pending = []
 
     def remove(self, name: str) -> None:
-        row = self.row_of[name]
+        self.settle()
+        row = self.owners.index(name)
         keep = [i for i in range(len(self.owners)) if i != row]
-        self.values = self.values[keep].clone() if keep else None
+        self.values = self.values[keep] if keep else None  # indexing with a list copies
         self.owners.pop(row)
-        self.row_of = {n: i for i, n in enumerate(self.owners)}
 
     def value(self, name: str) -> torch.Tensor:
         return self.values[self.row_of[name]]
@@ -129,22 +136,28 @@ class BiasPack:
 
 
 def repack(tables: dict, tasks: dict) -> None:
-    """Re-pack the slot tables (:class:`BiasPack`) and point every owner's bias views at them; tables with the
-    same owners share one ``row_of`` dict, so a call looks each batch's rows up once per owner list.
+    """Settle the slot tables' pending values, re-pack the tables (:class:`BiasPack`) and point every owner's
+    bias views at them; tables with the same owners share one ``row_of`` dict, so a call looks each batch's rows
+    up once per owner list. The bank runs this once before a call that follows any number of adds and removes.
 
     ``tables``: slot name -> :class:`SlotTable`; ``tasks``: task name -> :class:`BankTask`."""
     shared: dict = {}
     packs: dict = {}
     for table in tables.values():
-        table.row_of = shared.setdefault(tuple(table.owners), table.row_of)
-        key = (tuple(table.owners), table.values.dtype, table.values.device)
+        table.settle()
+        owners = tuple(table.owners)
+        row_of = shared.get(owners)
+        if row_of is None:
+            row_of = shared[owners] = {n: i for i, n in enumerate(owners)}
+        table.row_of = row_of
+        key = (owners, table.values.dtype, table.values.device)
         packs.setdefault(key, []).append(table)
     for group in packs.values():
         BiasPack(group)
     for table in tables.values():
-        for owner in table.owners:
+        for owner, row in zip(table.owners, table.values.unbind(0)):  # views, one C call per table
             t = tasks[owner]
-            (t.hooked if table.added else t.swap)[table.slot] = table.value(owner)
+            (t.hooked if table.added else t.swap)[table.slot] = row
 
 
 # ------------------------------------------------------------------------ building a task
