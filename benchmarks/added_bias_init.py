@@ -1,4 +1,4 @@
-"""Initialisation of added biases (issue 16): zero against random ``added_bias_init`` on a bias-free causal LM.
+"""Initialisation of added biases: zero against random ``added_bias_init`` on a bias-free causal LM.
 
 A tiny LLaMA-style model (hidden 64, 2 layers, 4 heads, 2 kv heads, vocabulary 40) is first pre-trained in
 full for ``--pretrain-steps`` on a generic task (continue a counting sequence), so BitFit starts from

@@ -13,7 +13,7 @@ the trained model is saved, so tokenisation, evaluation and checkpointing all co
   the command calls.
 
 Printed side by side: best dev accuracy, wall and CPU time of the whole run, and the wall time at
-which each side first reached the recipe's best accuracy (the ratio the issue asks for), with the
+which each side first reached the recipe's best accuracy (the time-to-accuracy ratio docs/PERFORMANCE.md reports), with the
 CPU model and its matmul features.
 
     python benchmarks/end_to_end.py --data-dir ../shared/data/glue            # ~15-40 min on 2 cores

@@ -17,7 +17,7 @@ from pathlib import Path
 
 TASKS = ["rte", "mrpc", "stsb", "cola", "sst2"]
 METHODS = ["bitfit", "paper-subset", "full", "frozen", "lora"]
-# per task: (column label, eval keys shown, key for the average) - the metrics of the issue's table
+# per task: (column label, eval keys shown, key for the average) - the official metric(s) of each task
 SHOW = {
     "rte": ("RTE acc", ["eval_accuracy"], "eval_accuracy"),
     "mrpc": ("MRPC acc / F1", ["eval_accuracy", "eval_f1"], "eval_f1"),
@@ -25,7 +25,7 @@ SHOW = {
     "cola": ("CoLA MCC", ["eval_matthews_correlation"], "eval_matthews_correlation"),
     "sst2": ("SST-2 acc", ["eval_accuracy"], "eval_accuracy"),
 }
-# the seeds' recipe and full fine-tuning as given in issue 5 (full training sets; SST-2 5,000 rows)
+# the seeds' recipe and full fine-tuning the single-seed reference figures the project started from, not re-run here (full training sets; SST-2 5,000 rows)
 RECIPE = {"rte": ("56.3", "59.2"), "mrpc": ("79.4 / 85.3", "79.9 / 86.5"), "stsb": ("85.0", "85.8"),
           "cola": ("12.0", "29.8"), "sst2": ("81.3", "85.0")}
 

@@ -9,7 +9,7 @@
 #                                  # 1,000-row training subsets, 5 epochs, bf16 autocast (~3 CPU-hours)
 #   scripts/run_results.sh fidelity  # `bitfit train` defaults on the full training sets (SST-2: 5,000
 #                                  # rows), one seed (~1.5 CPU-hours, 1 thread)
-#   scripts/run_results.sh ablation  # issue 11's default candidates on 1,000-row subsets (~1.5 CPU-hours)
+#   scripts/run_results.sh ablation  # candidate defaults (head warm start, dropout ...) on 1,000-row subsets (~1.5 CPU-hours)
 #   scripts/run_results.sh e2e       # benchmarks/end_to_end.py (~30 CPU-minutes)
 #   scripts/run_results.sh probes  # CoLA with one change each (lr, batch, --dropout 0); --dropout 0 on
 #                                  # MRPC and SST-2 (~3 CPU-hours, 1 thread)
@@ -55,9 +55,9 @@ grid)
   # Every method through the same pipeline: per seed a random 1,000-row training subset, the full
   # dev set, 5 epochs x 63 steps (batch 16), evaluation every epoch and the best epoch kept, bf16
   # autocast for every method (Trainer --bf16). Learning rates: bitfit / paper-subset / frozen at their
-  # default (2e-3 since the eighth session, head 5e-3; the grid table of docs/RESULTS.md ran at 1e-3:
+  # default (2e-3, head 5e-3; the grid table of docs/RESULTS.md ran at 1e-3:
   # add bitfit=1e-3;paper-subset=1e-3;frozen=1e-3 to --lr-grid to reproduce it), full 5e-5 (the top of the paper's full-FT grid; 2e-5 had not left the majority
-  # class in 96 steps in the quick run), LoRA 1e-3. Seed-major, so a partial run is balanced; the
+  # class in a 96-step run), LoRA 1e-3. Seed-major, so a partial run is balanced; the
   # last loop only summarises (every run is reused). TASKS splits the work between processes.
   common=(--model "$MODEL" --data-dir "$GLUE" --methods bitfit,paper-subset,full,frozen,lora
           --train-sizes 1000 --lr-grid "full=5e-5;lora=1e-3" --num_train_epochs 5
@@ -73,10 +73,10 @@ grid)
   done
   ;;
 fidelity)
-  # `bitfit train` exactly as a user runs it: every default (issue 11: frozen_dtype auto, dropout 0,
-  # ~1500 updates within 3-10 epochs, lr 2e-3 (1e-3 before the eighth session) with the head at 5e-3, batch 32, 10% warm-up, best dev
-  # epoch; fifth session: length-grouped batches, the untrained pooler trained with the head). The
-  # third session's run (old defaults) passed --frozen-dtype bfloat16 and had dropout 0.1 and ~3000
+  # `bitfit train` exactly as a user runs it: every default (frozen_dtype auto, dropout 0,
+  # ~1500 updates within 3-10 epochs, lr 2e-3 with the head at 5e-3, batch 32, 10% warm-up, best dev
+  # epoch, random batches, the untrained pooler trained with the head). The 2026-11-24 runs of
+  # docs/RESULTS.md used older defaults: --frozen-dtype bfloat16, dropout 0.1, lr 1e-3 and ~3000
   # updates within 3-20 epochs. SEEDS="42 43 44" for three seeds; EXTRA="--pooler_head false" etc.
   # for an ablation (into fidelity-defaults-$TAG with TAG set).
   for seed in ${SEEDS:-42}; do
@@ -90,7 +90,7 @@ fidelity)
   done
   ;;
 ablation)
-  # Issue 11's candidates at the grid's budget (1,000 rows, 5 epochs, batch 16, seed 42), one change
+  # Candidate defaults at the grid's budget (1,000 rows, 5 epochs, batch 16, seed 42), one change
   # each against the new defaults: O = the old defaults (dropout 0.1, random head), A = head warm
   # start, B = warm start with dropout 0.1, C = the new defaults (dropout 0, random head).
   for task in ${TASKS:-cola rte mrpc stsb sst2}; do

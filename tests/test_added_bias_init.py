@@ -1,4 +1,4 @@
-"""Initialisation of the biases add_missing adds (issue 16): zero keeps the outputs, 'normal' / 'uniform' draw
+"""Initialisation of the biases add_missing adds: zero keeps the outputs, 'normal' / 'uniform' draw
 seeded values (own generator), exact counts, save / load / merge / unmerge exact with a random init, a falling
 loss, one-line errors, and `bitfit train --added_bias_init`."""
 

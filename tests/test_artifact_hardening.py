@@ -1,4 +1,4 @@
-"""Issue #12, artifacts: nothing lost, nothing silently wrong.
+"""Artifacts under bad input and faults: nothing lost, nothing silently wrong.
 
 Non-finite tensors refused (save, load, merge, bank), atomic replace of an existing artifact
 folder (also under SIGKILL), files created with the umask's modes, required integrity fields,
@@ -161,7 +161,7 @@ def test_save_refuses_nonfinite_head_and_counts_tensors(tmp_path):
 
 
 def test_int8_nan_no_longer_loads_as_base(tmp_path):
-    """The bug of issue #12: one NaN in a trained bias saved as int8 came back as the base value."""
+    """A NaN in a trained bias saved as int8 must not come back as the base value (int8 storage used to map it there)."""
     m = trained()
     with torch.no_grad():
         m.bert.encoder.layer[0].attention.self.query.bias[0] = float("nan")

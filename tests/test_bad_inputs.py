@@ -1,4 +1,4 @@
-"""Issue #12, training / data / CLI: nothing lost, nothing silently wrong.
+"""Bad input to training, data and the CLI: nothing lost, nothing silently wrong.
 
 Bad input to `bitfit train / eval / predict` gives one clear error (error class and message text checked),
 and nothing is written or lost: a finished run's files stay byte for byte, a diverged run saves no artifact

@@ -230,7 +230,7 @@ def test_dropout_flag_reaches_every_run(monkeypatch, tmp_path, capsys):
     assert seen["dropout"] is None
 
 
-# ----------------------------------------------------------------------------- honest numbers (issue 11)
+# ----------------------------------------------------------------------------- time figures: a step's time excludes evaluation and checkpointing
 def test_run_clock_excludes_evaluation_and_checkpointing():
     from bitfit.fast.timing import RunClock
 
@@ -388,7 +388,7 @@ def _run(out, method):
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason="known issue: in the last full run the bitfit worker after full fine-tuning reported "
-                   "exactly full fine-tuning's peak (852.4 MB both); under investigation, see the closing note",
+                   "exactly full fine-tuning's peak (852.4 MB both); cause not found yet",
                    strict=False)
 def test_isolated_runs_memory_times_load_commands(isolated, capsys):
     a, b = isolated["a"], isolated["b"]

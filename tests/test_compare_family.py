@@ -1,4 +1,4 @@
-"""`bitfit compare` methods of issue 16: bitfit-1d (biases + norm gains), bitfit-halving, bitfit-rolelr, and
+"""`bitfit compare` BitFit-variant methods: bitfit-1d (biases + norm gains), bitfit-halving, bitfit-rolelr, and
 training options in method specs."""
 
 import json

@@ -1,4 +1,4 @@
-"""Dynamic biases (issue 16, bitfit.methods.dynamic): b + U · pool(D · x). Exact trainable counts, outputs equal to the
+"""Dynamic biases (bitfit.methods.dynamic): b + U · pool(D · x). Exact trainable counts, outputs equal to the
 BitFit model's at the start, per-row and causal pooling, a falling loss, seeded draws, refusals (merge, save),
 the own save / remove, and the `bitfit-dynamic` compare method."""
 

@@ -1,4 +1,4 @@
-"""Per-role and per-layer learning rates, the halving schedule and the norm-gain pull (issue 16): the exact lr of
+"""Per-role and per-layer learning rates, the halving schedule and the norm-gain pull: the exact lr of
 every param group, the scheduler's lr step by step (warm-up, each halving, gradient accumulation), bad input,
 and a training step through run_train / `bitfit train` with each option."""
 

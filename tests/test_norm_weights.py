@@ -1,4 +1,4 @@
-"""All 1-D vectors (issue 16): biases plus the LayerNorm/RMSNorm gains (train_norm_weights). Exact trainable
+"""All 1-D vectors: biases plus the LayerNorm/RMSNorm gains (train_norm_weights). Exact trainable
 counts, save / load / merge / unmerge bit for bit, the artifact's norm_weights section, old artifacts, refusals."""
 
 import json
@@ -132,7 +132,7 @@ def test_plain_artifact_keeps_the_old_format_and_old_artifacts_load(tmp_path):
     train_steps(model)
     bitfit.save(model, tmp_path / "plain")
     meta = json.loads((tmp_path / "plain" / "bitfit_config.json").read_text())
-    # written exactly as before issue 16: version 1, no norm_weights section, no new config field
+    # written exactly as before norm gains could train: version 1, no norm_weights section, no new config field
     assert meta["format_version"] == 1 and "norm_weights" not in meta
     assert "train_norm_weights" not in meta["bitfit_config"]
     loaded = bitfit.load(make("bert"), tmp_path / "plain")

@@ -1,4 +1,4 @@
-"""Hardening of the HTTP service (issue #12): body limit for chunked bodies, JSON content type,
+"""Hardening of the HTTP service: body limit for chunked bodies, JSON content type,
 undecodable JSON, API key, bounded queue, dropped work of gone clients, NaN tasks.
 
 A real uvicorn server on loopback, talked to with httpx; tiny random models as in test_serve.py.

@@ -1,4 +1,4 @@
-"""Sparse BitFit (issue 16): bias entries chosen by importance under an exact budget. Exact counts, masks that
+"""Sparse BitFit: bias entries chosen by importance under an exact budget. Exact counts, masks that
 hold through AdamW with weight decay, deterministic choice, importance = the bias gradients, save / load / merge
 bit for bit, clear errors, `bitfit train --budget`, the compare methods bitfit-sparse and rand/budget=."""
 

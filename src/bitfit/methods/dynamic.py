@@ -1,4 +1,4 @@
-"""Dynamic biases (issue 16): ``b(x) = b + delta(x)``, a per-input shift of a BitFit bias.
+"""Dynamic biases: ``b(x) = b + delta(x)``, a per-input shift of a BitFit bias.
 
 Each targeted Linear/Conv1D of a BitFit model gets a tiny low-rank net on its own input ``x``:
 ``delta(x) = U · pool(D · x)`` with ``D`` (rank x d_in, random) and ``U`` (d_out x rank, **zero**), so

@@ -1,5 +1,5 @@
 """Learning rates per bias role and per layer, the "halve every N epochs" schedule, and the pull of trained
-norm gains toward their pretrained values (issue 16; docs/TRAINING.md, "Learning rates per role and layer").
+norm gains toward their pretrained values (docs/TRAINING.md, "Learning rates per role and layer").
 
 * ``role_lr_multipliers`` (``--role_lr_multipliers "query=2,ffn_out=0.5"``): the tensors of a role train at
   ``learning_rate x multiplier`` (roles as in :data:`bitfit.core.config.ROLES`; unnamed roles x 1). A norm gain
