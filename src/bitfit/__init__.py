@@ -1,6 +1,7 @@
 """bitfit: fine-tune only the bias terms of any Hugging Face transformer (BitFit, arXiv 2106.10199)."""
 
 import importlib
+import sys
 
 from .core import models
 from .core.config import PRESETS, ROLES, BitFitConfig
@@ -13,6 +14,10 @@ from .fast import lean as _lean  # noqa: F401
 from .methods import sparse as _sparse  # noqa: F401
 
 __version__ = "0.1.0"
+
+# `bitfit.models` (resolve_model, load_model, load_tokenizer) is public: `import bitfit.models` and
+# `from bitfit.models import load_model` reach the module that lives in bitfit.core.
+sys.modules[f"{__name__}.models"] = models
 
 # Heavier parts load on first use: name -> module that defines it.
 _LAZY = {
