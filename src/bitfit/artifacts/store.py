@@ -211,7 +211,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _leftovers(path: Path, locked: bool) -> list:
+def _side_pattern(kinds) -> "re.Pattern":
+    alt = "|".join(re.escape(k) for k in kinds)
+    return re.compile(rf"^(?P<kind>{alt})-(?:(?P<pid>\d+)-[0-9a-f]{{8}}|(?P<old>[a-z0-9_]{{8}}))$")
+
+
+def _leftovers(path: Path, locked: bool, kinds=("tmp", "bak")) -> list:
     """Stale side folders of killed saves to ``path``: (kind, folder, mtime).
 
     Ours: a folder named ``.NAME.tmp-<pid>-<hex>`` / ``.NAME.bak-<pid>-<hex>`` (or an older
@@ -228,7 +233,7 @@ def _leftovers(path: Path, locked: bool) -> list:
     for e in entries:
         if not e.name.startswith(head):
             continue
-        m = _SIDE.match(e.name[len(head):])
+        m = (_SIDE if kinds == ("tmp", "bak") else _side_pattern(kinds)).match(e.name[len(head):])
         if m is None:
             continue
         try:
@@ -324,3 +329,102 @@ def reading(path: Path):
             raise ArtifactError(f"no artifact at {path}: the folder does not exist (bitfit.save writes one)")
     with _locked(path.parent, exclusive=False):
         yield src
+
+
+# ----------------------------------------------------------------------------- for other writers
+def make_side_folder(path, kind: str) -> Path:
+    """A new empty hidden folder ``.NAME.<kind>-<pid>-<hex>`` beside ``path`` (mode 0o777 & ~umask), on the
+    same file system: what is written there is renamed into place when complete. What a killed
+    process left is removed by :func:`remove_stale_side_folders` (the pid in the name says whose it is)."""
+    return _make_side_folder(Path(os.path.abspath(os.path.expanduser(str(path)))), kind)
+
+
+def stale_side_folders(path, kind: str) -> list:
+    """The ``.NAME.<kind>-<pid>-<hex>`` folders beside ``path`` whose process is gone (and an older bitfit's
+    ``.NAME.<kind>-<8 chars>`` after 10 minutes), oldest first."""
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    return [side for _, side, _ in sorted(_leftovers(path, False, (kind,)), key=lambda x: x[2])]
+
+
+def remove_stale_side_folders(path, kind: str) -> list:
+    """Remove the folders :func:`stale_side_folders` finds; returns them."""
+    stale = stale_side_folders(path, kind)
+    for side in stale:
+        shutil.rmtree(side, ignore_errors=True)
+    return stale
+
+
+@contextlib.contextmanager
+def folder_lock(folder, exclusive: bool = True):
+    """The lock saves and reads take on a folder holding artifacts (``flock``; waits up to 2 minutes, then
+    :class:`ArtifactError`). Yields whether a lock is held (False where the file system has none)."""
+    with _locked(Path(os.path.abspath(os.path.expanduser(str(folder)))), exclusive) as held:
+        yield held
+
+
+LOCK_NAME = ".bitfit.lock"
+
+
+class FolderBusyError(ArtifactError):
+    """Another process holds the folder (see :func:`hold_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_folder(folder, what: str = "bitfit"):
+    """Hold ``folder`` exclusively for a long job (a training run writing its run folder) or fail at once.
+
+    The lock is a ``flock`` on the file ``.bitfit.lock`` inside the folder (created if missing): a
+    file, so that it follows the folder's contents when a save swaps the folder (the save moves the
+    other files of the folder, this one included, by rename). It is taken under the parent's folder
+    lock, so it is never taken while a save has the folder renamed away. A second holder gets a
+    :class:`FolderBusyError` naming the process that holds it. The file is removed on release. Where
+    the file system has no ``flock`` the job runs unlocked. Yields the lock file's path.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield None
+        return
+    folder = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    while True:
+        with _locked(folder.parent, exclusive=False):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            raise FolderBusyError(
+                f"{folder} is in use by another {what} ({holder or 'another process'}); wait for it to finish, "
+                "or choose another folder") from None
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            yield None
+            return
+        try:  # the file may have been removed (a holder releasing) between our open and flock: take it again
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    except OSError:
+        pass
+    try:
+        yield lock
+    finally:
+        try:
+            here = folder / LOCK_NAME
+            if os.path.samestat(os.fstat(fd), os.stat(here)):
+                here.unlink()
+        except OSError:
+            pass
+        os.close(fd)

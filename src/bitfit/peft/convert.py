@@ -85,12 +85,16 @@ def read_bitfit_dir(path: PathLike) -> Packed:
 def _write_folder(out: PathLike, files: dict) -> Path:
     """Write ``{file name: bytes}`` into folder ``out`` atomically (temp folder beside it, then renames;
     other files in an existing folder are kept)."""
-    out = Path(os.path.expanduser(str(out)))
+    from ..artifacts.store import make_side_folder, remove_stale_side_folders
+
+    out = Path(os.path.abspath(os.path.expanduser(str(out))))
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder; give a folder path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_side_folders(out, "convert")  # what killed conversions to ``out`` left
+        tmp = make_side_folder(out, "convert")  # mode 0o777 & ~umask (mkdtemp would make the folder 0700)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         if not out.exists():
@@ -99,8 +103,14 @@ def _write_folder(out: PathLike, files: dict) -> Path:
             for name in files:  # the config (named last by the callers) goes into place last
                 os.replace(tmp / name, out / name)
             tmp.rmdir()
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"could not write {out} ({exc.strerror or exc}); nothing was changed there: free disk "
+                            "space or choose a folder you can write to") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
@@ -236,8 +246,13 @@ def task_type_for(architecture: Optional[str]) -> Optional[str]:
     return None
 
 
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # peft's
+
+
 def peft_config_dict(meta: dict, task_type: Optional[str] = None, inference_mode: bool = True) -> dict:
     """The ``adapter_config.json`` content for an artifact header (what BitFitPeftConfig.to_dict() gives)."""
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ArtifactError(f"task type {task_type!r} is not one of peft's: {', '.join(TASK_TYPES)}")
     try:
         from peft import __version__ as peft_version
     except ImportError:

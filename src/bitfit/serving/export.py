@@ -16,6 +16,9 @@ loading it back, ONNX with onnxruntime when installed) and returns the largest d
 from __future__ import annotations
 
 import inspect
+import math
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -114,33 +117,164 @@ def _extra(model: nn.Module) -> dict:
     return extra
 
 
+def check_tolerance(tolerance) -> Optional[float]:
+    """``tolerance`` as a float, or a :class:`BitFitError` for NaN or a negative value (a check against
+    NaN never fails; a negative one always does)."""
+    if tolerance is None:
+        return None
+    try:
+        value = float(tolerance)
+    except (TypeError, ValueError):
+        raise BitFitError(f"--tolerance must be a number >= 0, got {tolerance!r}") from None
+    if math.isnan(value) or value < 0:
+        raise BitFitError(f"--tolerance must be a number >= 0 (the largest accepted logit difference), got "
+                          f"{tolerance!r}")
+    return value
+
+
 def export_model(model: nn.Module, path, fmt: str, *, tokenizer=None, input_names=None, opset: Optional[int] = None,
-                 check: bool = True) -> dict:
+                 check: bool = True, tolerance: Optional[float] = None) -> dict:
     """Export ``model`` (a plain or merged model) to ``path`` as ``fmt`` ("torchscript" or "onnx").
+
+    The files are written to a hidden folder beside ``path`` (``.NAME.export-<pid>-<hex>``), checked
+    there, and only then renamed into place; an ONNX model's weights file ``NAME.data`` is replaced
+    together with it. A failure (a full disk, a file-size limit, a check over ``tolerance``) raises
+    :class:`BitFitError` and leaves an existing export at ``path`` as it was.
 
     Returns ``{"path", "format", "inputs", "max_abs_diff"}``; ``max_abs_diff`` is measured on two
     input shapes other than the traced one (None when ``check`` is False or, for ONNX,
     onnxruntime is not installed)."""
+    from ..artifacts.store import make_side_folder
+
     if fmt not in FORMATS:
         raise BitFitError(f"format must be one of {FORMATS}, got {fmt!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tolerance = check_tolerance(tolerance)
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if path.is_dir():
+        raise BitFitError(f"{path} is a folder; give the file to write (e.g. {path / ('model.onnx' if fmt == 'onnx' else 'model.pt')})")
     model.eval()
     names = list(input_names or input_names_for(model, tokenizer))
     wrapper = LogitsOnly(model, names, _extra(model)).eval()
     example = example_inputs(model, names, batch=2, length=8)
-    with torch.no_grad():
-        if fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
-            torch.jit.save(traced, str(path))
-        else:
-            _export_onnx(wrapper, example, names, path, opset)
-    report = {"path": str(path), "format": fmt, "inputs": names, "max_abs_diff": None}
-    if check:
-        report["max_abs_diff"] = check_export(model, path, fmt, names)
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _recover_export(path)
+        tmp = make_side_folder(path, "export")
+    try:
+        staged = tmp / path.name
+        with torch.no_grad(), _write_errors(path):
+            if fmt == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
+                # through a Python file: a failed write raises OSError here (torch's own file writer aborts
+                # the process when a write fails)
+                with open(staged, "wb") as f:
+                    torch.jit.save(traced, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                _export_onnx(wrapper, example, names, staged, opset)
+        report = {"path": str(path), "format": fmt, "inputs": names, "max_abs_diff": None}
+        if check:
+            report["max_abs_diff"] = diff = check_export(model, staged, fmt, names)
+            if diff is not None and tolerance is not None and not diff <= tolerance:
+                raise BitFitError(f"the exported model differs from the PyTorch model by {diff:.2e} (more than "
+                                  f"--tolerance {tolerance:g}); nothing was written to {path}")
+        with _write_errors(path):
+            _place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+class _write_errors:
+    """OSError while writing an export -> one-line BitFitError (the existing export is kept)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        err = exc
+        while err is not None and not isinstance(err, OSError):  # an exporter's wrapper around the OSError
+            err = err.__cause__ or err.__context__
+        if isinstance(err, OSError):
+            what = err.strerror or str(err)
+            raise BitFitError(f"could not write the export to {self.path} ({what}); any earlier export there is "
+                              "unchanged: free disk space, raise the file-size limit or choose a writable --output") \
+                from None
+        return False
+
+
+def _companions(path: Path) -> list:
+    """The files of an export at ``path``: the entry file last (ONNX keeps its weights in ``NAME.data``)."""
+    return [path.name + ".data", path.name]
+
+
+def _place(tmp: Path, path: Path) -> None:
+    """Move the export in ``tmp`` to ``path``, replacing the earlier export's files all together or not at all.
+
+    One file: one atomic rename. With a weights file: the old files go to a hidden side folder (the
+    entry file first), the new ones come in (the entry file last), the side folder is removed; on
+    an error every rename is undone. A kill in between leaves the old files in the side folder,
+    which the next export to ``path`` puts back before writing (:func:`_recover_export`)."""
+    from ..artifacts.store import make_side_folder
+
+    new = [n for n in _companions(path) if (tmp / n).exists()]
+    parent = path.parent
+    old_names = [n for n in _companions(path) if os.path.lexists(parent / n)]
+    if new == [path.name] and old_names in ([], [path.name]):
+        os.replace(tmp / path.name, path)
+        _fsync_dir(parent)
+        return
+    old = make_side_folder(path, "replaced") if old_names else None
+    moved, placed = [], []
+    try:
+        for n in reversed(old_names):  # the entry file first: a reader sees no model, never a mixed pair
+            os.rename(parent / n, old / n)
+            moved.append(n)
+        for n in new:  # the weights first, the entry file last
+            os.rename(tmp / n, parent / n)
+            placed.append(n)
+    except BaseException:
+        for n in reversed(placed):
+            os.rename(parent / n, tmp / n)
+        for n in reversed(moved):
+            os.rename(old / n, parent / n)
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_export(path: Path) -> None:
+    """Put back an earlier export that a killed export had moved aside (its entry file is missing at
+    ``path``), then remove what killed exports left beside ``path``."""
+    from ..artifacts.store import remove_stale_side_folders, stale_side_folders
+
+    for side in reversed(stale_side_folders(path, "replaced")):  # newest first
+        if not os.path.lexists(path) and (side / path.name).exists():
+            for n in _companions(path):
+                if (side / n).exists() and not os.path.lexists(path.parent / n):
+                    os.rename(side / n, path.parent / n)
+    remove_stale_side_folders(path, "replaced")
+    remove_stale_side_folders(path, "export")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> None:
@@ -155,6 +289,8 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
     for dynamo in (True, False):
         try:
             kwargs = dict(input_names=names, output_names=["logits"])
+            if not os.environ.get("BITFIT_VERBOSE"):
+                kwargs["verbose"] = False  # the dynamo exporter's step-by-step progress lines
             if opset is not None:
                 kwargs["opset_version"] = opset
             if dynamo:
@@ -168,6 +304,11 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
                 torch.onnx.export(wrapper, example, str(path), **kwargs)
             return
         except Exception as exc:  # noqa: BLE001 - try the other exporter, then report both
+            cause = exc
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:  # the disk, not the exporter: the other exporter would fail the same way
+                raise cause
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}"[:600])
     raise BitFitError("ONNX export failed: " + " | ".join(errors))
 
@@ -208,10 +349,11 @@ def check_export(model: nn.Module, path, fmt: str, names: Sequence[str]) -> Opti
     return worst
 
 
-def export_task(source, output, fmt: str, base=None, tokenizer=None, check: bool = True) -> dict:
+def export_task(source, output, fmt: str, base=None, tokenizer=None, check: bool = True,
+                tolerance: Optional[float] = None) -> dict:
     """Merge the task at ``source`` into ``base`` and export it (see :func:`export_model`)."""
     model = merged_task(source, base)
-    return export_model(model, output, fmt, tokenizer=tokenizer, check=check)
+    return export_model(model, output, fmt, tokenizer=tokenizer, check=check, tolerance=tolerance)
 
 
 __all__ = ["export_model", "export_task", "merged_task", "check_export", "LogitsOnly", "FORMATS"]

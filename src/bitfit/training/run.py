@@ -32,6 +32,7 @@ from .defaults import (BITFIT_DROPOUT, BITFIT_METHODS, HEAD_LR_FACTOR, has_overw
                        length_grouping, training_defaults)
 from .runfolder import (abs_local, atomic_write_json, check_output_dir, clear_finished_run, command_record,
                         peak_memory_mb, resolve_resume, run_record, save_trained, write_model_card)
+from .resume import check_resume, checkpoint_record, run_folder_lock
 from .tasks import encode, encode_instructions, load_splits, make_compute_metrics, positive_label
 from .trainer import _trainer_class
 
@@ -118,7 +119,20 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     defaults for ``method`` (epochs then follow the training-set size). ``prepare(model) -> model``
     replaces ``bitfit.apply`` (e.g. full fine-tuning or a peft wrapper; it does its own freezing).
     ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
+
+    The run holds its output folder for its whole life (bitfit.training.resume.run_folder_lock): a second
+    run into the same folder fails at once.
     """
+    out = getattr(training_args, "output_dir", None) if not isinstance(training_args, (dict, type(None))) else \
+        (training_args or {}).get("output_dir")
+    with run_folder_lock(out):
+        return _run_train(model_args, data_args, training_args, prepare, method=method, argv=argv,
+                          callbacks=callbacks)
+
+
+def _run_train(model_args: ModelArguments, data_args: DataArguments, training_args=None,
+               prepare: Optional[Callable] = None, *, method: str = "bitfit", argv: Optional[list] = None,
+               callbacks: Optional[list] = None) -> dict:
     import transformers
     from transformers import DataCollatorWithPadding, TrainingArguments
 
@@ -151,6 +165,10 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         overwrite = getattr(training_args, "overwrite_output_dir", False)
     check_training_args(training_args)
     role_mult = check_lr_options(model_args, method, prepare)
+    if training_args.learning_rate == 0 and not (model_args.head_learning_rate or model_args.pooler_learning_rate):
+        raise BitFitConfigError("--learning_rate 0 trains nothing: the run would save the untrained model as if it "
+                                "had trained; give a positive --learning_rate (or --head_learning_rate to train "
+                                "the head alone)")
     if training_args.process_index == 0:
         check_output_dir(training_args.output_dir, overwrite, training_args.resume_from_checkpoint)
     transformers.set_seed(training_args.seed)
@@ -226,6 +244,10 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
     from ..fast.timing import RunClock
 
     clock = RunClock()  # step time / CPU time without evaluation and checkpointing (bitfit.fast.timing)
+    record = checkpoint_record(model, model_args, info, abs_local(model_args.model)) if is_bitfit else None
+    trainer.checkpoint_record = record
+    if resume:  # another base, preset or label set: refused before the Trainer loads anything
+        check_resume(resume, record, model_args.model)
     trainer.add_callback(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -257,11 +279,13 @@ def run_train(model_args: ModelArguments, data_args: DataArguments, training_arg
         metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, abs_local(model_args.model))
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
-        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info)})
         try:
             tokenizer.save_pretrained(str(out))  # the run folder carries its tokenizer
         except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot be saved: the base's is used on load
             print(f"bitfit: the tokenizer was not saved with the run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        # task.json first: a run killed right after its artifact is written can still be evaluated
+        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info),
+                                              "base_fingerprint": record["base_fingerprint"] if record else None})
         write_model_card(out, info, model_args, data_args, metrics, method)
         atomic_write_json(out / "command.json", command_record(argv, model_args, data_args, training_args, method,
                                                                  dtype_choice, wall))

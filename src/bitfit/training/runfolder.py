@@ -248,9 +248,12 @@ def write_model_card(out: Path, info: TaskInfo, model_args: ModelArguments, data
         lines += ["No validation data was given; no scores."]
     if info.kind == "files" and not info.regression and len(info.label_names) == 2:
         lines += ["", f"Binary F1 is for the positive label `{positive_label(info)}`."]
-    lines += ["", "## Use", "", "```bash", f"bitfit eval --adapter {out.name}" if info.kind != "instruct" else
-              f"bitfit generate --adapter {out.name} --prompt \"...\"", f"bitfit merge {out.name} --output merged",
-              "```", "", "```python", "import bitfit", f"model = bitfit.load({base!r}, {out.name!r})", "```", ""]
+    import shlex
+
+    where = shlex.quote(str(out))  # the run folder as given (--output-dir): where the commands find it
+    lines += ["", "## Use", "", "```bash", f"bitfit eval --adapter {where}" if info.kind != "instruct" else
+              f"bitfit generate --adapter {where} --prompt \"...\"", f"bitfit merge {where} --output merged",
+              "```", "", "```python", "import bitfit", f"model = bitfit.load({base!r}, {str(out)!r})", "```", ""]
     path = out / "README.md"
     tmp = out / "README.md.tmp"
     tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -30,6 +30,7 @@ def _trainer_class():
         _bitfit_steps_per_epoch: Optional[int] = None
         length_sub_batches: bool = False  # run_train: --length_sub_batches (bitfit.fast.subbatch)
         _sub_batch_share: Optional[float] = None
+        checkpoint_record: Optional[dict] = None  # run_train: written into each checkpoint (bitfit.training.resume)
 
         def __init__(self, *args, **kwargs):
             from .guard import NonFiniteGuard
@@ -219,6 +220,48 @@ def _trainer_class():
             safetensors.torch.save_file(trained, tmp, metadata={"format": "pt", "bitfit": "trained-only"})
             os.replace(tmp, os.path.join(output_dir, "model.safetensors"))
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            from .resume import write_checkpoint_record
+
+            write_checkpoint_record(output_dir, self.checkpoint_record)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            """Resume the optimizer (moment estimates) and the schedule (step count) from ``checkpoint``, with this
+            run's rates and optimizer options: the checkpoint's learning rates are replaced by the ones this run
+            was given (--learning_rate, --head_learning_rate, role / layer factors, --weight_decay, ...)."""
+            import sys
+
+            opt, sched = self.optimizer, self.lr_scheduler
+            if checkpoint is None or opt is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise BitFitError(
+                    f"--resume_from_checkpoint {checkpoint}: its optimizer state does not fit this run ({exc}); the "
+                    "checkpoint was trained with other parameter groups (another --preset, --head_learning_rate, "
+                    "--pooler_learning_rate, --role_lr_multipliers or --layer_lr_decay): resume with the options it "
+                    "was trained with, or start a new run (another --output-dir)") from None
+            old = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+            new = [f.get("initial_lr", f["lr"]) for f in fresh]
+            lambdas = getattr(sched, "lr_lambdas", None)
+            for i, (g, f) in enumerate(zip(opt.param_groups, fresh)):
+                for k, v in f.items():
+                    if k != "lr":
+                        g[k] = v
+                if lambdas is not None and i < len(lambdas):
+                    g["lr"] = new[i] * lambdas[i](sched.last_epoch)
+                elif old[i]:
+                    g["lr"] = g["lr"] * new[i] / old[i]
+                else:
+                    g["lr"] = new[i]
+            if sched is not None and hasattr(sched, "base_lrs"):
+                sched.base_lrs = list(new)
+                if hasattr(sched, "_last_lr"):
+                    sched._last_lr = [g["lr"] for g in opt.param_groups]
+            if any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(old, new)):
+                print(f"bitfit: resuming {checkpoint} with this run's learning rates ({', '.join(f'{x:g}' for x in new)}; "
+                      f"the checkpoint trained with {', '.join(f'{x:g}' for x in old)})", file=sys.stderr)
 
         def _issue_warnings_after_load(self, load_result):
             if self._bitfit() is None:

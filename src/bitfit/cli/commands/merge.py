@@ -7,12 +7,11 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .. import add_verbose, command
 from ...errors import BitFitError
-from ...core.io import current_umask
+from ...core.io import file_mode
 
 
 def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
@@ -20,19 +19,25 @@ def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
     beside it and renamed into place, so a failure leaves nothing half-written)."""
     import bitfit
 
+    from ...artifacts.store import folder_lock, make_side_folder, remove_stale_side_folders
     from ...training.arguments import ModelArguments
     from ...training.restore import load_trained
 
-    out = Path(os.path.expanduser(output))
+    out = Path(os.path.abspath(os.path.expanduser(output)))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BitFitError(f"--output {output} exists and is not an empty folder; choose a new folder")
     model, tokenizer, info = load_trained(ModelArguments(adapter=run, model=base, gguf_file=gguf_file))
     plain = bitfit.merge(model)
     for p in plain.parameters():
         p.requires_grad_(True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # written beside the target, renamed into place when complete: a failure leaves no half-written model
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_side_folders(out, "merge")  # what killed merges to this --output left
+        # written beside the target, renamed into place when complete: a failure leaves no half-written model
+        tmp = make_side_folder(out, "merge")
+    except OSError as exc:
+        raise BitFitError(f"--output {output}: cannot write in {out.parent} ({exc.strerror or exc}); choose a "
+                          "folder you can write to") from None
     try:
         plain.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -44,12 +49,25 @@ def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
         text += (f"\nThis folder is the BitFit run `{Path(run).name}` merged into its base: a plain transformers "
                  f"model (`transformers.pipeline(\"{pipeline_tag}\", model=...)`), no bitfit needed.\n")
         (tmp / "README.md").write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
+        for f in tmp.rglob("*"):  # save_pretrained's safetensors files are 0600 whatever the umask
+            if f.is_file():
+                os.chmod(f, file_mode())
+        with folder_lock(out.parent):  # two merges to one --output: the second sees the first's folder
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise BitFitError(f"--output {output} was written by another process while this merge ran; "
+                                  "nothing was changed: choose a new folder")
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            os.rename(tmp, out)
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise BitFitError(f"--output {output}: writing the merged model failed ({exc.strerror or exc}); nothing "
+                          "was written: free disk space or choose another folder") from None
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error for a failed write (full disk, ...)
+            raise BitFitError(f"--output {output}: writing the merged model failed ({exc}); nothing was written: "
+                              "free disk space or choose another folder") from None
         raise
     return out
 
