@@ -53,7 +53,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
 }
 
-FROZEN_DTYPES = ("float32", "bfloat16", "float16", "int8")
+FROZEN_DTYPES = ("float32", "bfloat16", "float16", "int8-fbgemm", "int8")
 IMPORTANCE_SCORES = ("grad", "fisher")  # bitfit.methods.sparse: how an entry's importance is measured
 IMPORTANCE_UNITS = ("entry", "vector")  # bitfit.methods.sparse: what is chosen
 SPARSE_FIELDS = ("budget", "importance", "importance_unit", "importance_batches")
@@ -244,8 +244,9 @@ class BitFitConfig:
         metadata={
             "help": "Store and run the frozen weights in this dtype ('bfloat16', 'float16'); trained tensors and "
             "norms stay float32. 'int8': bfloat16, plus int8 training matmuls in the frozen Linear layers "
-            "(fastest on CPUs with AVX512-VNNI and no AMX; eval runs bf16). 'auto': the fastest of float32 / "
-            "bfloat16 / int8 on this hardware (a short cached probe, bitfit.fast.hardware); resolved when the config "
+            "(fastest on CPUs with AVX512-VNNI and no AMX; eval runs bf16). 'int8-fbgemm': float32 weights, int8 "
+            "training matmuls on PyTorch's fbgemm engine (fast on AVX2-only CPUs; eval runs float32). 'auto': the "
+            "fastest of float32 / float16 / bfloat16 / int8-fbgemm / int8 on this hardware (a short cached probe, bitfit.fast.hardware); resolved when the config "
             "is applied. None keeps the model's dtype."
         },
     )
@@ -323,7 +324,8 @@ class BitFitConfig:
                 raise BitFitConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.frozen_dtype is not None:
             fd = str(self.frozen_dtype).replace("torch.", "")
-            fd = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}.get(fd, fd)
+            fd = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
+                  "int8_fbgemm": "int8-fbgemm"}.get(fd, fd)
             if fd not in FROZEN_DTYPES + ("auto",):
                 raise BitFitConfigError(
                     f"frozen_dtype={self.frozen_dtype!r} is not supported; use one of "

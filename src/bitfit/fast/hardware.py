@@ -1,19 +1,24 @@
 """``frozen_dtype="auto"``: the fastest frozen-weight precision whose accuracy matches float32, chosen
 for the hardware the run is on.
 
-BitFit's frozen weights need no gradient and no more precision than inference. Three modes are
-candidates, each measured to reach float32's dev accuracy (docs/PERFORMANCE.md): ``float32``,
-``bfloat16`` (bf16 weights, autocast) and ``int8`` (bf16 plus int8 training matmuls). Which one is
-fastest depends on the machine: bf16 needs AVX512-BF16 or AMX to beat float32 on a CPU, and int8
-beats bf16 on AVX512-VNNI CPUs without AMX but loses to it on Intel Xeons with AMX.
+BitFit's frozen weights need no gradient and no more precision than inference. The candidates, from
+the most exact down (docs/PERFORMANCE.md): ``float32``, ``float16`` (only on CPUs with native fp16
+matmuls: AVX512-FP16 or AMX-FP16), ``bfloat16`` (bf16 weights, autocast), ``int8-fbgemm`` (float32
+weights, int8 training matmuls on fbgemm: bitfit.fast.int8_fbgemm) and ``int8`` (bf16 plus int8
+training matmuls on ``torch._int_mm``). Which one is fastest depends on the machine: bf16 needs
+AVX512-BF16 or AMX to beat float32 on a CPU, ``int8`` beats bf16 on AVX512-VNNI CPUs without AMX but
+loses to it on Intel Xeons with AMX, and on CPUs with AVX2 only (no AVX-512, VNNI or AMX) bf16 and
+``int8`` run many times slower than float32 while ``int8-fbgemm`` runs at about half its time.
 
 So on a CPU the choice is **measured**: a probe of about a second times the two matmuls a frozen
 Linear runs in a training step (the forward and the input gradient, BERT-base FFN shape) in each
 mode, and picks the fastest, preferring the more exact mode unless a lower precision is at least
-``MARGIN`` faster. The result is cached per machine (CPU model and flags, torch version, thread
+``MARGIN`` faster. A mode more than ``SCREEN_SLOWER`` times slower than float32 on a 32-token screen is
+not timed further (its table entry is the screen's time scaled to the probe's token count), so machines
+where bf16 is emulated still probe in a few seconds. The result is cached per machine (CPU model and flags, torch version, thread
 count) in ``$BITFIT_CACHE_DIR`` (default ``~/.cache/bitfit``), so later runs start at once.
 On CUDA: bfloat16 where the GPU supports it, else float32. Elsewhere (MPS, XPU...): float32.
-``BITFIT_FROZEN_DTYPE=bfloat16`` (or float32/int8) overrides the choice without a probe.
+``BITFIT_FROZEN_DTYPE=bfloat16`` (or any mode of ``MODES``) overrides the choice without a probe.
 """
 
 from __future__ import annotations
@@ -30,16 +35,19 @@ from typing import Optional
 import torch
 
 MARGIN = 1.15  # a lower-precision mode must be this much faster than the next more exact one
-MODES = ("float32", "bfloat16", "int8")
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
-_CACHE_VERSION = 1
+MODES = ("float32", "float16", "bfloat16", "int8-fbgemm", "int8")  # the most exact first
+SCREEN_TOKENS, SCREEN_SLOWER = 32, 4.0  # a mode this much slower than float32 on the screen is not timed further
+_FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # native fp16 matmuls; elsewhere CPU fp16 is emulated
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
+          "avx512_fp16", "amx_fp16")
+_CACHE_VERSION = 2
 
 
 @dataclass
 class DtypeChoice:
     """What ``frozen_dtype="auto"`` picked, and why."""
 
-    dtype: str  # float32, bfloat16 or int8
+    dtype: str  # one of MODES
     reason: str
     device: str
     cpu: Optional[str] = None
@@ -99,49 +107,85 @@ def _key() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _time_mode(mode: str, tokens: int, d_in: int, d_out: int, repeats: int) -> float:
-    """Seconds (process CPU time per thread, best of ``repeats``) of forward + input gradient of a frozen
-    Linear in ``mode``."""
-    from .int8 import Int8Matmuls, rowwise_int8
-
+def _step(mode: str, tokens: int, d_in: int, d_out: int):
+    """A function running forward + input gradient of a frozen Linear in ``mode`` once."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(d_out, d_in, generator=g) * 0.02
     x = torch.randn(tokens, d_in, generator=g)
     grad = torch.randn(tokens, d_out, generator=g)
     if mode == "int8":
+        from .int8 import Int8Matmuls, rowwise_int8
+
         wq, ws = rowwise_int8(w)
         ws = ws.reshape(-1)
         xb = x.to(torch.bfloat16).requires_grad_(True)
+        gb = grad.to(torch.bfloat16)
 
         def step():
-            y = Int8Matmuls.apply(xb, None, wq, ws, torch.bfloat16)
-            y.backward(grad.to(torch.bfloat16))
-    else:
-        dt = torch.float32 if mode == "float32" else torch.bfloat16
-        wd, gd = w.to(dt), grad.to(dt)
-        xd = x.to(dt)
+            with torch.enable_grad():
+                Int8Matmuls.apply(xb, None, wq, ws, torch.bfloat16).backward(gb)
+        return step
+    if mode == "int8-fbgemm":
+        from .int8_fbgemm import FbgemmMatmuls, pack_weight, weight_levels
+
+        levels = weight_levels()
+        fwd, bwd = pack_weight(w, levels), pack_weight(w.t(), levels)
+        xf = x.clone().requires_grad_(True)
 
         def step():
+            with torch.enable_grad():
+                FbgemmMatmuls.apply(xf, None, fwd, bwd, torch.float32).backward(grad)
+        return step
+    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[mode]
+    wd, gd, xd = w.to(dt), grad.to(dt), x.to(dt)
+
+    def step():
+        with torch.no_grad():
             y = xd @ wd.t()
             (y + gd) @ wd  # the input gradient's matmul (the add keeps it from being a no-op)
+    return step
 
-    with torch.no_grad() if mode != "int8" else torch.enable_grad():
-        step()  # warm-up (kernel selection, AMX tile configuration)
-        best = float("inf")
-        threads = max(1, torch.get_num_threads())
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / threads
-            best = min(best, max(wall, cpu) if threads == 1 else wall)
+
+def _time_mode(mode: str, tokens: int, d_in: int, d_out: int, repeats: int) -> float:
+    """Seconds (process CPU time per thread, best of ``repeats``) of forward + input gradient of a frozen
+    Linear in ``mode``."""
+    step = _step(mode, tokens, d_in, d_out)
+    step()  # warm-up (kernel selection, AMX tile configuration)
+    best = float("inf")
+    threads = max(1, torch.get_num_threads())
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / threads
+        best = min(best, max(wall, cpu) if threads == 1 else wall)
     return best
 
 
-def probe_cpu(tokens: int = 512, d_in: int = 768, d_out: int = 3072, repeats: int = 3) -> dict:
-    """Milliseconds per mode of a frozen Linear's training matmuls on this CPU (best of ``repeats``)."""
-    out = {}
-    for mode in MODES:
+def probe_modes() -> list:
+    """The modes worth timing on this CPU: float16 only with native fp16 matmuls, int8-fbgemm only where
+    PyTorch's fbgemm engine runs."""
+    from .int8_fbgemm import available
+
+    flags = set(cpu_flags())
+    return [m for m in MODES if (m != "float16" or flags & set(_FP16_FLAGS)) and (m != "int8-fbgemm" or available())]
+
+
+def probe_cpu(tokens: int = 512, d_in: int = 768, d_out: int = 3072, repeats: int = 3,
+              screen: int = SCREEN_TOKENS) -> dict:
+    """Milliseconds per mode of a frozen Linear's training matmuls on this CPU (best of ``repeats``).
+    A mode over ``SCREEN_SLOWER`` times float32's time on a ``screen``-token run is timed no further: its
+    entry is that run's time scaled to ``tokens``."""
+    out: dict = {}
+    base = None
+    for mode in probe_modes():
         try:
+            if mode != "float32" and 0 < screen < tokens:
+                if base is None:
+                    base = _time_mode("float32", screen, d_in, d_out, 1)
+                quick = _time_mode(mode, screen, d_in, d_out, 1)
+                if quick > SCREEN_SLOWER * base:
+                    out[mode] = 1000.0 * quick * tokens / screen
+                    continue
             out[mode] = 1000.0 * _time_mode(mode, tokens, d_in, d_out, repeats)
         except (RuntimeError, NotImplementedError):  # e.g. no int8 matmul kernel on this build
             continue
@@ -149,12 +193,18 @@ def probe_cpu(tokens: int = 512, d_in: int = 768, d_out: int = 3072, repeats: in
 
 
 def pick(timings: dict) -> tuple[str, str]:
-    """(mode, reason) from probe timings: walk from float32 down in precision, moving on only when the
-    next mode is at least MARGIN faster than the current pick."""
+    """(mode, reason) from probe timings: walk MODES from float32 down in precision, moving to a mode only
+    when it is at least MARGIN faster than the current pick (modes without a timing are passed over).
+    ``int8`` runs everything outside the frozen Linears (attention, the head) in bf16, so it is passed over
+    where bf16 is more than SCREEN_SLOWER times slower than float32 (bf16 emulated: CPUs without
+    AVX512-BF16/AMX, where ``torch._int_mm`` may still be fast)."""
     if "float32" not in timings:
         return "float32", "no probe timing for float32"
+    bf16_slow = timings.get("bfloat16", float("inf")) > SCREEN_SLOWER * timings["float32"]
     choice = "float32"
     for mode in MODES[1:]:
+        if mode == "int8" and bf16_slow:
+            continue
         if mode in timings and timings[mode] * MARGIN <= timings[choice]:
             choice = mode
     if choice == "float32":
@@ -168,7 +218,7 @@ def choose_frozen_dtype(device=None, *, use_cache: bool = True) -> DtypeChoice:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     forced = os.environ.get("BITFIT_FROZEN_DTYPE")
     if forced:
-        name = {"bf16": "bfloat16", "fp32": "float32"}.get(forced.strip().lower(), forced.strip().lower())
+        name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "int8_fbgemm": "int8-fbgemm"}.get(forced.strip().lower(), forced.strip().lower())
         if name not in MODES:
             from ..errors import BitFitConfigError
 

@@ -21,6 +21,12 @@ inference needs. Two independent switches, both set by :func:`bitfit.apply`:
     evaluation and the deployed model, runs the bf16 path. On CPUs with AVX512-VNNI int8
     matmuls run at about twice the bf16 rate.
 
+``frozen_dtype="int8-fbgemm"``
+    The frozen weights stay float32 and nothing runs under autocast; in training mode every frozen
+    ``nn.Linear`` runs its forward and input-gradient matmuls on PyTorch's fbgemm int8 kernels with
+    row-wise activation/gradient scales (:mod:`bitfit.fast.int8_fbgemm`): fast on CPUs with AVX2 only,
+    where bf16 and ``torch._int_mm`` are emulated. Evaluation is the float32 path, bit for bit.
+
 ``lean=True`` (the default)
     In training mode, two memory-lean replacements of stock pieces, exact in float32:
 
@@ -56,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -69,6 +76,7 @@ from ..core.roles import module_family
 from ..errors import BitFitConfigError, BitFitError
 from .attention import attention_applies, register
 from .dropout import FAST_DRAW, LeanDropout
+from . import int8_fbgemm
 from .int8 import drop_int8, quantize_frozen_linears
 
 LEAN_ATTR = "_bitfit_lean"
@@ -83,7 +91,7 @@ def _to_dtype(dtype) -> torch.dtype:
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}.get(name, name)
     if name not in _DTYPES:
         raise BitFitConfigError(
-            f"frozen_dtype={dtype!r} is not supported; use one of bfloat16, float16, float32, int8"
+            f"frozen_dtype={dtype!r} is not supported; use one of bfloat16, float16, float32, int8, int8-fbgemm"
         )
     return _DTYPES[name]
 
@@ -101,6 +109,7 @@ class LeanState:
     attn_impl: Optional[str] = None  # the model's own attention implementation (restored outside training)
     cast: int = 0  # number of frozen weight tensors stored in frozen_dtype
     int8: list = field(default_factory=list)  # Linear modules whose training matmuls run in int8
+    int8_fbgemm: list = field(default_factory=list)  # Linear modules whose training matmuls run on fbgemm int8
     auto: Optional[object] = None  # bitfit.fast.hardware.DtypeChoice when frozen_dtype="auto" chose the dtype
 
     def describe(self) -> list:
@@ -117,6 +126,8 @@ class LeanState:
                 f"int8 training matmuls in {len(self.int8)} frozen Linear layers (forward and input gradient, "
                 "row-wise scales); eval mode runs bf16"
             )
+        if self.int8_fbgemm:
+            out.append(int8_fbgemm.describe(len(self.int8_fbgemm)))
         if self.lean:
             parts = []
             if self.dropouts:
@@ -167,11 +178,17 @@ def cast_frozen(model: nn.Module, dtype="bfloat16") -> int:
     from ..core.prepare import unwrap
 
     target = unwrap(model)
-    int8 = str(dtype).replace("torch.", "") == "int8"
-    dt = torch.bfloat16 if int8 else _to_dtype(dtype)
+    name = str(dtype).replace("torch.", "").replace("_", "-")
+    int8, fbgemm = name == "int8", name == int8_fbgemm.MODE
+    dt = torch.bfloat16 if int8 else torch.float32 if fbgemm else _to_dtype(dtype)
     lean = _lean_state(target)
     if int8:
         lean.int8 = quantize_frozen_linears(target)
+    if fbgemm:  # float32 frozen weights (cast below where the base was loaded in another dtype)
+        lean.int8_fbgemm = int8_fbgemm.quantize_frozen_linears(target)
+        if not int8_fbgemm.available():
+            warnings.warn("frozen_dtype='int8-fbgemm': PyTorch's fbgemm engine does not run here, so the frozen "
+                          "Linear layers train with float32 matmuls (the float32 path exactly)", stacklevel=2)
     weight_kinds = _weight_modules()
     seen = set()
     n = 0
@@ -186,7 +203,7 @@ def cast_frozen(model: nn.Module, dtype="bfloat16") -> int:
             if w is None or id(w) in seen:
                 continue
             seen.add(id(w))
-            if not w.requires_grad and w.is_floating_point() and dt != torch.float32:
+            if not w.requires_grad and w.is_floating_point() and (dt != torch.float32 or fbgemm):
                 if w.dtype != dt:
                     w.data = w.data.to(dt)
                 n += 1
@@ -291,7 +308,7 @@ class _Forward:
             if lean.frozen_dtype is not None:
                 device = next(module.parameters()).device.type
                 stack.enter_context(torch.autocast(device, dtype=lean.frozen_dtype))
-            if lean.lean and lean.int8 and module.training:
+            if lean.lean and (lean.int8 or lean.int8_fbgemm) and module.training:
                 stack.callback(FAST_DRAW.reset, FAST_DRAW.set(True))
             if lean.lean and lean.attention and not _checkpointing(module):
                 plan = None
@@ -435,6 +452,7 @@ def remove(model: nn.Module) -> None:
         return
     set_lean(target, False)
     drop_int8(target)
+    int8_fbgemm.drop_fbgemm(target)
     if isinstance(target.__dict__.get("forward"), _Forward):
         del target.__dict__["forward"]
     object.__delattr__(target, LEAN_ATTR)
