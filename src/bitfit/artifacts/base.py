@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core.prepare import get_state, unwrap
 from ..core.roles import discover
+from ..core.sharded import full_numel, full_shape, sample_bits
 from ..errors import ArtifactError
 
 _SAMPLE = 1024  # elements per frozen tensor that enter the fingerprint
@@ -48,18 +49,20 @@ def fingerprint(model: nn.Module) -> str:
     # trained norm gains count with their pretrained values
     kept.update({n: state.base[n] for n in (state.selection.norm_weights if state is not None else ())})
     body, prefix = body_of(target)
-    h = hashlib.sha256()
+    hashed, samples = [], []
     for name, p in sorted(body.named_parameters(), key=lambda kv: kv[0]):
         if prefix + name in skip or ".parametrizations." in name or p.is_meta:
             continue
-        flat = kept.get(prefix + name, p).detach().reshape(-1)
-        n = flat.numel()
-        if n > _SAMPLE:
-            idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n - 1) // (_SAMPLE - 1)
-            flat = flat[idx.to(flat.device)]
-        vals = flat.to(torch.float32).to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes()
-        h.update(f"{name}:{tuple(p.shape)}\n".encode())
-        h.update(vals)
+        t = kept.get(prefix + name, p)
+        n = full_numel(t)
+        idx = torch.arange(_SAMPLE, dtype=torch.int64) * (n - 1) // (_SAMPLE - 1) if n > _SAMPLE else None
+        hashed.append(f"{name}:{full_shape(p)}\n".encode())
+        samples.append((t, idx))
+    # a sharded (FSDP2 / ZeRO-3) weight is sampled from the ranks' shards, never gathered: same values, same hash
+    h = hashlib.sha256()
+    for head, bits in zip(hashed, sample_bits(samples)):
+        h.update(head)
+        h.update(bits.numpy().tobytes())
     return f"sha256:{h.hexdigest()[:32]}"
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.prepare import bias_tensor
+from ..core.sharded import full, full_bias
 from ..errors import ArtifactError
 from .format import TaskTensors
 
@@ -35,12 +35,12 @@ def first_nonfinite(named) -> Optional[str]:
 
 def _trained_tensors(target: nn.Module, state):
     """(name, tensor) of every trained bias slot (full) and head parameter of a BitFit model."""
-    for slot in state.trained_slots():
-        yield slot.name, bias_tensor(target, slot.name)
+    for slot in state.trained_slots():  # a sharded (DTensor) one gathered: kilobytes, never the frozen base
+        yield slot.name, full_bias(target.get_submodule(slot.module_name) if slot.module_name else target)
     params = dict(target.named_parameters())
     for name in list(state.model_map.head_params) + list(state.selection.norm_weights):
         if name in params:
-            yield name, params[name]
+            yield name, full(params[name])
 
 
 def refuse_nonfinite(target: nn.Module, state, doing: str) -> None:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.prepare import STATE_ATTR, get_state, unwrap
+from ..core.prepare import STATE_ATTR, get_state, trainable_bias_param, unwrap
+from ..core.sharded import gathered, is_dtensor, plain_class
 from ..errors import ArtifactError
 from ..fast.lean import remove as remove_lean
 from ..methods.dynamic import refuse as refuse_dynamic
@@ -91,7 +92,7 @@ def _candidate_switches(config) -> list[str]:
 def _meta_instance(target: nn.Module, config):
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return type(target)(config)
+        return plain_class(target)(config)
 
 
 def _switch_plan(target: nn.Module, state, needed: set) -> tuple[dict, set, set]:
@@ -122,6 +123,20 @@ def _switch_plan(target: nn.Module, state, needed: set) -> tuple[dict, set, set]
     return chosen, gains, needed - gains
 
 
+def _refuse_sharded_rewrite(target: nn.Module, state, extra: list) -> None:
+    """Under FSDP2 a parameter cannot be replaced or added in place (the engine holds each shard by its
+    module and name): refuse, before anything changes, a merge that would do so."""
+    masked = [s.name for s in state.trained_slots() if parametrize.is_parametrized(submodule(target, s.module_name),
+                                                                                  "bias")]
+    sharded = any(is_dtensor(p) for p in target.parameters())
+    if sharded and (masked or extra):
+        what = (f"{len(masked)} fused bias(es) trained in slices (e.g. {masked[0]})" if masked
+                else f"{len(extra)} untrained module(s) that need a zero bias (e.g. {extra[0]})")
+        raise ArtifactError(f"cannot merge this sharded (FSDP2) model in place: {what} would replace or add "
+                            f"parameters the engine holds; save the artifact with bitfit.save and merge it onto the "
+                            "base in one process (bitfit.load, then bitfit.merge)")
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the BitFit task into ``model`` in place and return it as a plain transformers model.
 
@@ -138,7 +153,7 @@ def merge(model: nn.Module) -> nn.Module:
     refuse_dynamic(target, "merge")
     refuse_nonfinite(target, state, "merge")
     added = [s for s in state.trained_slots() if s.name in state.added]
-    arch = type(target).__name__
+    arch = plain_class(target).__name__
     keep = "; keep the artifact form instead (bitfit.save, then bitfit.load onto the base)"
     norms = [s for s in added if s.kind == "norm"]
     if norms:
@@ -156,6 +171,7 @@ def merge(model: nn.Module) -> nn.Module:
             f"config gives those modules a bias{keep}"
         )
     extra = sorted(gains - needed)
+    _refuse_sharded_rewrite(target, state, extra)
     ref = {}
     if switches:  # the merged model must have exactly the tensors a fresh model of the new config has
         cfg2 = copy.deepcopy(target.config)
@@ -165,7 +181,8 @@ def merge(model: nn.Module) -> nn.Module:
     for name in extra:  # modules the switches give a bias that the task did not train: zero biases
         if f"{name}.bias" not in ref:
             raise ArtifactError(f"cannot merge: switch(es) {sorted(switches)} would also need a bias on {name}{keep}")
-    with torch.no_grad():
+    trained = [trainable_bias_param(target, s.name) for s in state.trained_slots()]
+    with torch.no_grad(), gathered(trained, modifier_rank=0):  # ZeRO-3: the masked biases whole while folded
         _detach_bitfit(target, state, keep_trained=True)
         for name in extra:
             m = submodule(target, name)

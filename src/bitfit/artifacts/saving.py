@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ..core.config import SPARSE_FIELDS
-from ..core.prepare import bias_tensor, get_state, unwrap
+from ..core.prepare import get_state, unwrap
+from ..core.sharded import full, full_bias, has_sharded, on_rank0, plain_class
 from ..errors import ArtifactError
 from ..methods.dynamic import refuse as refuse_dynamic
-from .base import base_value, body_of, fingerprint
+from .base import base_value, body_of, fingerprint, submodule
 from .finite import nonfinite, refuse_nonfinite
 from .format import DTYPES, FORMAT, NORM_FORMAT_VERSION, PLAIN_FORMAT_VERSION, SPARSE_FORMAT_VERSION
 from .store import write_folder
@@ -122,7 +123,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             "indices": None if idx is None else int(idx.numel()),
         }
         if with_tensors:
-            value = bias_tensor(target, slot.name).detach().float().cpu().reshape(-1)
+            value = full_bias(submodule(target, slot.module_name)).detach().float().cpu().reshape(-1)
             base = None if added else base_value(target, slot.name)
             base = None if base is None else base.reshape(-1)
             if idx is not None:
@@ -141,14 +142,14 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
             raise ArtifactError(f"head parameter {name} is missing from the model")
         head_params[name] = list(p.shape)
         if with_tensors:
-            _quantise(f"head:{name}", p, dtype, tensors)
+            _quantise(f"head:{name}", full(p), dtype, tensors)
 
     norm_meta = {}
     for name in state.selection.norm_weights:  # train_norm_weights: the gains, as differences from the base
         p = params[name]
         entry = {"size": int(p.numel())}
         if with_tensors:
-            _encode(f"norm:{name}", f"norm:{name}", p.detach().float().cpu().reshape(-1),
+            _encode(f"norm:{name}", f"norm:{name}", full(p).detach().float().cpu().reshape(-1),
                     state.base[name].detach().float().cpu().reshape(-1), dtype, tensors, entry)
         norm_meta[name] = entry
 
@@ -179,7 +180,7 @@ def _collect(model: nn.Module, dtype: str = "float32", label_names=None, base_na
         "dtype": dtype,
         "base_model": {
             "name": name,
-            "architecture": type(target).__name__,
+            "architecture": plain_class(target).__name__,  # not FSDP2's FSDP<Name> subclass
             "model_type": getattr(config, "model_type", None),
             "prefix": body_of(target)[1],
             "fingerprint": fingerprint(target),
@@ -226,4 +227,6 @@ def save(model: nn.Module, path, dtype: str = "float32", label_names=None, base_
     """
     dtype = _check_dtype(dtype)
     meta, tensors = _collect(model, dtype, label_names, base_name)
+    if has_sharded(unwrap(model)):  # every rank gathered the trained tensors; rank 0 alone writes
+        return on_rank0(lambda: write_folder(path, meta, tensors), "bitfit.save")
     return write_folder(path, meta, tensors)

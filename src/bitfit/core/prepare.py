@@ -16,6 +16,7 @@ from .config import DEFAULT_ADDED_BIAS_STD, BitFitConfig
 from ..errors import AlreadyPreparedError, BitFitConfigError, BitFitError
 from .roles import BiasSlot, ModelMap, discover
 from .select import Selection, resolve
+from .sharded import gathered
 
 STATE_ATTR = "_bitfit_state"
 # On a model with dynamic biases (bitfit.methods.dynamic): the attention mask of the current call and the
@@ -277,7 +278,8 @@ def apply(
             state.added.append(slot.name)
         module = _get_module(target, slot.module_name)
         if slot.name not in state.added:
-            state.base[slot.name] = module.bias.detach().clone()
+            with gathered([module.bias]):  # ZeRO-3: a partitioned bias whole while its base value is copied
+                state.base[slot.name] = module.bias.detach().clone()
         if idx is not None:
             mask = torch.zeros(slot.size, dtype=torch.bool, device=module.bias.device)
             mask[idx.to(mask.device)] = True
@@ -286,12 +288,10 @@ def apply(
         trainable_bias_param(target, slot.name).requires_grad_(True)
 
     params = dict(target.named_parameters())
-    for name in sel.head_params:
+    for name in list(sel.head_params) + list(sel.norm_weights):  # the norms' gains: train_norm_weights
         params[name].requires_grad_(True)
-        state.base[name] = params[name].detach().clone()
-    for name in sel.norm_weights:  # train_norm_weights: the norms' gains, with their pretrained values kept
-        params[name].requires_grad_(True)
-        state.base[name] = params[name].detach().clone()
+        with gathered([params[name]]):  # their pretrained values kept (whole, under ZeRO-3 too)
+            state.base[name] = params[name].detach().clone()
 
     object.__setattr__(target, STATE_ATTR, state)
     for finish in _FINISHERS:  # bitfit.fast: frozen_dtype (a bf16/int8 base) and the memory-lean training mode

@@ -12,6 +12,7 @@ from torch import nn
 from .config import HEAD, PAPER_NAMES, ROLES
 from .prepare import get_state, trainable_bias_param, unwrap
 from .roles import discover
+from .sharded import full_numel
 
 
 @dataclass
@@ -118,7 +119,7 @@ def report(model: nn.Module) -> Report:
     state = get_state(target)
     model_map = state.model_map if state else discover(target)
     params = dict(target.named_parameters())
-    total = sum(p.numel() for p in params.values())
+    total = sum(full_numel(p) for p in params.values())  # ZeRO-3: ds_numel
 
     by_role: dict = {}
     by_layer: dict = {}
@@ -144,13 +145,13 @@ def report(model: nn.Module) -> Report:
                 trainable_bias += n
                 if slot.layer_key is not None:
                     by_layer[slot.layer_key] = by_layer.get(slot.layer_key, 0) + n
-    head = sum(params[n].numel() for n in model_map.head_params if n in params and params[n].requires_grad)
+    head = sum(full_numel(params[n]) for n in model_map.head_params if n in params and params[n].requires_grad)
     counted |= {id(params[n]) for n in model_map.head_params if n in params}
     # anything else the user unfroze by hand still counts as trainable
-    extra = sum(p.numel() for p in params.values() if p.requires_grad and id(p) not in counted)
+    extra = sum(full_numel(p) for p in params.values() if p.requires_grad and id(p) not in counted)
     by_role = dict(sorted(by_role.items(), key=lambda kv: _role_order(kv[0])))
     if model_map.head_params:
-        n_head = sum(params[n].numel() for n in model_map.head_params if n in params)
+        n_head = sum(full_numel(params[n]) for n in model_map.head_params if n in params)
         by_role[HEAD] = {"trainable": head, "total": n_head}
     bias_total = sum(c["total"] for r, c in by_role.items() if r != HEAD)
     zero_grad = [r for r in model_map.zero_grad_roles if by_role.get(r, {}).get("trainable")]

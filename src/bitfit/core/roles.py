@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import HEAD
+from .sharded import full_shape
 
 try:  # transformers' GPT-2 style Conv1D (weight is [in, out])
     from transformers.pytorch_utils import Conv1D
@@ -220,14 +221,14 @@ def _kind(module: nn.Module) -> Optional[str]:
 def _out_size(module: nn.Module, kind: str) -> int:
     b = getattr(module, "bias", None)
     if isinstance(b, torch.Tensor):
-        return b.shape[0]
+        return full_shape(b)[0]  # a ZeRO-3 partitioned bias reads shape (0,): its ds_shape is the real one
     if kind == "linear":
         return module.out_features
     if kind == "conv1d":
         return module.nf
     if kind == "conv":
         return module.out_channels
-    return module.weight.shape[0]
+    return full_shape(module.weight)[0]
 
 
 def _heads(config, size: int, n_parts: int = 3) -> tuple[int, int, int]:
@@ -390,8 +391,7 @@ def discover(model: nn.Module, pooler_head: bool = True) -> ModelMap:
         else:
             roles = {role: None}
         w = getattr(module, "weight", None)
-        has_weight = kind in ("layernorm", "norm") and isinstance(w, nn.Parameter) and w.dim() == 1 \
-            and w.shape[0] == size
+        has_weight = kind in ("layernorm", "norm") and isinstance(w, nn.Parameter) and full_shape(w) == (size,)
         slots.append(BiasSlot(name, kind, size, roles, layer, stack, exists, has_weight))
         if layer is not None:
             n_layers[stack] = max(n_layers.get(stack, 0), layer + 1)
