@@ -105,6 +105,18 @@ def get_task(name: str) -> GlueTask:
     return TASKS[key]
 
 
+def takes_pairs(record) -> Optional[bool]:
+    """Whether a run's task takes text pairs (True) or single texts (False), from its task.json record (``kind``,
+    ``task``, ``text_pair_column``); None where the record does not say (instruction data, no record)."""
+    if not isinstance(record, dict):
+        return None
+    if record.get("kind") == "glue" and isinstance(record.get("task"), str) and record["task"].lower() in TASKS:
+        return TASKS[record["task"].lower()].hub_pair is not None
+    if record.get("kind") == "files":
+        return bool(record.get("text_pair_column"))
+    return None
+
+
 def glue_dir_from_env(data_dir: Optional[str]) -> Optional[str]:
     return data_dir or os.environ.get("BITFIT_GLUE_DIR") or None
 

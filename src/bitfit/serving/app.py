@@ -33,7 +33,7 @@ import torch
 
 from ..errors import BitFitError
 from .batching import DEFAULT_MAX_QUEUE, Batcher, GenerateBatcher
-from .guard import (DEFAULT_MAX_BODY_BYTES, ApiError, ClientGone, RequestGuard, check_content_type, json_error,
+from .guard import (DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES, ApiError, ClientGone, RequestGuard, check_content_type, json_error,
                     parse_json)
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # A text this many times longer (in characters) than max_length tokens is refused before
 # tokenizing it (tokenizers need at least about one character per token).
 CHARS_PER_TOKEN_LIMIT = 32
+# The longest batch window accepted (ms): a request waits up to this long for others to share its batch.
+MAX_BATCH_WINDOW_MS = 1000.0
 
 
 def is_generative(bank) -> bool:
@@ -86,6 +88,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     api_key: Optional[str] = None,
     max_new_tokens: int = 256,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ):
     """A FastAPI app serving ``bank`` (a :class:`bitfit.BiasBank`) with ``tokenizer``.
 
@@ -95,6 +98,8 @@ def create_app(
     or ``X-API-Key: KEY`` (401 otherwise).
     ``max_new_tokens``: the most tokens a ``/v1/generate`` request may ask for (a bank over a
     causal LM serves ``/v1/generate``; one over a classifier, ``/v1/predict``).
+    ``body_timeout``: seconds from a request's headers to the end of its body (408 beyond).
+    ``batch_window_ms``: 0 to ``MAX_BATCH_WINDOW_MS``.
     """
     try:
         from fastapi import FastAPI, Request
@@ -111,8 +116,10 @@ def create_app(
             raise BitFitError(f"{name} must be a positive integer, got {v!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise BitFitError("api_key must be a non-empty string (or None for no key)")
-    if batch_window_ms < 0:
-        raise BitFitError(f"batch_window_ms must be >= 0, got {batch_window_ms!r}")
+    check_batch_window(batch_window_ms)
+    from .connections import check_timeout
+
+    body_timeout = check_timeout("body_timeout", body_timeout)
 
     Pair = Annotated[list[StrictStr], Field(min_length=2, max_length=2)]
 
@@ -150,7 +157,8 @@ def create_app(
                         "api_key_required": api_key is not None,
                         **({"max_new_tokens": max_new_tokens} if generative else {})}
     app.state.generative = generative
-    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key)
+    app.state.limits["body_timeout_s"] = body_timeout
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes, api_key=api_key, body_timeout=body_timeout)
 
     def error(status: int, type_: str, message: str, headers: Optional[dict] = None, **extra) -> JSONResponse:
         return json_error(status, type_, message, headers=headers, **extra)
@@ -171,6 +179,19 @@ def create_app(
     async def _internal(request, exc):  # pragma: no cover - defensive
         log.exception("internal error")
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def check_input_kind(task: str, inputs: list) -> None:
+        """422 for a single text sent to a task trained on text pairs (or a pair to a single-text task)."""
+        kind = bank.task_info(task).get("inputs", "any") if task in bank else "any"
+        for i, x in enumerate(inputs):
+            if kind == "pairs" and not isinstance(x, list):
+                raise ApiError(422, "wrong_input_kind",
+                               f"task {task!r} was trained on text pairs (text, text_pair): send inputs[{i}] as "
+                               '["text", "text_pair"], not one string')
+            if kind == "texts" and isinstance(x, list):
+                raise ApiError(422, "wrong_input_kind",
+                               f"task {task!r} was trained on single texts: send inputs[{i}] as one string, not a "
+                               "pair")
 
     def tokenize(task: str, inputs: list) -> list:
         char_limit = max_length * CHARS_PER_TOKEN_LIMIT
@@ -227,6 +248,9 @@ def create_app(
                 text = format_prompt(x[0], x[1]) if isinstance(x, list) else format_prompt(x)
             enc = tokenizer(text, truncation=False)
             n = len(enc["input_ids"])
+            if n == 0:  # nothing to continue from: generate cannot start on an empty row
+                raise ApiError(422, "empty_input", f"inputs[{i}] gives no tokens as a prompt" + (
+                    " (raw: true sends the text as it is, and it is empty)" if raw else "") + "; send some text")
             if n > max_length:
                 raise ApiError(413, "input_too_long",
                                f"inputs[{i}] is {n} tokens long as a prompt, more than max_length={max_length}; "
@@ -293,6 +317,7 @@ def create_app(
         if len(req.inputs) > max_inputs:
             raise ApiError(413, "too_many_inputs",
                            f"{len(req.inputs)} inputs in one request; at most {max_inputs} are accepted")
+        check_input_kind(req.task, req.inputs)
         features = await run_in_threadpool(tokenize, req.task, req.inputs)
         try:
             rows = await batcher.submit(req.task, features, lambda: wait_disconnect(request.receive))
@@ -326,12 +351,40 @@ def create_app(
     return app
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run ``app`` with uvicorn until interrupted."""
+def check_batch_window(value, name: str = "batch_window_ms") -> float:
+    """``batch_window_ms`` within 0..``MAX_BATCH_WINDOW_MS`` (a longer window would hold every request that long)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0.0 <= v <= MAX_BATCH_WINDOW_MS:  # also NaN
+        raise BitFitError(f"{name} must be between 0 and {MAX_BATCH_WINDOW_MS:g} ms, got {value!r}; a "
+                          "request waits up to this long for others to share its batch (default 5)")
+    return v
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", *,
+          header_timeout: Optional[float] = None, keep_alive: Optional[float] = None,
+          max_connections: Optional[int] = None) -> None:
+    """Run ``app`` with uvicorn until interrupted, with a header deadline and a connection cap
+    (:mod:`bitfit.serving.connections`; None: the defaults, the cap from the open-file limit)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    from .connections import (DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, accept_backlog, check_max_connections,
+                              check_timeout, guarded_protocol)
+
+    header_timeout = check_timeout("header_timeout", DEFAULT_HEADER_TIMEOUT if header_timeout is None
+                                   else header_timeout)
+    keep_alive = check_timeout("keep_alive", DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive)
+    max_connections = check_max_connections(max_connections)
+    protocol = guarded_protocol(header_timeout=header_timeout, max_connections=max_connections)
+    limits = getattr(getattr(app, "state", None), "limits", None)
+    if isinstance(limits, dict):
+        limits.update({"header_timeout_s": header_timeout, "keep_alive_s": keep_alive,
+                       "max_connections": max_connections})
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol, timeout_keep_alive=keep_alive,
+                backlog=accept_backlog())
 
 
 
-__all__ = ["create_app", "serve", "postprocess", "is_generative", "CHARS_PER_TOKEN_LIMIT"]
+__all__ = ["MAX_BATCH_WINDOW_MS", "check_batch_window", "create_app", "serve", "postprocess", "is_generative", "CHARS_PER_TOKEN_LIMIT"]

@@ -183,6 +183,9 @@ class BiasBank:
             "num_labels": t.num_labels,
             "labels": [t.id2label.get(i, f"LABEL_{i}") for i in range(t.num_labels)],
             "problem_type": t.problem_type,
+            # what each input is: "pairs" ([text, text_pair]), "texts", or "any" where the task's run folder does
+            # not say (no task.json next to the artifact)
+            "inputs": {True: "pairs", False: "texts"}.get(t.pairs, "any"),
         }
 
     def _get(self, name: str) -> BankTask:
@@ -192,8 +195,11 @@ class BiasBank:
             known = ", ".join(sorted(self._tasks)) or "none"
             raise BitFitError(f"unknown task {name!r}; the bank holds: {known}. Add it with bank.add_task") from None
 
-    def add_task(self, name: str, source, *, replace: bool = False) -> None:
+    def add_task(self, name: str, source, *, replace: bool = False, pairs: Optional[bool] = None) -> None:
         """Add task ``name`` from an artifact folder, Artifact, or in-memory BitFit model.
+
+        ``pairs``: whether the task takes text pairs (True) or single texts (False); by default what the
+        task.json of a ``bitfit train`` run folder says, else not known (``task_info(name)["inputs"] == "any"``).
 
         Only the task's own tensors are kept (bias values and head); the base is shared. Safe while other
         threads call the bank: an artifact folder is read before the bank's lock is taken; the checks against
@@ -206,12 +212,14 @@ class BiasBank:
         from ..artifacts import read_artifact, task_tensors
 
         if isinstance(source, str) or hasattr(source, "__fspath__"):
+            pairs = _takes_pairs(source) if pairs is None else pairs
             source = read_artifact(source, strict=self.strict)
         with self._gate, self._lock:
             if name in self._tasks and not replace:
                 raise BitFitError(f"task {name!r} is already in the bank; remove_task it first or pass replace=True")
             tt = task_tensors(self.base, source, strict=self.strict, base_fingerprint=self._base_fingerprint())
             task = self._build_task(name, tt)
+            task.pairs = pairs
             if name in self._tasks:
                 self._drop(name)
             self._store(task)
@@ -481,6 +489,23 @@ class BiasBank:
             self.stats["rows"] += n
             self.stats["gather" if row_task is not None else "group"] += 1
         return out
+
+
+def _takes_pairs(folder) -> Optional[bool]:
+    """Whether the task in run folder ``folder`` takes text pairs, from its task.json
+    (:func:`bitfit.data.glue.takes_pairs`); None without a readable one."""
+    import json
+    import os
+
+    path = os.path.join(os.path.expanduser(str(folder)), "task.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    from ..data.glue import takes_pairs
+
+    return takes_pairs(record)
 
 
 def _read_sources(tasks: Optional[dict], strict: bool = True) -> Optional[dict]:

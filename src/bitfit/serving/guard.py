@@ -6,19 +6,23 @@ answers with:
 * :class:`ApiError` (answered as ``{"error": {"type": ..., "message": ...}}`` with its status),
   :class:`BodyTooLarge` and :class:`ClientGone` (the client left; nothing is sent back);
 * :class:`RequestGuard`, a pure-ASGI middleware in front of the app: it checks the optional API
-  key and stops reading a body once it passes ``max_body_bytes`` (Content-Length or chunked);
+  key, stops reading a body once it passes ``max_body_bytes`` (Content-Length or chunked), and
+  answers 408 for a body that does not arrive within ``body_timeout`` seconds;
 * :func:`check_content_type` (``application/json``, UTF-8 only) and :func:`parse_json` (400
   ``invalid_json`` for any body that does not decode, lone surrogates included).
 
 Limits and failure modes are described in docs/SERVING.md.
 """
 
+import asyncio
 import hmac
 import json
+import time
 from typing import Optional
 
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds from a request's headers to the end of its body
 # Paths that answer without the API key (liveness probes).
 OPEN_PATHS = frozenset({"/health"})
 
@@ -38,6 +42,13 @@ class BodyTooLarge(ApiError):
         super().__init__(413, "body_too_large",
                          f"{what} exceeds this server's limit of {limit} bytes; send a smaller body "
                          "(fewer or shorter inputs per request)")
+
+
+class BodyTimeout(ApiError):
+    def __init__(self, limit: float):
+        super().__init__(408, "request_timeout",
+                         f"the request body did not arrive within {limit:g} s of its headers (this server's "
+                         "--body-timeout); send the whole body at once")
 
 
 class ClientGone(Exception):
@@ -61,14 +72,17 @@ class RequestGuard:
       read. A body without one (chunked) is counted as it is received, and ``receive`` raises
       :class:`BodyTooLarge` (answered 413) as soon as the count passes the limit, so at most
       ``max_body_bytes`` plus one network chunk is ever held.
-    * A response that starts before the request body was read to its end (413, 401, 415, 503)
+    * The body must arrive within ``body_timeout`` seconds of the headers; a client that stops
+      (or trickles) sending it is answered 408 and its connection closed.
+    * A response that starts before the request body was read to its end (413, 401, 415, 503, 408)
       carries ``Connection: close``, so the server closes the connection instead of reading
       and discarding the rest of the body.
     """
 
     def __init__(self, app, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: Optional[str] = None,
-                 open_paths=OPEN_PATHS):
+                 open_paths=OPEN_PATHS, body_timeout: float = DEFAULT_BODY_TIMEOUT):
         self.app = app
+        self.body_timeout = float(body_timeout)
         self.max_body_bytes = int(max_body_bytes)
         self.api_key = api_key.encode("utf-8") if api_key else None
         self.open_paths = frozenset(open_paths)
@@ -102,6 +116,7 @@ class RequestGuard:
         has_body = b"transfer-encoding" in headers or bool(declared)
         state = {"body_done": not has_body, "started": False, "received": 0}
         limit = self.max_body_bytes
+        deadline = time.monotonic() + self.body_timeout
 
         async def guarded_send(message):
             if message["type"] == "http.response.start":
@@ -111,7 +126,12 @@ class RequestGuard:
             await send(message)
 
         async def limited_receive():
-            message = await receive()
+            if state["body_done"]:
+                return await receive()  # after the body: waiting for a disconnect has no deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request" and not state["body_done"]:
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > limit:
@@ -129,7 +149,7 @@ class RequestGuard:
             return await json_error(413, *_body_error(limit, declared))(scope, receive, guarded_send)
         try:
             await self.app(scope, limited_receive, guarded_send)
-        except BodyTooLarge as exc:  # raised outside a handler that would have answered it
+        except (BodyTooLarge, BodyTimeout) as exc:  # raised outside a handler that would have answered it
             if state["started"]:
                 raise
             await json_error(exc.status, exc.type, exc.message)(scope, receive, guarded_send)
@@ -204,5 +224,5 @@ def _lone_surrogate(payload) -> Optional[str]:
 
 
 
-__all__ = ["ApiError", "BodyTooLarge", "ClientGone", "RequestGuard", "check_content_type", "json_error",
-           "parse_json", "DEFAULT_MAX_BODY_BYTES", "OPEN_PATHS"]
+__all__ = ["ApiError", "BodyTimeout", "BodyTooLarge", "ClientGone", "RequestGuard", "check_content_type", "json_error",
+           "parse_json", "DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY_BYTES", "OPEN_PATHS"]

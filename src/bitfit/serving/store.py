@@ -53,6 +53,7 @@ class BankTask:
         self.id2label = id2label
         self.problem_type = problem_type
         self.meta = meta
+        self.pairs: Optional[bool] = None  # takes text pairs (True), single texts (False), or not known (None)
 
     def own_tensors(self, base_ptrs: set) -> list:
         out = list(self.swap.values()) + list(self.hooked.values())

@@ -139,6 +139,15 @@ def predict_text(model_args: ModelArguments, text: str, text_pair: Optional[str]
     model, tokenizer, info = load_trained(model_args, DataArguments())
     if info.kind == "instruct":
         raise BitFitError(f"{model_args.adapter} is an instruction-tuned run: use `bitfit generate --prompt`")
+    from ..data.glue import takes_pairs
+
+    pairs = takes_pairs(info.to_dict())
+    what = f"GLUE {info.task.upper()}" if info.kind == "glue" else "its own data"
+    if pairs and text_pair is None:
+        raise BitFitError(f"{model_args.adapter} was trained on sentence pairs ({what}): give the second text with "
+                          "--text-pair as well as --text")
+    if pairs is False and text_pair is not None:
+        raise BitFitError(f"{model_args.adapter} was trained on single texts ({what}): drop --text-pair")
     enc = tokenizer(text, text_pair, truncation=True, max_length=info.max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
                     return_tensors="pt")
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()

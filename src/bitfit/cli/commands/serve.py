@@ -16,6 +16,19 @@ def _task_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
+def _run_record(path: str) -> dict:
+    """The task.json record of a ``bitfit train`` run folder ({} without a readable one)."""
+    import json
+    from pathlib import Path
+
+    record = Path(os.path.expanduser(path)) / "task.json"
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    except (OSError, ValueError):
+        meta = {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _recorded_base(tasks: list, gguf_file):
     """(model, gguf_file) that every task's run folder records in task.json (``bitfit train`` writes it)."""
     import json
@@ -59,7 +72,7 @@ def main(argv: list) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="most rows in one bank call (default 64)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long to collect requests into one batch (default 5 ms)")
+                   help="how long to collect requests into one batch, 0 to 1000 (default 5 ms)")
     p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default 64)")
     p.add_argument("--max-length", type=int, default=512,
                    help="longest input in tokens; longer ones are refused with 413 (default 512, capped by the model)")
@@ -71,6 +84,17 @@ def main(argv: list) -> int:
                    help="require this key on every endpoint but /health ('Authorization: Bearer KEY' or "
                    "'X-API-Key: KEY'); default: the BITFIT_API_KEY environment variable, else no key. Prefer the "
                    "environment variable: a command-line argument is visible to other users in ps")
+    p.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                   help="seconds a connection has to send its request headers, counted from when it opens (or from "
+                   "its previous answer plus --keep-alive); slower ones are closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=None, metavar="S",
+                   help="seconds from a request's headers to the end of its body; slower ones are answered 408 "
+                   "(default 30)")
+    p.add_argument("--keep-alive", type=float, default=None, metavar="S",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="most open connections; a new one past it closes the oldest one without a request in "
+                   "progress (default: what the open-file limit allows, keeping 64 descriptors free)")
     p.add_argument("--strategy", default="auto", choices=["auto", "group", "gather"],
                    help="how the bank mixes tasks in a batch (default: auto, chosen per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -95,6 +119,18 @@ def main(argv: list) -> int:
         raise BitFitError(f"{source} is empty; give a non-empty key, or unset it to serve without a key")
     if not 0 < args.port < 65536:
         raise BitFitError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise BitFitError(f"--threads must be at least 1, got {args.threads}")
+    from ...serving.app import check_batch_window
+    from ...serving.connections import check_max_connections, check_timeout
+    from ...serving.guard import DEFAULT_BODY_TIMEOUT
+
+    # absurd limits are refused before the model loads
+    check_batch_window(args.batch_window_ms, "--batch-window-ms")
+    for opt in ("header_timeout", "body_timeout", "keep_alive"):
+        if getattr(args, opt) is not None:
+            check_timeout(f"--{opt.replace('_', '-')}", getattr(args, opt))
+    check_max_connections(args.max_connections)
 
     import torch
 
@@ -141,7 +177,11 @@ def main(argv: list) -> int:
         base = load_model(args.model, task=kind, **gguf).eval()
     finally:
         transformers.logging.set_verbosity(verbosity)
-    bank = BiasBank(base, artifacts, strategy=args.strategy)
+    from ...data.glue import takes_pairs
+
+    bank = BiasBank(base, strategy=args.strategy)
+    for name, path in args.task:  # a task's run folder (task.json) says whether it takes text pairs
+        bank.add_task(name, artifacts[name], pairs=takes_pairs(_run_record(path)))
     limit = getattr(base.config, "max_position_embeddings", None)
     max_length = args.max_length
     if isinstance(limit, int) and limit > 0 and max_length > limit:
@@ -149,12 +189,14 @@ def main(argv: list) -> int:
         max_length = limit
     app = create_app(bank, tokenizer, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                      max_inputs=args.max_inputs, max_length=max_length, max_queue=args.max_queue, api_key=api_key,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens,
+                     body_timeout=DEFAULT_BODY_TIMEOUT if args.body_timeout is None else args.body_timeout)
     endpoint = "/v1/generate" if kind == "causal-lm" else "/v1/predict"
     print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model}, {endpoint} on "
           f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), flush=True)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"bitfit serve: warning: listening on {args.host} without an API key; anyone who can reach this "
               "port can use it (set BITFIT_API_KEY)", flush=True)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level, header_timeout=args.header_timeout,
+          keep_alive=args.keep_alive, max_connections=args.max_connections)
     return 0
