@@ -48,8 +48,30 @@ def quiet_env() -> None:
     # quiet by default: transformers' load reports (a head that is trained or restored from the run shows as
     # "MISSING ... newly initialized") and known deprecation noise
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    hide_loading_bars()
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|accelerate|datasets)\b")
+
+
+_QUIET_BARS = ("Loading weights",)  # transformers' per-tensor bar on every from_pretrained: no download, no wait
+
+
+def hide_loading_bars() -> None:
+    """Hide transformers' "Loading weights" progress bar (it fills in well under a second on the models bitfit
+    loads, on every `bitfit info`, `predict` ...); download bars and the Trainer's stay."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    if not hasattr(hf_logging, "set_tqdm_hook"):  # older transformers: no per-bar hook
+        return
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in _QUIET_BARS:
+            kwargs = dict(kwargs, disable=True)
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
 
 
 def command(name: str, help: str):
@@ -62,25 +84,37 @@ def command(name: str, help: str):
 
 @command("info", "show which biases BitFit would train in a model, by role and layer")
 def info_main(argv: list) -> int:
-    from .. import apply, report
-    from ..core.models import load_model
+    from transformers.hf_argparser import string_to_bool
+
+    from .. import report
+    from ..core.config import BitFitConfig
+    from ..core.models import load_model, saved_task
+    from ..training.base import apply_quietly, choose_add_missing
 
     p = argparse.ArgumentParser(prog="bitfit info", description="Show what BitFit trains in a model.")
     p.add_argument("model", help="local model folder, Hub name, or 'minilm' (the packaged MiniLM-L6)")
     p.add_argument("--preset", default="all", help="bias preset (all, paper-subset, attention, ffn, layernorm, none)")
     p.add_argument("--task-head", type=int, default=None, metavar="N",
                    help="load with a sequence-classification head of N labels")
-    p.add_argument("--add-missing", action="store_true", help="add zero biases where the model has none")
+    p.add_argument("--add-missing", nargs="?", const=True, default=None, type=string_to_bool, metavar="BOOL",
+                   help="add zero-initialised biases to the selected slots that have none (default: on when the "
+                        "model lacks some, as in `bitfit train`; --add-missing false shows only the existing ones)")
     p.add_argument("--layers", default=None, help="restrict to layers, e.g. '-2:'")
     p.add_argument("--train-norm-weights", action="store_true",
                    help="also train the LayerNorm/RMSNorm gains (counted in 'trainable')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_verbose(p)
     args = p.parse_args(argv)
-    task = "classification" if args.task_head else "base"
+    # the class `bitfit train` loads: a classifier with --task-head, a causal LM for a GGUF file or a checkpoint
+    # saved as one (its LM head counts in the total, as in training), else the bare model
+    task = "classification" if args.task_head else saved_task(args.model)
     model = load_model(args.model, num_labels=args.task_head, task=task)
-    apply(model, preset=args.preset, add_missing=args.add_missing, layers=args.layers,
-          train_norm_weights=args.train_norm_weights)
+    cfg = BitFitConfig(preset=args.preset, layers=args.layers, train_norm_weights=args.train_norm_weights,
+                       add_missing=bool(args.add_missing))
+    cfg, line = choose_add_missing(model, cfg, args.add_missing)
+    if line:
+        print(line, file=sys.stderr)
+    apply_quietly(model, cfg, args.add_missing)
     rep = report(model)
     print(rep.to_json() if args.json else rep.to_markdown())
     return 0

@@ -31,6 +31,7 @@ def parse_train_args(argv: list):
     defaults for the flags the user did not give (they depend on the task and the training-set size)."""
     from transformers import HfArgumentParser, TrainingArguments
 
+    argv = new_flag_names(argv)
     for i, a in enumerate(argv):  # `--lr_scheduler_type halving`: bitfit's schedule has a flag of its own
         key, _, val = a.partition("=")
         if key in ("--lr_scheduler_type", "--lr-scheduler-type") and \
@@ -79,6 +80,7 @@ def parse_train_args(argv: list):
     if (flag_given(argv, "bf16") or flag_given(argv, "fp16")) and not has_accelerator():
         defaults["use_cpu"] = True  # autocast on the CPU instead of transformers' "needs a GPU" error
     parser.set_defaults(**defaults)
+    check_unknown_flags(parser, argv, "bitfit train")
     if not flag_given(argv, "output_dir"):
         raise BitFitError("--output-dir is required (the folder the trained artifact and logs go to)")
     try:
@@ -92,6 +94,50 @@ def parse_train_args(argv: list):
         training_args.overwrite_output_dir = run[0].overwrite_output_dir
     check_training_args(training_args)
     return model_args, data_args, training_args
+
+
+RENAMED_FLAGS = {"gradient_checkpointing": "activation_checkpointing",
+                 "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}  # transformers 5's names
+
+
+def new_flag_names(argv: list) -> list:
+    """``argv`` with the TrainingArguments flags transformers renamed given their new names when the installed
+    transformers has them (``--gradient_checkpointing false`` -> ``--activation_checkpointing false``): the same
+    setting, without transformers' deprecation warning on every run."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    forms = {}
+    for old, new in RENAMED_FLAGS.items():
+        if new in fields:
+            forms.update({f"--{old}": f"--{new}", f"--{old.replace('_', '-')}": f"--{new}"})
+    out = []
+    for a in argv:
+        key, sep, val = a.partition("=")
+        out.append(forms[key] + sep + val if key in forms else a)
+    return out
+
+
+def check_unknown_flags(parser, argv: list, prog: str) -> None:
+    """Refuse an option ``parser`` does not know with the nearest one it does (``unknown option
+    --num_train_epoch; did you mean --num_train_epochs?``) instead of HfArgumentParser's list of unused
+    strings."""
+    import difflib
+
+    _, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return
+    options = sorted({o for action in parser._actions for o in action.option_strings if o.startswith("--")})
+    flag = next((a for a in unknown if a.startswith("-")), None)
+    if flag is None:
+        raise BitFitConfigError(f"unexpected argument {unknown[0]!r}: every value follows its option "
+                                f"(`{prog} --help` lists them)")
+    key = flag.split("=", 1)[0]
+    near = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else f" (`{prog} --help` lists the options)"
+    raise BitFitConfigError(f"unknown option {key}{hint}")
 
 
 def flag_given(argv: list, name: str) -> bool:

@@ -101,6 +101,22 @@ def dequantized(model):
     return model
 
 
+def gguf_quantized(model) -> bool:
+    """Whether ``model`` (or a model inside it) is marked as quantized by transformers' GGUF loader: the mark
+    :func:`dequantized` clears."""
+    import transformers
+
+    for mod in model.modules():
+        if not isinstance(mod, transformers.PreTrainedModel):
+            continue
+        quantizer = getattr(mod, "hf_quantizer", None)
+        qc = getattr(quantizer, "quantization_config", None) or getattr(mod.config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(getattr(method, "value", method) or "").lower() == "gguf":
+            return True
+    return False
+
+
 def load_gguf_model(folder: str, cls, **kwargs):
     """``cls.from_pretrained(folder, gguf_file=..., **kwargs)`` with the weights unpacked to float and the
     quantizer state cleared (:func:`dequantized`), so the model trains like any other."""
@@ -131,6 +147,21 @@ def check_causal_lm(name: str) -> None:
             "model on a classification task (--task sst2, or --train-file with --label-column)")
 
 
+def saved_task(name: str) -> str:
+    """The ``load_model`` task a checkpoint was saved for, as far as bitfit trains it: "causal-lm" for a ``.gguf``
+    file or a config whose architectures are causal LMs (``...ForCausalLM``), else "base"."""
+    import transformers
+
+    if split_gguf(name)[1]:
+        return "causal-lm"
+    try:
+        config = transformers.AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError, BitFitError):
+        return "base"  # load_model reports a missing or broken model
+    archs = getattr(config, "architectures", None) or []
+    return "causal-lm" if any(str(a).endswith("ForCausalLM") for a in archs) else "base"
+
+
 def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", **kwargs):
     """Load ``name`` with the right Auto class (``name`` may be a ``.gguf`` file: loaded dequantized).
 
@@ -147,7 +178,9 @@ def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", 
         "base": transformers.AutoModel,
         "classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
-    }[task]
+    }.get(task)
+    if cls is None:
+        raise BitFitError(f"load_model: unknown task {task!r}; choose one of: base, classification, causal-lm")
     if task == "classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
         kwargs.setdefault("ignore_mismatched_sizes", True)  # a new head replaces a saved one of another size

@@ -34,10 +34,22 @@ class Report:
     prepared: bool = True
     modes: list = field(default_factory=list)  # frozen dtype / lean training mode in effect (bitfit.fast.lean)
     pooler_head: Optional[str] = None  # an untrained pooler that trains with the head
+    biases: int = 0  # trainable bias values (trainable = biases + head + other_trainable)
+    other_trainable: int = 0  # norm gains (train_norm_weights) and anything else unfrozen by hand
 
     @property
     def fraction(self) -> float:
         return self.trainable / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        """One line with the biases and the head apart, e.g. ``biases 25,728 (0.113%) + head 148,610 =
+        174,338 of 22,713,986 trainable (0.768%)``: BitFit's small fraction is the biases'; a task head
+        (with an untrained pooler, when it trains with the head) is a fixed cost on top."""
+        pct = (lambda n: f"{100 * n / self.total:.3f}%") if self.total else (lambda n: "0%")
+        parts = [f"biases {self.biases:,} ({pct(self.biases)})", f"head {self.head:,}"]
+        if self.other_trainable:
+            parts.append(f"other {self.other_trainable:,}")
+        return f"{' + '.join(parts)} = {self.trainable:,} of {self.total:,} trainable ({pct(self.trainable)})"
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +59,8 @@ class Report:
             "fraction": self.fraction,
             "bias_total": self.bias_total,
             "head": self.head,
+            "biases": self.biases,
+            "other_trainable": self.other_trainable,
             "by_role": self.by_role,
             "by_layer": self.by_layer,
             "added": self.added,
@@ -64,8 +78,7 @@ class Report:
 
     def to_markdown(self) -> str:
         lines = [
-            f"**{self.family}**: {self.trainable:,} of {self.total:,} parameters train "
-            f"({100 * self.fraction:.3f}%); the model has {self.bias_total:,} bias parameters.",
+            f"**{self.family}**: {self.summary()}; the model has {self.bias_total:,} bias parameters.",
             "",
             "| role | paper | trainable | of |",
             "|---|---|---:|---:|",
@@ -171,6 +184,8 @@ def report(model: nn.Module) -> Report:
         prepared=state is not None,
         modes=_modes(target),
         pooler_head=model_map.pooler_head,
+        biases=trainable_bias,
+        other_trainable=extra,
     )
 
 

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..errors import ArtifactError, BitFitConfigError
+from ..core.models import dequantized, gguf_quantized
 from ..core.prepare import apply, get_state, trainable_bias_param
 from .config import BitFitPeftConfig
 from .convert import Packed, from_peft_tensors, pack, to_artifact, to_peft_tensors
@@ -163,6 +164,11 @@ class BitFitModel(BaseTuner):
         if not isinstance(cfg, BitFitPeftConfig):
             raise BitFitConfigError(f"adapter {adapter_name!r}: expected a BitFitPeftConfig, got {type(cfg).__name__}")
         bcfg = cfg.to_bitfit_config()
+        if gguf_quantized(model):
+            # transformers unpacks a GGUF file's weights to float tensors on load but leaves the model marked as
+            # quantized, and Trainer / TRL's SFTTrainer then refuse to train it: the mark is cleared (a GGUF model
+            # that kept packed weights is refused here)
+            dequantized(model)
         self._check_head_names(model, cfg)
         self._check_base(model, cfg, adapter_name)
         ad = self._adapters

@@ -166,7 +166,7 @@ def export_model(model: nn.Module, path, fmt: str, *, tokenizer=None, input_name
             if fmt == "torchscript":
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    traced = torch.jit.trace(wrapper, example, check_trace=False, strict=False)
+                    traced = run_quietly(torch.jit.trace, wrapper, example, check_trace=False, strict=False)
                 # through a Python file: a failed write raises OSError here (torch's own file writer aborts
                 # the process when a write fails)
                 with open(staged, "wb") as f:
@@ -291,6 +291,8 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
             kwargs = dict(input_names=names, output_names=["logits"])
             if not os.environ.get("BITFIT_VERBOSE"):
                 kwargs["verbose"] = False  # the dynamo exporter's step-by-step progress lines
+            if not os.environ.get("BITFIT_VERBOSE"):
+                kwargs["verbose"] = False  # the dynamo exporter's step-by-step progress lines
             if opset is not None:
                 kwargs["opset_version"] = opset
             if dynamo:
@@ -301,7 +303,7 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
                 kwargs.update(dynamo=False, dynamic_axes=axes)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(wrapper, example, str(path), **kwargs)
+                run_quietly(torch.onnx.export, wrapper, example, str(path), **kwargs)
             return
         except Exception as exc:  # noqa: BLE001 - try the other exporter, then report both
             cause = exc
@@ -311,6 +313,31 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
                 raise cause
             errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}"[:600])
     raise BitFitError("ONNX export failed: " + " | ".join(errors))
+
+
+# Loggers whose messages during an export say nothing a user can act on: torch's ONNX exporter lists every
+# torchvision operator it skips because torchvision is not installed (only vision detection models use them), and
+# torch.jit.trace reads every attribute of the model, among them transformers' ``loss_function``, which then
+# complains that ``loss_type`` is unset (a classifier has no loss_type; the traced graph computes no loss).
+QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration", "transformers.modeling_utils")
+
+
+def run_quietly(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with :data:`QUIET_LOGGERS` at ERROR level (their errors still show);
+    ``--verbose`` (BITFIT_VERBOSE=1) leaves them as they are."""
+    import logging
+
+    if os.environ.get("BITFIT_VERBOSE"):
+        return fn(*args, **kwargs)
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def check_export(model: nn.Module, path, fmt: str, names: Sequence[str]) -> Optional[float]:

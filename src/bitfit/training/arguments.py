@@ -26,10 +26,12 @@ class ModelArguments:
     include: Optional[str] = field(default=None, metadata={"help": "Comma list of roles/regexes to add."})
     exclude: Optional[str] = field(default=None, metadata={"help": "Comma list of roles/regexes to remove."})
     layers: Optional[str] = field(default=None, metadata={"help": "Restrict to layers, e.g. '-2:' or '0,5'."})
-    add_missing: bool = field(
-        default=False,
-        metadata={"help": "Add zero biases where the model has none (LLaMA-style). Enabled automatically when "
-                  "the selection finds no existing bias at all."},
+    add_missing: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Add zero-initialised biases to the selected slots that have none, so every bias role "
+                  "trains. Default: on when the model lacks some or all of them (LLaMA, Qwen2, T5 ...; one line "
+                  "says so), no change for models with every bias (BERT, GPT-2 ...); --add-missing false trains "
+                  "only the existing ones."},
     )
     added_bias_init: str = field(
         default="zero",

@@ -123,7 +123,7 @@ def bitfit_config(model_args: ModelArguments, add_missing: Optional[bool] = None
     return BitFitConfig(
         preset=model_args.preset, roles=_split(model_args.roles), include=_split(model_args.include),
         exclude=_split(model_args.exclude), layers=layers,
-        add_missing=(model_args.add_missing or model_args.added_bias_init != "zero") if add_missing is None
+        add_missing=bool(model_args.add_missing or model_args.added_bias_init != "zero") if add_missing is None
         else add_missing,
         added_bias_init=model_args.added_bias_init, added_bias_init_std=model_args.added_bias_init_std,
         train_head=model_args.train_head, skip_zero_grad=model_args.skip_zero_grad,
@@ -147,22 +147,63 @@ def resolve_frozen_dtype(model_args: ModelArguments, device=None):
     return dataclasses.replace(model_args, frozen_dtype=choice.dtype), choice
 
 
-def apply_bitfit(model, model_args: ModelArguments, batches=None):
-    """bitfit.apply with the model arguments; add_missing is switched on automatically (with a
-    message) when the selection finds no existing bias at all, e.g. on LLaMA-style models.
-    ``batches``: the scoring batches of a --budget run (sparse BitFit)."""
+def choose_add_missing(model, cfg, asked: Optional[bool]):
+    """(cfg, line): the BitFitConfig with ``add_missing`` decided and the one line that says what was decided
+    (None when there is nothing to say). ``asked``: the user's --add-missing (True / False), or None for the
+    default, which adds zero-initialised biases wherever the selection has a slot without one: BitFit trains
+    every bias role, and a family with some biases (Qwen2: q/k/v only) or none (LLaMA, T5) would otherwise
+    train a fraction of them or nothing. Models with every bias (BERT, GPT-2, ...) are unchanged.
+    `bitfit train` and `bitfit info` both decide here, so they show and train the same set."""
     import bitfit
 
     from ..core.select import resolve
 
+    if cfg.add_missing or asked:
+        return cfg, None
+    sel = resolve(bitfit.discover(model, pooler_head=cfg.pooler_head), cfg)
+    if not sel.missing:
+        return cfg, None
+    from ..core.config import ROLES
+
+    family = bitfit.discover(model, pooler_head=cfg.pooler_head).family
+    order = {r: i for i, r in enumerate(ROLES)}
+    roles = sorted({r for rs in sel.missing.values() for r in rs}, key=lambda r: (order.get(r, len(order)), r))
+    have = sorted({r for rs in sel.chosen.values() for r in rs}, key=lambda r: (order.get(r, len(order)), r))
+    without = f"{len(sel.missing)} selected slots without a bias ({', '.join(roles)})"
+    if asked is False:
+        if not sel.chosen:
+            return cfg, None  # bitfit.apply refuses: nothing would train
+        return cfg, (f"bitfit: --add-missing false: {without} stay out; only the existing biases "
+                      f"({', '.join(have)}) train")
+    cfg = dataclasses.replace(cfg, add_missing=True)
+    has = f"has biases only in {', '.join(have)}" if have else "has no bias in the selection"
+    return cfg, (f"bitfit: {family} {has}: adding zero-initialised biases to the {without} so every bias role "
+                 "trains (outputs unchanged until training); --add-missing false trains only the existing ones")
+
+
+def apply_quietly(model, cfg, asked: Optional[bool], batches=None):
+    """bitfit.apply; when the user turned --add-missing off, the line of :func:`choose_add_missing` already
+    said which slots stay out, so apply's warning about them is not repeated."""
+    import warnings
+
+    import bitfit
+
+    with warnings.catch_warnings():
+        if asked is False:
+            warnings.filterwarnings("ignore", message=r".*selected bias slots .* have no bias", category=UserWarning)
+        return bitfit.apply(model, config=cfg, batches=batches)
+
+
+def apply_bitfit(model, model_args: ModelArguments, batches=None):
+    """bitfit.apply with the model arguments; the default --add-missing is decided (and printed) by
+    :func:`choose_add_missing`. ``batches``: the scoring batches of a --budget run (sparse BitFit)."""
     cfg = bitfit_config(model_args)
-    if not cfg.add_missing and cfg.preset != "none":
-        sel = resolve(bitfit.discover(model, pooler_head=cfg.pooler_head), cfg)
-        if not sel.chosen and sel.missing:
-            print("bitfit: this model has no bias in the selection; adding zero-initialised biases "
-                  "(--add-missing)", file=sys.stderr)
-            cfg = bitfit_config(model_args, add_missing=True)
-    return bitfit.apply(model, config=cfg, batches=batches if cfg.budget is not None else None)
+    asked = True if model_args.added_bias_init != "zero" else model_args.add_missing
+    if cfg.preset != "none" or cfg.roles or cfg.include:
+        cfg, line = choose_add_missing(model, cfg, asked)
+        if line:
+            print(line, file=sys.stderr)
+    return apply_quietly(model, cfg, asked, batches if cfg.budget is not None else None)
 
 
 def scoring_batches(model, train_ds, collator, batch_size: int, seed: int, device):

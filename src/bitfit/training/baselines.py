@@ -204,7 +204,7 @@ def _wrap_peft(model: nn.Module, config) -> nn.Module:
     if type(model).__name__.endswith("ForSequenceClassification"):
         config.task_type = peft.TaskType.SEQ_CLS
     try:
-        return peft.get_peft_model(model, config)
+        return get_peft_model(model, config)
     except ValueError as exc:
         raise BitFitConfigError(
             f"peft could not wrap this {getattr(model.config, 'model_type', type(model).__name__)} model "
@@ -221,7 +221,17 @@ def bitfit_peft(model: nn.Module, preset: str = "all", **options) -> nn.Module:
     cfg = BitFitPeftConfig(preset=preset, **options)
     if type(model).__name__.endswith("ForSequenceClassification"):
         cfg.task_type = peft.TaskType.SEQ_CLS
-    return peft.get_peft_model(model, cfg)
+    return get_peft_model(model, cfg)
+
+
+def get_peft_model(model: nn.Module, config) -> nn.Module:
+    """``peft.get_peft_model`` without the FutureWarning it triggers on transformers 5 (peft reads the model's
+    ``is_gradient_checkpointing``, renamed ``is_activation_checkpointing``): nothing the user can change."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return _peft().get_peft_model(model, config)
 
 
 def _targets(targets):

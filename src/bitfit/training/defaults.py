@@ -110,7 +110,8 @@ def instruct_checkpointing(given=()) -> dict:
     A bias-only step's memory is the frozen weights plus the saved activations (nothing else: no weight
     gradients, no optimizer state of size); checkpointing keeps only each decoder layer's input, which on
     Qwen2.5-0.5B (batch 2 x 256 tokens) takes the step from 0.38x to 0.28x of the naive float32 step's peak,
-    for one more forward per step (docs/PERFORMANCE.md). ``--gradient_checkpointing false`` turns it off."""
+    for one more forward per step (docs/PERFORMANCE.md). ``--activation_checkpointing false`` (transformers < 5:
+    ``--gradient_checkpointing false``) turns it off."""
     from transformers import TrainingArguments
 
     if any(g in CHECKPOINTING_FLAGS for g in given):

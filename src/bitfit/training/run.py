@@ -234,6 +234,14 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
         trainer.head_learning_rate = model_args.head_learning_rate
     trainable = trainable_count(model)  # a masked bias counts its trained entries
     total = sum(p.numel() for p in model.parameters())
+    parts = {}
+    if target is not None:  # the biases and the head apart: BitFit's small fraction is the biases'
+        from ..core.report import report as bitfit_report
+
+        rep = bitfit_report(target)
+        parts = dict(trainable_biases=rep.biases, trainable_head=rep.head)
+        if training_args.process_index == 0:
+            print(f"bitfit: {rep.summary()}", file=sys.stderr)
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if overwrite and not resume and trainer.is_world_process_zero():
@@ -265,7 +273,7 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
             metrics["eval_perplexity"] = float(math.exp(min(50.0, metrics["eval_loss"])))
     metrics.update(clock.figures())  # step_time_s, step_cpu_s, train/total wall and CPU time: bitfit.fast.timing
     metrics.update(
-        trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(1, total),
+        trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(1, total), **parts,
         global_steps=trainer.state.global_step,
         peak_memory_mb=peak_memory_mb(), wall_time_s=wall, n_train=n_train, task=info.task, method=method,
         best_checkpoint=trainer.state.best_model_checkpoint, best_metric=trainer.state.best_metric,

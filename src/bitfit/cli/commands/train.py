@@ -30,7 +30,8 @@ def train_main(argv: list) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun / accelerate launch: rank 0 reports
         shown = {k: v for k, v in metrics.items() if (k.startswith("eval_") and k != "eval_history") or k in (
-            "train_loss", "train_runtime", "trainable_params", "total_params", "peak_memory_mb", "num_train_epochs",
+            "train_loss", "train_runtime", "trainable_params", "trainable_biases", "trainable_head", "total_params",
+            "peak_memory_mb", "num_train_epochs",
             "global_steps")}
         print(json.dumps(json_safe(shown), indent=2, default=str))
         if "eval_f1" in metrics and metrics.get("f1_positive_label") is not None:
