@@ -199,3 +199,49 @@ def test_load_splits_glue_train_size(glue_dir):
                                ("train", "dev"), seed=3)
     assert info.primary == "accuracy" and info.label_names == ["entailment", "not_entailment"]
     assert len(splits["train"][0]) == 100 and len(splits["dev"][0]) == 20
+
+
+def test_labels_differing_by_spaces_are_one_class_and_by_case_refused(tmp_path, capsys):
+    p = tmp_path / "train.csv"
+    p.write_text('text,label\na,pos\nb,"pos "\nc," pos"\nd,neg\n')
+    data, names, _ = load_train_file(str(p))
+    assert names == ["neg", "pos"] and data.labels == [1, 1, 1, 0]
+    assert "labels are read without surrounding spaces ('pos ' in row 2 is the class 'pos')" in capsys.readouterr().err
+    p.write_text('text,label\na,pos\nb,neg\nc," pos"\nd,NEG\n')
+    with pytest.raises(DataError, match=r"train.csv: label column 'label' has labels that differ only in case: "
+                                        r"'neg' \(row 2\) and 'NEG' \(row 4\); write each class the same way"):
+        load_train_file(str(p))
+
+
+def test_duplicate_column_names_are_refused(tmp_path):
+    for name, sep in (("train.csv", ","), ("train.tsv", "\t")):
+        p = tmp_path / name
+        p.write_text(sep.join(["text", "text", "label"]) + "\n" + sep.join(["a", "b", "x"]) + "\n"
+                     + sep.join(["c", "d", "y"]) + "\n")
+        with pytest.raises(DataError, match=rf"{name}: the header names column 'text' twice \(columns 1 and 2\); "
+                                            "rename one"):
+            load_train_file(str(p))
+
+
+def test_list_label_in_jsonl_names_the_row(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": ["x", "y"]}\n')
+    with pytest.raises(DataError, match=r"train.jsonl: label column 'label', row 2: \['x', 'y'\] is a list, not one "
+                                        "label"):
+        load_train_file(str(p))
+    p.write_text('{"text": "a", "label": "x"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"train.jsonl, line 2: a JSON list, not an object"):
+        load_train_file(str(p))
+
+
+def test_txt_is_tab_separated_and_the_accepted_formats_are_named(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(DataError, match=r"train.txt: a .txt file is read as tab-separated \(TSV\), and its first line "
+                                        r"has no tab; rename a comma-separated file to .csv \(accepted: .csv, .tsv"):
+        load_train_file(str(p))
+    p.write_text("text\tlabel\na\tx\nb\ty\n")
+    assert load_train_file(str(p))[1] == ["x", "y"]
+    with pytest.raises(DataError, match=r"unknown format '.xlsx'; the format comes from the extension: .csv, .tsv"):
+        (tmp_path / "x.xlsx").write_text("x")
+        load_train_file(str(tmp_path / "x.xlsx"))

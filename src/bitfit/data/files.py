@@ -3,79 +3,30 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
+import random
+import sys
 from typing import Optional, Sequence
 
 from ..errors import DataError
 from .glue import TextData
+from .reading import FORMATS, MAX_ROWS, Source, read_table  # noqa: F401  (FORMATS, read_table: public names)
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet",
-           ".pq": "parquet"}
 TEXT_GUESSES = ("text", "sentence", "sentence1", "question", "premise", "content", "review")
 
 
-def read_table(path: str):
-    """A pandas DataFrame of ``path``; the format comes from the extension."""
-    import pandas as pd
-
-    p = Path(os.path.expanduser(path))
-    if not p.exists():
-        raise DataError(f"data file {path} not found")
-    fmt = FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise DataError(f"data file {path}: unknown format {p.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
-    if p.stat().st_size == 0:
-        raise DataError(f"data file {path} is empty")
-    try:
-        if fmt == "csv":
-            df = pd.read_csv(p, keep_default_na=False, na_values=[""])
-        elif fmt == "tsv":
-            df = pd.read_csv(p, sep="\t", quoting=3, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
-        elif fmt == "jsonl":
-            df = pd.read_json(p, lines=True, dtype=False)
-        elif fmt == "json":
-            try:
-                df = pd.read_json(p, dtype=False)
-            except ValueError:
-                df = pd.read_json(p, lines=True, dtype=False)
-        else:
-            df = pd.read_parquet(p)
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"could not read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
-    if len(df) == 0:
-        raise DataError(f"data file {path} has no rows")
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
-def _column(df, name: str, path: str, what: str):
-    if name not in df.columns:
-        raise DataError(f"{path} has no {what} column {name!r}; its columns are {list(df.columns)} "
-                        f"(choose one with --{what.replace(' ', '-')}-column)")
-    col = df[name]
-    if col.isna().any():
-        row = int(col.isna().to_numpy().nonzero()[0][0])
-        raise DataError(f"{path}: column {name!r} is empty in row {row + 1}")
-    return col
-
-
-def _label_column(df, name: str, path: str):
-    """The label column as is: its empty cells and non-numbers are judged (with row and value) by
-    infer_labels / check_regression_labels, not reported as 'empty' here."""
-    if name not in df.columns:
-        _column(df, name, path, "label")  # raises: no such column
-    return df[name]
-
-
-def guess_text_column(df, path: str) -> str:
+def guess_text_column(columns, path: str) -> str:
+    """The first of TEXT_GUESSES among ``columns`` (a list of names, or a DataFrame)."""
+    names = [str(c) for c in getattr(columns, "columns", columns)]
     for name in TEXT_GUESSES:
-        if name in df.columns:
+        if name in names:
             return name
     raise DataError(f"{path}: cannot guess the text column (none of {list(TEXT_GUESSES)}); its columns are "
-                    f"{list(df.columns)}; pass --text-column")
+                    f"{names}; pass --text-column")
+
+
+def columns(path: str) -> list:
+    """The column names of a data file (its header; the first rows' keys for JSON/JSONL)."""
+    return Source(path).columns()
 
 
 # How a label column is read (training file; the dev/test files then follow the training file's choice):
@@ -154,6 +105,7 @@ def infer_labels(values: Sequence, path: str, column: str):
     import numpy as np
 
     values = list(values)
+    check_scalar_labels(values, path, column)
     if values and all(isinstance(v, (bool, np.bool_)) for v in values):
         return ["False", "True"], False
     present = [v for v in values if not _is_missing(v)]
@@ -171,7 +123,7 @@ def infer_labels(values: Sequence, path: str, column: str):
         for row, v in enumerate(values):
             if _is_missing(v) or (isinstance(v, str) and v.strip().lower() in MISSING_MARKERS):
                 raise _bad_label(path, column, row, v, "looks like a missing value, not a class")
-        uniq = list(dict.fromkeys(values))
+        uniq = _distinct_classes(values, path, column)
         try:
             uniq = sorted(uniq, key=lambda v: float(v))
         except (TypeError, ValueError):
@@ -180,6 +132,41 @@ def infer_labels(values: Sequence, path: str, column: str):
     if len(names) < 2:
         raise DataError(f"{path}: label column {column!r} has a single value {names}; classification needs 2 or more")
     return names, False
+
+
+def _distinct_classes(values: list, path: str, column: str) -> list:
+    """The distinct class values, text stripped of surrounding spaces (`pos` and `pos ` are one class; a note
+    says so); two labels that differ only in case (`neg`, `NEG`) are an error naming both rows."""
+    first: dict = {}  # class value -> first row
+    spaced = None
+    for row, v in enumerate(values):
+        key = v.strip() if isinstance(v, str) else v
+        if key is not v and key != v and spaced is None:
+            spaced = (row, v)
+        if key not in first:
+            first[key] = row
+    folded: dict = {}
+    for key, row in first.items():
+        if isinstance(key, str):
+            other = folded.setdefault(key.casefold(), (key, row))
+            if other[0] != key:
+                (a, ra), (b, rb) = sorted([other, (key, row)], key=lambda x: x[1])
+                raise DataError(f"{path}: label column {column!r} has labels that differ only in case: {a!r} "
+                                f"(row {ra + 1}) and {b!r} (row {rb + 1}); write each class the same way in every "
+                                "row (rows count from 1, not counting a header line)")
+    if spaced is not None:
+        print(f"bitfit: {path}: labels are read without surrounding spaces ({spaced[1]!r} in row {spaced[0] + 1} "
+              f"is the class {spaced[1].strip()!r})", file=sys.stderr)
+    return list(first)
+
+
+def check_scalar_labels(values: Sequence, path: str, column: str, first_row: int = 0) -> None:
+    """A label that is a list or an object (JSON ``[1, 2]``, ``{...}``) is an error naming its row."""
+    for row, v in enumerate(values, first_row):
+        if isinstance(v, (list, tuple, dict, set)) or getattr(v, "ndim", 0) > 0:
+            kind = "an object" if isinstance(v, dict) else "a list"
+            raise _bad_label(path, column, row, v, f"is {kind}, not one label (each row needs one class name or "
+                             "number)")
 
 
 def _label_str(v) -> str:
@@ -192,41 +179,112 @@ def _label_str(v) -> str:
     return str(v)
 
 
+def _read(path: str, text_column, pair_column, label_column, max_rows, rows=None):
+    """(TextData without labels, raw labels or None, text column) of a file, read in chunks."""
+    src = Source(path)
+    names = src.columns()
+    text_column = text_column or guess_text_column(names, path)
+    for name, what in ((text_column, "text"), (pair_column, "text pair"), (label_column, "label")):
+        if name and name not in names:
+            raise DataError(f"{path} has no {what} column {name!r}; its columns are {names} "
+                            f"(choose one with --{what.replace(' ', '-')}-column)")
+    idx_col = "idx" if "idx" in names else ("index" if "index" in names else None)
+    wanted = [c for c in dict.fromkeys((text_column, pair_column, label_column, idx_col)) if c]
+    texts, pairs, labels, index = [], [] if pair_column else None, [] if label_column else None, []
+    same: dict = {}  # one object per distinct label value: a million rows of "pos" hold one string
+    for start, df in src.chunks(wanted, [c for c in (text_column, pair_column) if c], max_rows, rows):
+        first = start if rows is None else None
+        for col, out in ((text_column, texts), (pair_column, pairs)):
+            if col:
+                values = df[col]
+                if values.isna().any():
+                    at = int(values.isna().to_numpy().nonzero()[0][0])
+                    row = first + at if first is not None else rows[len(out) + at]
+                    raise DataError(f"{path}: column {col!r} is empty in row {row + 1}")
+                out.extend(str(x) for x in values)
+        if label_column:
+            values = list(df[label_column])
+            check_scalar_labels(values, path, label_column, first if first is not None else 0)
+            labels.extend(same.setdefault(v, v) if isinstance(v, (str, int, bool)) else v for v in values)
+        if idx_col:
+            index.extend(df[idx_col])
+    if not texts:
+        raise DataError(f"data file {path} has no rows")
+    if idx_col and idx_col == "index":
+        try:
+            index = [int(x) for x in index]
+        except (TypeError, ValueError):
+            index = list(range(len(texts)))
+    elif idx_col:
+        index = [int(x) for x in index]
+    else:
+        index = list(rows) if rows is not None else list(range(len(texts)))
+    return TextData(texts, pairs, None, index, str(path)), labels, text_column
+
+
+def _label_ids(raw: list, path: str, column: str, label_names: list) -> list:
+    ids = {n: i for i, n in enumerate(label_names)}
+    out = []
+    for row, v in enumerate(raw):
+        key = _label_str(v)
+        if key not in ids:
+            raise DataError(f"{path}: label {key!r} in column {column!r} (row {row + 1}) was not seen "
+                            f"in training; known labels: {list(label_names)}")
+        out.append(ids[key])
+    return out
+
+
 def load_file(path: str, text_column: Optional[str] = None, pair_column: Optional[str] = None,
               label_column: Optional[str] = "label", label_names: Optional[list] = None,
-              regression: Optional[bool] = None, labeled: bool = True) -> TextData:
+              regression: Optional[bool] = None, labeled: bool = True, max_rows: Optional[int] = MAX_ROWS) -> TextData:
     """Read a file into TextData. With ``label_names`` given (from training), labels are mapped to
-    those ids and an unseen label is an error naming the file, column and value."""
-    df = read_table(path)
-    text_column = text_column or guess_text_column(df, path)
-    texts = [str(x) for x in _column(df, text_column, path, "text")]
-    pairs = [str(x) for x in _column(df, pair_column, path, "text pair")] if pair_column else None
-    index = [int(x) for x in df["idx"]] if "idx" in df.columns else (
-        [int(x) for x in df["index"]] if "index" in df.columns and df["index"].dtype.kind in "iu"
-        else list(range(len(df))))
-    labels = None
+    those ids and an unseen label is an error naming the file, column and value. More than ``max_rows``
+    rows is an error (--max-rows)."""
+    data, raw, _ = _read(path, text_column, pair_column, label_column if labeled else None, max_rows)
     if labeled and label_column:
-        raw = list(_label_column(df, label_column, path))
         if regression:
-            labels = check_regression_labels(raw, path, label_column)
+            data.labels = check_regression_labels(raw, path, label_column)
         else:
             if label_names is None:
-                label_names, _ = infer_labels(raw, path, label_column)
-            ids = {n: i for i, n in enumerate(label_names)}
-            labels = []
-            for row, v in enumerate(raw):
-                key = _label_str(v)
-                if key not in ids:
-                    raise DataError(f"{path}: label {key!r} in column {label_column!r} (row {row + 1}) was not seen "
-                                    f"in training; known labels: {list(label_names)}")
-                labels.append(ids[key])
-    return TextData(texts, pairs, labels, index, str(path))
+                label_names, regression = infer_labels(raw, path, label_column)
+            data.labels = check_regression_labels(raw, path, label_column) if regression else \
+                _label_ids(raw, path, label_column, label_names)
+    return data
 
 
-def load_train_file(path: str, text_column=None, pair_column=None, label_column="label"):
-    """Read a training file and infer the label set: returns (TextData, label_names, is_regression)."""
-    df = read_table(path)
-    raw = list(_label_column(df, label_column, path))
+_LAST: dict = {}  # the last training file read: `bitfit train` asks for it while parsing and again to train
+
+
+def load_train_file(path: str, text_column=None, pair_column=None, label_column="label",
+                    max_rows: Optional[int] = MAX_ROWS, sample: Optional[tuple] = None):
+    """Read a training file and infer the label set: returns (TextData, label_names, is_regression).
+
+    ``sample=(n, seed)`` keeps the random subset of ``n`` rows that ``training.tasks.subset`` would choose
+    (the labels are inferred from all rows): the file is read twice, its labels first, and only the kept
+    rows' texts are held, so ``max_rows`` bounds the subset, not the file."""
+    src = Source(path)
+    st = src.path.stat()
+    key = (str(src.path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, text_column, pair_column,
+           label_column, max_rows, sample)
+    if _LAST.get("key") == key:
+        return _LAST["value"]
+    _LAST.clear()
+    rows = None
+    if sample is not None:
+        if label_column not in src.columns():
+            _read(path, text_column, pair_column, label_column, max_rows)  # raises: no such column
+        raw, same = [], {}
+        for _, df in src.chunks([label_column], (), None):
+            raw.extend(same.setdefault(v, v) if isinstance(v, (str, int, bool)) else v for v in df[label_column])
+        n, seed = sample
+        if n < len(raw):
+            rows = sorted(random.Random(seed).sample(range(len(raw)), n))
+    data, raw_all, _ = _read(path, text_column, pair_column, label_column, max_rows, rows)
+    raw = raw if rows is not None else raw_all
     names, regression = infer_labels(raw, path, label_column)
-    data = load_file(path, text_column, pair_column, label_column, names or None, regression)
+    if regression:
+        data.labels = check_regression_labels(raw_all, path, label_column)
+    else:
+        data.labels = _label_ids(raw_all, path, label_column, names)
+    _LAST.update(key=key, value=(data, names, regression))
     return data, names, regression

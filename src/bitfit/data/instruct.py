@@ -57,9 +57,11 @@ def encode_example(tokenizer, example: dict, max_length: int) -> dict:
     Prompt and response are tokenized separately so the boundary is exact whatever the tokenizer
     merges. Truncation keeps the prompt's start and cuts the end of the sequence.
     """
+    from .tokens import tokenize_capped
+
     prompt = format_prompt(example["instruction"], example.get("input"))
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"]
+    p_ids = tokenize_capped(tokenizer, prompt, max_length, add_special_tokens=True)  # a long text: only a piece
+    r_ids = tokenize_capped(tokenizer, example["output"], max_length, add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         r_ids = r_ids + [tokenizer.eos_token_id]
     ids = (p_ids + r_ids)[:max_length]

@@ -177,6 +177,10 @@ class DataArguments:
     eval_size: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on the first N dev rows only (quick checks; not official)."}
     )
+    max_rows: int = field(
+        default=2_000_000, metadata={"help": "Refuse a data file of more rows than this (after --train-size): "
+                                     "memory grows by about 1 GB per million rows (docs/TRAINING.md, Data)."}
+    )
     positive_label: Optional[str] = field(
         default=None, metadata={"help": "Own two-class data: the label binary F1 is computed for (default: the "
                                 "second of the sorted label names; the choice is printed and kept in task.json)."}

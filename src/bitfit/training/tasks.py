@@ -93,10 +93,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         return item
 
 
-def encode(tokenizer, data, max_length: int) -> EncodedDataset:
-    enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length)
-    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    return EncodedDataset(enc, data.labels, data.index)
+def encode(tokenizer, data, max_length: int, progress: bool = True):
+    """The rows of ``data`` tokenised and truncated to ``max_length`` tokens, held compactly; a long text is
+    cut before the tokenizer sees it, to the same tokens (bitfit.data.tokens)."""
+    from ..data.tokens import encode_texts
+
+    return encode_texts(tokenizer, data.texts, data.pairs, max_length, data.labels, data.index, progress=progress)
 
 
 def encode_instructions(tokenizer, rows: list, max_length: int) -> EncodedDataset:
@@ -132,7 +134,8 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
     from ..data import glue
     from ..data.instruct import load_instructions
 
-    for flag, value in (("--train-size", data_args.train_size), ("--eval-size", data_args.eval_size)):
+    for flag, value in (("--train-size", data_args.train_size), ("--eval-size", data_args.eval_size),
+                        ("--max-rows", data_args.max_rows)):
         if value is not None and value <= 0:
             raise DataError(f"{flag} must be a positive number of rows, got {value}")
     if data_args.max_seq_length is not None and data_args.max_seq_length <= 0:
@@ -156,10 +159,12 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
         if info is None:
             if not data_args.train_file:
                 raise DataError("no data: give --task (a GLUE task or 'instruct') or --train-file (your own data)")
+            sample = (data_args.train_size, seed) if data_args.train_size and "train" in splits else None
             train, names, regression = files.load_train_file(data_args.train_file, data_args.text_column,
-                                                             data_args.text_pair_column, data_args.label_column)
+                                                             data_args.text_pair_column, data_args.label_column,
+                                                             max_rows=data_args.max_rows, sample=sample)
             info = task_info(data_args, (names, regression))
-            info.text_column = info.text_column or files.guess_text_column(files.read_table(data_args.train_file),
+            info.text_column = info.text_column or files.guess_text_column(files.columns(data_args.train_file),
                                                                            data_args.train_file)
             if "train" in splits:
                 out["train"] = [train]
@@ -172,7 +177,8 @@ def load_splits(data_args: DataArguments, splits=("train", "dev"), seed: int = 4
                     raise DataError("--train-file is required for your own data")
                 continue
             out[split] = [files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
-                                          info.label_names or None, info.regression, labeled=split != "test")]
+                                          info.label_names or None, info.regression, labeled=split != "test",
+                                          max_rows=data_args.max_rows)]
     if "train" in out:
         out["train"] = [subset(out["train"][0], data_args.train_size, seed)]
     if data_args.eval_size is not None and "dev" in out:
