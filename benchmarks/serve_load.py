@@ -17,7 +17,7 @@ Modes (``--mode``):
 * ``normal`` (default): the load above;
 * ``churn``: the server runs in this process (there is no HTTP route to add tasks) and, every
   ``--churn-every`` seconds (default 2), one of ``--churn-tasks`` extra tasks (default 4) is removed
-  from the bank or added back (``BiasBank.remove_task`` / ``add_task`` while the clients run); one
+  from the bank or the removed one added back, in turn (``BiasBank.remove_task`` / ``add_task`` while the clients run); one
   more client asks the churning tasks and checks every answer against the task's reference (404 for a
   task removed at that moment is expected; anything else is wrong or lost);
 * ``slow-clients``: besides the load, ``--slow`` sockets (default 50) are kept open that send half a
@@ -191,12 +191,12 @@ def hostile_loop(url, deadline, tally):
 
 
 def churn_loop(bank, paths, deadline, every, log):
-    """Every ``every`` seconds remove one churning task from the bank or add it back (round robin)."""
+    """Every ``every`` seconds remove one churning task from the bank or add the removed one back (in turn)."""
     names = list(paths)
     k = 0
     while time.monotonic() < deadline:
         time.sleep(every)
-        name = names[k % len(names)]
+        name = names[(k // 2) % len(names)]  # out for one period, then back: at most one task out at a time
         k += 1
         if name in bank:
             bank.remove_task(name)
