@@ -139,8 +139,9 @@ def main() -> None:
         args.bitfit_args = ["--num_train_epochs", "2", *args.bitfit_args]
     if args.side:
         return child(args)
-    from bitfit.fast.hardware import cpu_flags, cpu_model
+    from bitfit.fast.hardware import cpu_flags, cpu_model, cpu_summary
 
+    print(f"CPU: {cpu_summary()}", flush=True)
     out = Path(args.out or tempfile.mkdtemp(prefix="bitfit-e2e-"))
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -165,7 +166,7 @@ def main() -> None:
     hit_b = first_reaching(b["evals"], r["best"])
     hit_r = first_reaching(r["evals"], r["best"])
     load = os.getloadavg()[0]
-    print(f"\nCPU: {cpu_model()} [{' '.join(cpu_flags())}], {args.threads} thread(s), load average now {load:.1f}")
+    print(f"\nCPU: {cpu_summary()}, {args.threads} thread(s), load average now {load:.1f}")
     print(f"SST-2, {args.train_size} training rows, MiniLM-L6\n")
     print("| | best dev acc | total wall | total CPU | steps | wall to recipe's best |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -183,7 +184,8 @@ def main() -> None:
              "the recipe's best accuracy was not reached"))
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "ratios": ratio, "cpu": cpu_model(),
-                                               "flags": cpu_flags(), "load": load}, indent=2))
+                                               "cpu_summary": cpu_summary(), "flags": cpu_flags(), "load": load},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Methods (each on its own copy of the same randomly initialised model, task head 
 - ``bitfit-fp32-stock`` / ``bitfit-fp32-lean``: ``bitfit.apply`` with ``lean=False`` / ``True``;
 - ``bitfit-bf16-stock`` / ``bitfit-bf16-lean``: the same with ``frozen_dtype="bfloat16"``;
 - ``bitfit-int8-lean``: ``frozen_dtype="int8"`` (bf16 base, int8 training matmuls);
+- ``bitfit-int8fbgemm-lean``: ``frozen_dtype="int8-fbgemm"`` (float32 base, fbgemm int8 training matmuls);
 - ``bitfit-auto-lean``: ``frozen_dtype="auto"`` (what ``bitfit train`` runs: the fastest mode the machine's probe picks);
 - ``bitfit-default``: what ``bitfit train`` runs by default: ``bitfit-auto-lean`` with the model's dropout
   set to 0 (BitFit's default dropout; the other methods keep the config's 0.1);
@@ -61,13 +62,14 @@ METHODS = [
     "bitfit-bf16-stock",
     "bitfit-bf16-lean",
     "bitfit-int8-lean",
+    "bitfit-int8fbgemm-lean",
     "bitfit-auto-lean",
     "bitfit-default",
     "peft-auto-lean",
     "lora",
     "beft",
 ]
-FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8", "auto": "auto"}  # auto: bitfit.fast.hardware's choice
+FROZEN = {"fp32": None, "bf16": "bfloat16", "int8": "int8", "int8fbgemm": "int8-fbgemm", "auto": "auto"}  # auto: bitfit.fast.hardware's choice
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=30522)
 
 
@@ -301,7 +303,8 @@ def main(argv=None) -> int:
     acc.add_argument("--accuracy", choices=["SST-2", "RTE"], help="train MiniLM with BitFit on this GLUE task")
     acc.add_argument("--glue", default=os.environ.get(
         "BITFIT_GLUE_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/glue")))
-    acc.add_argument("--modes", default="fp32-stock,fp32-lean,bf16-lean", help="comma list of {fp32,bf16,int8}-{stock,lean}")
+    acc.add_argument("--modes", default="fp32-stock,fp32-lean,bf16-lean",
+                     help="comma list of {fp32,bf16,int8,int8fbgemm}-{stock,lean}")
     acc.add_argument("--train-rows", type=int, default=1000)
     acc.add_argument("--dev-rows", type=int, default=872)
     acc.add_argument("--epochs", type=int, default=2)
@@ -322,11 +325,12 @@ def main(argv=None) -> int:
     shape = (f"{'small BERT' if args.small else Path(args.config).name}: {config.num_hidden_layers} layers, "
              f"hidden {config.hidden_size}, seq {args.seq}, batch {args.batch}, {args.threads} thread(s), "
              f"torch {torch.__version__}")
-    from bitfit.fast.hardware import choose_frozen_dtype, cpu_flags, cpu_model
+    from bitfit.fast.hardware import choose_frozen_dtype, cpu_summary
 
-    shape += f"; CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]"
-    if any(m.startswith("bitfit-auto") for m in methods):
-        shape += f"; frozen_dtype=auto -> {choose_frozen_dtype('cpu').dtype} here"
+    print(f"CPU: {cpu_summary()}", flush=True)
+    shape += f"; CPU {cpu_summary()}"
+    if any(m.startswith("bitfit-auto") or m == "bitfit-default" for m in methods):
+        shape += f"; {choose_frozen_dtype('cpu').describe()}"
     print(shape, flush=True)
     if args.peak_only:
         peaks = {m: run_peak(m, args) for m in methods}

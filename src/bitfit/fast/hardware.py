@@ -41,6 +41,9 @@ _FP16_FLAGS = ("avx512_fp16", "amx_fp16")  # native fp16 matmuls; elsewhere CPU 
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile",
           "avx512_fp16", "amx_fp16")
 _CACHE_VERSION = 2
+# environment variables that cap the instruction sets of PyTorch's, fbgemm's, oneDNN's and MKL's kernels
+_ISA_CAPS = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+             "MKL_ENABLE_INSTRUCTIONS")
 
 
 @dataclass
@@ -97,13 +100,35 @@ def cpu_flags() -> list:
     return []
 
 
+def cpu_summary() -> str:
+    """One line naming this CPU for benchmark logs: model (family/model numbers), every AVX-512, AMX and
+    VNNI flag, torch's kernel level, and the variables that cap the instruction sets the kernels use."""
+    info, flags = {}, []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in info:
+                info[key] = val.strip()
+            elif key == "flags" and not flags:
+                flags = sorted(f for f in val.split() if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni"))
+    except OSError:
+        pass
+    where = f" (family {info['cpu family']} model {info['model']})" if len(info) == 2 else ""
+    caps = [f"{k}={os.environ[k]}" for k in _ISA_CAPS if os.environ.get(k)]
+    return (f"{cpu_model()}{where}; flags: {' '.join(flags) or 'unknown'}; torch {torch.__version__} kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f"; capped by {' '.join(caps)}" if caps else ""))
+
+
 def _cache_path() -> Path:
     root = os.environ.get("BITFIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bitfit")
     return Path(root) / "frozen_dtype.json"
 
 
 def _key() -> str:
-    parts = [str(_CACHE_VERSION), cpu_model(), ",".join(cpu_flags()), torch.__version__, str(torch.get_num_threads())]
+    parts = [str(_CACHE_VERSION), cpu_model(), ",".join(cpu_flags()), torch.__version__, str(torch.get_num_threads()),
+             torch.backends.cpu.get_cpu_capability()]
+    parts += [os.environ.get(k, "") for k in _ISA_CAPS]  # kernels capped below the CPU's instruction sets
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
