@@ -138,7 +138,10 @@ def create_app(
         raw: StrictBool = False
 
     generative = is_generative(bank)
-    kind = GenerateBatcher if generative else Batcher
+    from .decoding import DecodingBatcher, MixedBatcher
+
+    # per-row sampling, stop strings and streaming (generation); a task per row (classification fan-out)
+    kind = DecodingBatcher if generative else MixedBatcher
     batcher = kind(bank, tokenizer, max_batch=max_batch, window_s=batch_window_ms / 1000.0, max_queue=max_queue)
 
     @asynccontextmanager
@@ -275,6 +278,7 @@ def create_app(
         except ValidationError as exc:
             return validation_error(exc, '{"task": str, "inputs": [instruction or [instruction, input], ...], '
                                     f'"max_new_tokens": 1..{max_new_tokens}, "raw": bool}}')
+        request.state.task = req.task  # for /metrics
         if req.task not in bank:
             raise ApiError(404, "unknown_task", f"unknown task {req.task!r}; available: {', '.join(bank.tasks)}")
         if len(req.inputs) > max_inputs:
@@ -302,6 +306,12 @@ def create_app(
         if not isinstance(payload, dict):
             raise ApiError(400, "invalid_request",
                            'the body must be a JSON object: {"task": "<name>", "inputs": ["text", ...]}')
+        if "tasks" in payload and "task" not in payload:  # fan-out: several tasks on the same inputs, one batch
+            from .fanout import fanout_predict
+
+            return await fanout_predict(payload, bank=bank, batcher=batcher, tokenize=tokenize,
+                                        check_input_kind=check_input_kind, postprocess=postprocess,
+                                        max_inputs=max_inputs, wait_disconnect=lambda: wait_disconnect(request.receive))
         try:
             req = PredictRequest.model_validate(payload)
         except ValidationError as exc:
@@ -312,6 +322,7 @@ def create_app(
             msg = "; ".join(f"{'.'.join(d['loc']) or 'body'}: {d['msg']}" for d in details[:5])
             return error(422, "validation_error",
                          f"{msg}. Expected {{\"task\": str, \"inputs\": [str or [str, str], ...]}}", details=details)
+        request.state.task = req.task  # for /metrics
         if req.task not in bank:
             raise ApiError(404, "unknown_task", f"unknown task {req.task!r}; available: {', '.join(bank.tasks)}")
         if len(req.inputs) > max_inputs:
@@ -348,6 +359,12 @@ def create_app(
         stats["waiting"] = batcher.waiting
         return {"status": "ok", "tasks": len(bank), "stats": stats, "limits": app.state.limits}
 
+    from .metrics import add_metrics
+    from .openai import add_openai_routes, base_name
+
+    add_openai_routes(app, bank, tokenizer, batcher, generative=generative, max_length=max_length,
+                      max_new_tokens=max_new_tokens, max_inputs=max_inputs)
+    add_metrics(app, bank, batcher, lambda: base_name(app))
     return app
 
 
