@@ -182,7 +182,7 @@ class DecodingBatcher(GenerateBatcher):
                                  top_p=opt.get("top_p", 1.0), seed=None if opt.get("seed") is None
                                  else int(opt["seed"]) + j, emit=cb))
         if isinstance(opt.get("rows"), list):
-            opt["rows"].extend(rows)
+            opt["rows"][:] = rows  # a retried batch makes them again
         return rows
 
     def _decode(self, tasks: list, features: list, rows: list) -> None:
@@ -203,6 +203,9 @@ class DecodingBatcher(GenerateBatcher):
             r.finish_now()
 
     def _run(self, items: list) -> list:
+        return _retry_removed(self, self._run_once, items)
+
+    def _run_once(self, items: list) -> list:
         results, live, features, tasks = self._live(items)
         if not live:
             return results
@@ -246,6 +249,24 @@ class MixedBatcher(Batcher):
         with self._stats_lock:
             self.task_rows.update(tasks)
         return results, live, features, tasks
+
+    def _run(self, items: list) -> list:
+        return _retry_removed(self, super()._run, items)
+
+
+def _retry_removed(batcher, run, items: list, tries: int = 3) -> list:
+    """``run(items)``, again if a task of the batch was removed between the check of its items and the bank
+    call (the bank then refuses the whole call): the items of removed tasks get their 404 and the others run."""
+    from ..errors import BitFitError
+
+    for attempt in range(tries):
+        try:
+            return run(items)
+        except BitFitError:
+            names = {t for it in items for t in (it.task if isinstance(it.task, tuple) else (it.task,))}
+            if attempt == tries - 1 or all(t is BASE or t in batcher.bank for t in names):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 __all__ = ["BASE", "DecodingBatcher", "MixedBatcher", "RowState"]

@@ -84,6 +84,12 @@ def main(argv: list) -> int:
                    help="require this key on every endpoint but /health ('Authorization: Bearer KEY' or "
                    "'X-API-Key: KEY'); default: the BITFIT_API_KEY environment variable, else no key. Prefer the "
                    "environment variable: a command-line argument is visible to other users in ps")
+    p.add_argument("--task-dir", action="append", default=None, metavar="DIR",
+                   help="allow loading, reloading and removing tasks at run time (POST /v1/tasks, DELETE "
+                   "/v1/tasks/NAME) from run or artifact folders inside DIR (repeat for more); needs an admin key")
+    p.add_argument("--admin-key", default=None,
+                   help="the key task management requests send as 'X-Admin-Key: KEY' (default: the "
+                   "BITFIT_ADMIN_KEY environment variable)")
     p.add_argument("--header-timeout", type=float, default=None, metavar="S",
                    help="seconds a connection has to send its request headers, counted from when it opens (or from "
                    "its previous answer plus --keep-alive); slower ones are closed (default 10)")
@@ -131,6 +137,14 @@ def main(argv: list) -> int:
         if getattr(args, opt) is not None:
             check_timeout(f"--{opt.replace('_', '-')}", getattr(args, opt))
     check_max_connections(args.max_connections)
+    admin_key = args.admin_key if args.admin_key is not None else os.environ.get("BITFIT_ADMIN_KEY")
+    if args.task_dir:
+        from ...serving.admin import check_task_dirs
+
+        check_task_dirs(args.task_dir)
+        if not admin_key or not admin_key.strip():
+            raise BitFitError("--task-dir needs an admin key for the task management requests: --admin-key KEY or "
+                              "the BITFIT_ADMIN_KEY environment variable")
 
     import torch
 
@@ -191,6 +205,11 @@ def main(argv: list) -> int:
                      max_inputs=args.max_inputs, max_length=max_length, max_queue=args.max_queue, api_key=api_key,
                      max_new_tokens=args.max_new_tokens,
                      body_timeout=DEFAULT_BODY_TIMEOUT if args.body_timeout is None else args.body_timeout)
+    app.state.base_name = args.model  # the OpenAI-style model id of the base itself
+    if args.task_dir:
+        from ...serving.admin import enable_task_admin
+
+        enable_task_admin(app, task_dirs=args.task_dir, admin_key=admin_key)
     endpoint = "/v1/generate" if kind == "causal-lm" else "/v1/predict"
     print(f"bitfit serve: {len(bank)} task(s) ({', '.join(bank.tasks)}) over {args.model}, {endpoint} on "
           f"http://{args.host}:{args.port}" + (" (API key required)" if api_key else ""), flush=True)
