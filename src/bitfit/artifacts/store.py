@@ -108,10 +108,31 @@ def _side_name(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _sort_metadata(weights: Path) -> None:
+    """Put the safetensors header's ``__metadata__`` keys in sorted order. safetensors writes them in hash-map
+    order, which changes from process to process: the same tensors would give other bytes (and another
+    ``weights_sha256``) on every save. Same keys, same length: the header is rewritten in place."""
+    with open(weights, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        md = header.get("__metadata__")
+        if not isinstance(md, dict) or len(md) < 2:
+            return
+        start = raw.index(b'"__metadata__":') + len(b'"__metadata__":')
+        end = raw.index(b"}", start) + 1  # metadata values are strings without braces (format, pt, FORMAT)
+        fixed = json.dumps(dict(sorted(md.items())), separators=(",", ":")).encode()
+        if len(fixed) != end - start or json.loads(raw[start:end]) != md:
+            return  # not the layout expected: leave the file as safetensors wrote it
+        f.seek(8 + start)
+        f.write(fixed)
+
+
 def _write_files(folder: Path, meta: dict, tensors: dict) -> None:
     """Tensor file, then the config with its checksum; both flushed to disk, then the folder."""
     weights = folder / WEIGHTS_NAME
     safetensors.torch.save_file(tensors, str(weights), metadata={"format": "pt", "bitfit": FORMAT})
+    _sort_metadata(weights)
     os.chmod(weights, file_mode())  # safetensors creates it 0600 whatever the umask
     fd = os.open(weights, os.O_RDONLY)
     try:
