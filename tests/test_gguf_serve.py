@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bitfit
+from bitfit.errors import BitFitError
 from bitfit.serving.bank import BiasBank
 from bitfit.cli import main
 from bitfit.core.models import load_model, load_tokenizer
@@ -203,7 +204,7 @@ def test_bitfit_merge_gguf_run_with_its_folder_as_model(setup, tmp_path, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BitFitError, match="writing the merged model failed \\(disk full\\); nothing was written"):
         merge_cmd.merge_run(setup["tasks"]["chat"], str(out))
     assert not out.exists() and list(tmp_path.iterdir()) == []
     out.mkdir()
