@@ -334,7 +334,9 @@ def run_quietly(fn, *args, **kwargs):
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():  # the tracer reads every property, transformers' deprecated aliases too
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return fn(*args, **kwargs)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
