@@ -335,3 +335,20 @@ def test_apply_auto_can_choose_the_mode_and_logs_the_table(tmp_path, monkeypatch
 def test_env_override_accepts_the_mode(monkeypatch):
     monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "int8_fbgemm")
     assert hardware.choose_frozen_dtype("cpu").dtype == "int8-fbgemm"
+
+
+def test_a_capped_instruction_set_is_probed_apart(tmp_path, monkeypatch):
+    """Kernels capped to AVX2 (ATEN_CPU_CAPABILITY, FBGEMM_ENABLE_INSTRUCTIONS...) are another machine for the
+    probe: the uncapped run's cached choice is not reused."""
+    monkeypatch.setenv("BITFIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BITFIT_FROZEN_DTYPE", raising=False)
+    for k in ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(k, raising=False)
+    tables = iter([{"float32": 100.0, "int8": 25.0, "bfloat16": 50.0},
+                   {"float32": 130.0, "bfloat16": 5000.0, "int8-fbgemm": 70.0, "int8": 60.0}])
+    monkeypatch.setattr(hardware, "probe_cpu", lambda: next(tables))
+    assert hardware.choose_frozen_dtype("cpu").dtype == "int8"
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    capped = hardware.choose_frozen_dtype("cpu")
+    assert capped.dtype == "int8-fbgemm" and not capped.cached
+    assert "FBGEMM_ENABLE_INSTRUCTIONS=AVX2" in hardware.cpu_summary()

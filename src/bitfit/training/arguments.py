@@ -51,10 +51,12 @@ class ModelArguments:
     )
     frozen_dtype: Optional[str] = field(
         default="auto",
-        metadata={"help": "Precision of the frozen weights: 'auto' (default: the fastest of float32 / bfloat16 / "
-                  "int8 on this hardware, from a short probe cached per machine; the choice is printed and kept in "
-                  "command.json), 'float32' (the exact stock path), 'bfloat16', 'float16', or 'int8' (bf16 plus "
-                  "int8 training matmuls in the frozen Linear layers; evaluation runs bf16)."},
+        metadata={"help": "Precision of the frozen weights: 'auto' (default: the fastest of float32 / float16 / "
+                  "bfloat16 / int8-fbgemm / int8 on this hardware, from a short probe cached per machine; the choice "
+                  "and the probe's table are printed and kept in command.json), 'float32' (the exact stock path), "
+                  "'bfloat16', 'float16', 'int8' (bf16 plus int8 training matmuls in the frozen Linear layers; "
+                  "evaluation runs bf16) or 'int8-fbgemm' (float32 weights, int8 training matmuls on PyTorch's fbgemm "
+                  "engine, fast on AVX2-only CPUs; evaluation runs float32)."},
     )
     lean: bool = field(
         default=True,
