@@ -201,8 +201,10 @@ def test_save_load_and_merge_are_the_float32_paths(tmp_path):
         with safe_open(str(tmp_path / run / "bitfit_model.safetensors"), "pt") as f:
             tensors.append((f.metadata(), {k: f.get_tensor(k) for k in f.keys()}))
     (meta8, t8), (meta32, t32) = tensors
-    assert meta8 == meta32 and t8.keys() == t32.keys()  # the same artifact (safetensors orders its header
-    assert all(t8[k].dtype == t32[k].dtype and torch.equal(t8[k], t32[k]) for k in t8)  # metadata freely)
+    assert meta8 == meta32 and t8.keys() == t32.keys()  # the same artifact
+    assert all(t8[k].dtype == t32[k].dtype and torch.equal(t8[k], t32[k]) for k in t8)
+    assert (tmp_path / "int8" / "bitfit_model.safetensors").read_bytes() == \
+        (tmp_path / "fp32" / "bitfit_model.safetensors").read_bytes()  # with its keys sorted: byte for byte
     config = json.loads((tmp_path / "int8" / "bitfit_config.json").read_text())["bitfit_config"]
     assert config["frozen_dtype"] == "int8-fbgemm"
     m8.eval()
