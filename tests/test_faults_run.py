@@ -206,7 +206,8 @@ def test_resume_with_another_preset_or_label_set_is_refused(interrupted, tiny, d
                  "--max_steps", "4", "--resume_from_checkpoint", "last", *SCHED, *FAST]) == 1
     msg = err(capsys)
     assert "does not fit this run" in msg and "--preset all" in msg and "--preset attention" in msg
-    three = write_csv(tmp_path / "three.csv", [(t, y if i % 3 else "meh") for i, (t, y) in enumerate(sentiment_rows(18))])
+    rows = [(t, y if i % 3 else "meh") for i, (t, y) in enumerate(sentiment_rows(18))]
+    three = write_csv(tmp_path / "three.csv", rows)
     assert main(["train", "--model", tiny, "--train-file", three, "--output-dir", str(out),
                  "--max_steps", "4", "--resume_from_checkpoint", "last", *SCHED, *FAST]) == 1
     msg = err(capsys)

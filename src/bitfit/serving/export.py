@@ -151,7 +151,8 @@ def export_model(model: nn.Module, path, fmt: str, *, tokenizer=None, input_name
     tolerance = check_tolerance(tolerance)
     path = Path(os.path.abspath(os.path.expanduser(str(path))))
     if path.is_dir():
-        raise BitFitError(f"{path} is a folder; give the file to write (e.g. {path / ('model.onnx' if fmt == 'onnx' else 'model.pt')})")
+        example_file = path / ("model.onnx" if fmt == "onnx" else "model.pt")
+        raise BitFitError(f"{path} is a folder; give the file to write (e.g. {example_file})")
     model.eval()
     names = list(input_names or input_names_for(model, tokenizer))
     wrapper = LogitsOnly(model, names, _extra(model)).eval()

@@ -260,8 +260,9 @@ def _trainer_class():
                 if hasattr(sched, "_last_lr"):
                     sched._last_lr = [g["lr"] for g in opt.param_groups]
             if any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(old, new)):
-                print(f"bitfit: resuming {checkpoint} with this run's learning rates ({', '.join(f'{x:g}' for x in new)}; "
-                      f"the checkpoint trained with {', '.join(f'{x:g}' for x in old)})", file=sys.stderr)
+                rates = ", ".join(f"{x:g}" for x in new)
+                print(f"bitfit: resuming {checkpoint} with this run's learning rates ({rates}; the checkpoint trained "
+                      f"with {', '.join(f'{x:g}' for x in old)})", file=sys.stderr)
 
         def _issue_warnings_after_load(self, load_result):
             if self._bitfit() is None:
