@@ -22,7 +22,7 @@ from .tokens import cut
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet",
            ".pq": "parquet"}
 ACCEPTED = ".csv, .tsv, .txt (tab-separated), .jsonl, .json, .parquet or .pq"
-MAX_ROWS = 2_000_000  # rows kept from one file by default (--max-rows): about 1 GB at 128 tokens a row
+MAX_ROWS = 2_000_000  # rows kept from one file by default (--max-rows): about 5 GB at 128 tokens a row
 MAX_CELL_CHARS = 1_000_000
 CHUNK_ROWS = 20_000
 PROGRESS_BYTES = 32 * 2**20
@@ -32,7 +32,7 @@ csv.field_size_limit(2**31 - 1)
 
 def too_many_rows(path: str, max_rows: int) -> DataError:
     return DataError(f"data file {path} has more than {max_rows:,} rows, the limit of --max-rows; train on a "
-                     f"random subset with --train-size N, or raise --max-rows (memory grows by about 1 GB per "
+                     f"random subset with --train-size N, or raise --max-rows (memory grows by about 2.5 GB per "
                      f"million rows of 128 tokens)")
 
 
@@ -127,7 +127,7 @@ class Source:
             if self.fmt in ("csv", "tsv"):
                 raw = {n.strip(): n for n in self._raw_header()}
                 kw = dict(keep_default_na=False, na_values=[""], chunksize=CHUNK_ROWS, encoding="utf-8-sig",
-                          dtype={raw[c]: str for c in text_columns if c in raw})
+                          dtype={raw[c]: object for c in text_columns if c in raw})
                 if self.fmt == "tsv":
                     kw.update(sep="\t", quoting=3)
                 if wanted is not None:

@@ -18,7 +18,7 @@ import torch
 
 CHARS_PER_TOKEN = 64  # a token of ordinary text is 3-6 characters; 64 leaves room for long words and spaces
 MIN_CHARS = 2048
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 2048  # rows tokenised at once: the tokenizer's output for 2048 rows of 128 tokens is ~50 MB
 PROGRESS_ROWS = 50_000  # a progress bar from this many rows on
 
 

@@ -181,7 +181,8 @@ class DataArguments:
     )
     max_rows: int = field(
         default=2_000_000, metadata={"help": "Refuse a data file of more rows than this (after --train-size): "
-                                     "memory grows by about 1 GB per million rows (docs/TRAINING.md, Data)."}
+                                     "memory grows by about 2.5 GB per million rows of 128 tokens "
+                                     "(docs/TRAINING.md, Data)."}
     )
     positive_label: Optional[str] = field(
         default=None, metadata={"help": "Own two-class data: the label binary F1 is computed for (default: the "
