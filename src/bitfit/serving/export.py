@@ -292,8 +292,6 @@ def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> N
             kwargs = dict(input_names=names, output_names=["logits"])
             if not os.environ.get("BITFIT_VERBOSE"):
                 kwargs["verbose"] = False  # the dynamo exporter's step-by-step progress lines
-            if not os.environ.get("BITFIT_VERBOSE"):
-                kwargs["verbose"] = False  # the dynamo exporter's step-by-step progress lines
             if opset is not None:
                 kwargs["opset_version"] = opset
             if dynamo:

@@ -244,6 +244,10 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
             print(f"bitfit: {rep.summary()}", file=sys.stderr)
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    record = checkpoint_record(model, model_args, info, abs_local(model_args.model)) if is_bitfit else None
+    trainer.checkpoint_record = record
+    if resume:  # another base, preset or label set: refused before the Trainer loads anything
+        check_resume(resume, record, model_args.model)
     if overwrite and not resume and trainer.is_world_process_zero():
         removed = clear_finished_run(training_args.output_dir)
         if removed:
@@ -252,10 +256,6 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
     from ..fast.timing import RunClock
 
     clock = RunClock()  # step time / CPU time without evaluation and checkpointing (bitfit.fast.timing)
-    record = checkpoint_record(model, model_args, info, abs_local(model_args.model)) if is_bitfit else None
-    trainer.checkpoint_record = record
-    if resume:  # another base, preset or label set: refused before the Trainer loads anything
-        check_resume(resume, record, model_args.model)
     trainer.add_callback(clock)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -284,6 +284,9 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # task.json first: a run killed right after its artifact is written can still be evaluated
+        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info),
+                                              "base_fingerprint": record["base_fingerprint"] if record else None})
         metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, abs_local(model_args.model))
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
@@ -291,9 +294,6 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
             tokenizer.save_pretrained(str(out))  # the run folder carries its tokenizer
         except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot be saved: the base's is used on load
             print(f"bitfit: the tokenizer was not saved with the run ({type(exc).__name__}: {exc})", file=sys.stderr)
-        # task.json first: a run killed right after its artifact is written can still be evaluated
-        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info),
-                                              "base_fingerprint": record["base_fingerprint"] if record else None})
         write_model_card(out, info, model_args, data_args, metrics, method)
         atomic_write_json(out / "command.json", command_record(argv, model_args, data_args, training_args, method,
                                                                  dtype_choice, wall))
