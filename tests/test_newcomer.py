@@ -378,3 +378,19 @@ def test_export_command_prints_only_its_result(tmp_path, capsys):
         hf_logging.set_verbosity(level)
     assert not [m for m in seen if "loss_type" in m]
     assert "torchscript model written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_info_with_a_new_head_prints_no_load_report_unless_verbose(minilm_dir, verbose):
+    """`bitfit info MODEL --task-head N` loads a head the checkpoint lacks: transformers reports it as MISSING.
+    A command module imports transformers before the CLI quiets it, so the quieting must act on the loaded
+    library, not only on the environment variable it reads at import."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "BITFIT_VERBOSE")}
+    argv = ["info", minilm_dir, "--task-head", "2"] + (["--verbose"] if verbose else [])
+    out = subprocess.run([sys.executable, "-c", "import sys; from bitfit.cli import main; sys.exit(main())", *argv],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ("LOAD REPORT" in out.stderr) == verbose, out.stderr[-2000:]

@@ -47,7 +47,12 @@ def quiet_env() -> None:
         return
     # quiet by default: transformers' load reports (a head that is trained or restored from the run shows as
     # "MISSING ... newly initialized") and known deprecation noise
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        if "transformers" in sys.modules:  # already imported (by a command module): the variable is read too late
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
     hide_loading_bars()
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(transformers|torch|accelerate|datasets)\b")
