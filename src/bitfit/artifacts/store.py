@@ -25,7 +25,7 @@ from typing import Optional
 
 import safetensors.torch
 
-from ..core.io import file_mode
+from ..core.io import file_mode, fsync_dir
 from ..errors import ArtifactError
 from .format import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 
@@ -77,19 +77,6 @@ def _locked(folder: Path, exclusive: bool):
         yield held
     finally:
         os.close(fd)  # releases the lock
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _make_side_folder(path: Path, kind: str) -> Path:
@@ -144,7 +131,7 @@ def _write_files(folder: Path, meta: dict, tensors: dict) -> None:
         f.write(json.dumps(meta, indent=2, sort_keys=True))
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _extras(folder: Path) -> list:
@@ -195,7 +182,7 @@ def _swap(path: Path, tmp: Path) -> bool:
         if not os.path.lexists(path):
             os.rename(bak, path)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(bak, ignore_errors=True)
     return True
 
@@ -206,7 +193,7 @@ def _replace_in_place(path: Path, tmp: Path) -> None:
     one that loads wrong values."""
     os.replace(tmp / WEIGHTS_NAME, path / WEIGHTS_NAME)
     os.replace(tmp / CONFIG_NAME, path / CONFIG_NAME)
-    _fsync_dir(path)
+    fsync_dir(path)
     tmp.rmdir()
 
 
@@ -291,7 +278,7 @@ def _recover(path: Path, locked: bool) -> Optional[Path]:
         if winner[0] == "bak" or _complete(winner[1]):
             try:
                 os.rename(winner[1], path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
                 target = path
             except OSError:  # no write permission: read it where it is
                 return winner[1]
@@ -323,7 +310,7 @@ def write_folder(path, meta: dict, tensors: dict) -> Path:
             _write_files(tmp, meta, tensors)
             if not path.exists():
                 os.rename(tmp, path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
             elif not _swap(path, tmp):
                 _replace_in_place(path, tmp)
         except BaseException:

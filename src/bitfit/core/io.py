@@ -71,3 +71,17 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
 
 def atomic_write_json(path: Union[str, Path], obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def fsync_dir(folder: Union[str, Path]) -> None:
+    """Flush a folder's entries (a rename into it) to disk where the platform allows; errors are ignored."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

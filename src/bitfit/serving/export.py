@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..core.io import fsync_dir
 from ..errors import BitFitError
 
 FORMATS = ("torchscript", "onnx")
@@ -229,7 +230,7 @@ def _place(tmp: Path, path: Path) -> None:
     old_names = [n for n in _companions(path) if os.path.lexists(parent / n)]
     if new == [path.name] and old_names in ([], [path.name]):
         os.replace(tmp / path.name, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return
     old = make_side_folder(path, "replaced") if old_names else None
     moved, placed = [], []
@@ -246,7 +247,7 @@ def _place(tmp: Path, path: Path) -> None:
         for n in reversed(moved):
             os.rename(old / n, parent / n)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -263,19 +264,6 @@ def _recover_export(path: Path) -> None:
                     os.rename(side / n, path.parent / n)
     remove_stale_side_folders(path, "replaced")
     remove_stale_side_folders(path, "export")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _export_onnx(wrapper, example, names, path: Path, opset: Optional[int]) -> None:
