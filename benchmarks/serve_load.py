@@ -20,6 +20,10 @@ Modes (``--mode``):
   from the bank or the removed one added back, in turn (``BiasBank.remove_task`` / ``add_task`` while the clients run); one
   more client asks the churning tasks and checks every answer against the task's reference (404 for a
   task removed at that moment is expected; anything else is wrong or lost);
+* ``admin``: a real ``bitfit serve`` subprocess over a tiny generative (LLaMA-style) base with
+  ``--task-dir`` and an admin key; the clients send ``/v1/generate`` and streamed
+  ``/v1/chat/completions`` for fixed and churning tasks while an admin thread removes, loads and
+  reloads the churning tasks over HTTP every ``--churn-every`` seconds (``benchmarks/serve_load_admin.py``);
 * ``slow-clients``: besides the load, ``--slow`` sockets (default 50) are kept open that send half a
   request's headers and stop, or full headers and half a body; the server runs with
   ``--header-timeout 2 --body-timeout 2`` and must close the first and answer 408 to the second,
@@ -34,6 +38,7 @@ should be, or RSS grew by 10% or more after the warm-up.
     nice -n 10 python benchmarks/serve_load.py                    # 2 minutes, MiniLM, 8 clients
     python benchmarks/serve_load.py --mode churn --seconds 20      # tasks added and removed under load
     python benchmarks/serve_load.py --mode slow-clients --seconds 20
+    python benchmarks/serve_load.py --mode admin --seconds 60     # generate + streamed chat, tasks over HTTP
     python benchmarks/serve_load.py --seconds 20 --clients 4      # a quick look
     python benchmarks/serve_load.py --model path/to/base --tasks 8
 """
@@ -302,14 +307,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hostile", action="store_true", help="leave out the client sending bad requests")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
     ap.add_argument("--max-queue", type=int, default=64)
-    ap.add_argument("--mode", choices=["normal", "churn", "slow-clients"], default="normal")
+    ap.add_argument("--mode", choices=["normal", "churn", "slow-clients", "admin"], default="normal")
     ap.add_argument("--churn-tasks", type=int, default=4, help="churn mode: tasks removed and added back")
     ap.add_argument("--churn-every", type=float, default=2.0, help="churn mode: seconds between changes")
     ap.add_argument("--slow", type=int, default=50, help="slow-clients mode: slow sockets kept open")
+    ap.add_argument("--hidden", type=int, default=64, help="admin mode: hidden size of the tiny LLaMA base")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.clients < 1 or not 0 <= args.impatient <= args.clients:
         ap.error("--seconds must be > 0, --clients >= 1 and 0 <= --impatient <= --clients")
     warmup = args.warmup if args.warmup is not None else args.seconds / 6
+    if args.mode == "admin":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve_load_admin import run
+
+        return run(args, warmup)
 
     with tempfile.TemporaryDirectory(prefix="bitfit-serve-load-") as tmp:
         t_build = time.perf_counter()
