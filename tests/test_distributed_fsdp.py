@@ -86,6 +86,11 @@ def _run(rank: int, world: int, out: str) -> None:
         assert any(type(p).__name__ == "DTensor" for p in model.parameters())
     losses = _train(model, rank, world)
     bitfit.save(model, out / "artifact")
+    from bitfit.training.runfolder import save_run_artifact
+
+    # `bitfit train`'s end-of-run save: every rank of a sharded model calls it (collective gathers), rank 0 writes
+    saved = save_run_artifact(model, out / "run", {"task": "instruct"}, main=rank == 0)
+    assert saved == ("bitfit" if rank == 0 else None)
     try:  # added RMSNorm biases have no place in LLaMA: merge refuses on every rank, the model unchanged
         bitfit.merge(model)
         refused = None
@@ -165,6 +170,27 @@ def test_fsdp2_artifact_bit_identical_to_one_process(runs):
     assert sorted(p.name for p in (runs[1] / "artifact").iterdir()) == \
         sorted(p.name for p in (runs[0] / "artifact").iterdir())
     assert not [p for p in runs[1].iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow  # two spawned processes import torch and transformers: ~30 s on a shared CPU
+def test_fsdp2_run_folder_saved_from_every_rank(runs):
+    one, two = runs
+    assert json.loads((two / "run" / "task.json").read_text()) == {"task": "instruct"}
+    assert sorted(p.name for p in (two / "run").iterdir()) == sorted(p.name for p in (one / "run").iterdir())
+    for name in ("bitfit_model.safetensors", "bitfit_config.json"):
+        assert (two / "run" / name).read_bytes() == (one / "run" / name).read_bytes()
+        assert (two / "run" / name).read_bytes() == (two / "artifact" / name).read_bytes()
+
+
+def test_run_artifact_unsharded_written_by_the_main_process_only(tmp_path):
+    from bitfit.training.runfolder import save_run_artifact
+
+    model = _model(preset="all")
+    assert save_run_artifact(model, tmp_path / "other", {"task": "x"}, main=False) is None
+    assert not (tmp_path / "other").exists()
+    assert save_run_artifact(model, tmp_path / "main", {"task": "x"}) == "bitfit"
+    assert json.loads((tmp_path / "main" / "task.json").read_text()) == {"task": "x"}
+    assert (tmp_path / "main" / "bitfit_model.safetensors").exists()
 
 
 @pytest.mark.slow  # two spawned processes import torch and transformers: ~30 s on a shared CPU

@@ -31,7 +31,8 @@ from .baselines import trainable_count
 from .defaults import (BITFIT_DROPOUT, BITFIT_METHODS, HEAD_LR_FACTOR, has_overwrite_field, instruct_checkpointing,
                        length_grouping, training_defaults)
 from .runfolder import (abs_local, atomic_write_json, check_output_dir, clear_finished_run, command_record,
-                        peak_memory_mb, resolve_resume, run_record, save_trained, write_model_card)
+                        peak_memory_mb, resolve_resume, run_record, save_run_artifact, save_trained,
+                        write_model_card)
 from .resume import check_resume, checkpoint_record, run_folder_lock
 from .tasks import encode, encode_instructions, load_splits, make_compute_metrics, positive_label
 from .trainer import _trainer_class
@@ -137,7 +138,7 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from ..data.instruct import InstructionCollator
-    from ..core.prepare import bitfit_model, unwrap
+    from ..core.prepare import bitfit_model
 
     seed = training_args.seed if isinstance(training_args, TrainingArguments) else \
         (training_args or {}).get("seed", 42)
@@ -281,13 +282,15 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
         head_warm_start=warm.to_dict() if warm is not None else None,
         f1_positive_label=positive_label(info) if info.kind == "files" else None,
     )
+    # every rank when the model is sharded (FSDP2: the trained tensors are gathered collectively), else rank 0
+    saved_as = save_run_artifact(trainer.model, training_args.output_dir,
+                                 {**info.to_dict(), **run_record(model_args, data_args, info),
+                                  "base_fingerprint": record["base_fingerprint"] if record else None},
+                                 info, abs_local(model_args.model), main=trainer.is_world_process_zero(),
+                                 save=save_trained)
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # task.json first: a run killed right after its artifact is written can still be evaluated
-        atomic_write_json(out / "task.json", {**info.to_dict(), **run_record(model_args, data_args, info),
-                                              "base_fingerprint": record["base_fingerprint"] if record else None})
-        metrics["saved_as"] = save_trained(unwrap(trainer.model), str(out), info, abs_local(model_args.model))
+        metrics["saved_as"] = saved_as
         atomic_write_json(out / "metrics.json", metrics)
         atomic_write_json(out / "log_history.json", trainer.state.log_history)
         try:

@@ -89,6 +89,33 @@ def save_trained(model, output_dir: str, info: Optional[TaskInfo] = None, base_n
     return "state_dict"
 
 
+def save_run_artifact(model, output_dir, task_record: dict, info: Optional[TaskInfo] = None,
+                      base_name: Optional[str] = None, main: bool = True, save=None) -> Optional[str]:
+    """Write a run's task.json, then its trained model, to ``output_dir``; returns how the model was saved
+    (see save_trained), or None on a rank that writes nothing. ``main``: this is the process that writes the
+    run folder (rank 0). A sharded model (FSDP2: DTensor parameters) is saved from every rank: bitfit.save
+    gathers its trained tensors with collectives that all ranks must enter, and rank 0 alone writes; the
+    other ranks wait for task.json (an error writing it is raised on every rank). Unsharded, only ``main``
+    writes. task.json goes first: a run killed right after its artifact is written can still be evaluated.
+    ``save``: the function that writes the model (default save_trained)."""
+    from ..core.prepare import unwrap
+    from ..core.sharded import has_sharded, on_rank0
+
+    model = unwrap(model)
+    sharded = has_sharded(model)
+    if not (main or sharded):
+        return None
+    out = Path(output_dir)
+
+    def first():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "task.json", task_record)
+
+    on_rank0(first, "writing task.json") if sharded else first()
+    saved_as = (save or save_trained)(model, str(out), info, base_name)
+    return saved_as if main else None
+
+
 FINISHED_RUN_FILES = ("metrics.json", "bitfit_config.json")  # present = the folder holds a finished run
 RUN_FILES = ("metrics.json", "log_history.json", "task.json", "command.json", "bitfit_config.json",
              "bitfit_model.safetensors")
