@@ -15,6 +15,12 @@ the median over rounds of the reference's time over the contender's in the same 
     python benchmarks/bank_throughput.py                          # small shape + LLaMA-style generation
     python benchmarks/bank_throughput.py --shape base --skip-generate
     python benchmarks/bank_throughput.py --skip-classify --lm gpt2
+    python benchmarks/bank_throughput.py --skip-classify --skip-generate --fanout   # 8 tasks on one input
+
+Fan-out (``--fanout``): ``--fanout-tasks`` (8) classification tasks on the same input(s) in one bank call, the
+input's rows repeated once per task as the HTTP fan-out (``/v1/predict`` with ``tasks: [...]``) lays them out,
+against the same rows all under one task (the single-task batch of the same shape); the ratio is the fan-out's
+throughput over the single-task batch's.
 """
 
 from __future__ import annotations
@@ -156,6 +162,40 @@ def classify(args) -> None:
               f"({time.time() - t0:.0f} s)\n", flush=True)
 
 
+# ------------------------------------------------------------------------------ fan-out
+def fanout(args) -> None:
+    """K classification tasks on the same input(s) in one bank call (what ``/v1/predict`` with ``tasks: [...]``
+    runs: the input's rows repeated once per task, a task per row) against the same rows all under one task."""
+    K = args.fanout_tasks
+    inputs_list = [int(x) for x in args.fanout_inputs.split(",") if x]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        base, paths = build_classify(args.shape, K, Path(d))
+        bank = BiasBank(base, paths)
+        cfg = base.config
+        print(f"## Fan-out: {K} classification tasks on the same input(s), BERT {args.shape} shape (hidden "
+              f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers), {args.seq} tokens per input; built in "
+              f"{time.time() - t0:.0f} s\n")
+        print(f"| inputs | rows | {K} single-task rows: rows/s | fan-out of {K} tasks: rows/s | fan-out / single-task |")
+        print("|---:|---:|---:|---:|---:|")
+        g = torch.Generator().manual_seed(3)
+        names = [f"t{k}" for k in range(K)]
+        worst = float("inf")
+        for n in inputs_list:
+            one = torch.randint(1000, 30000, (n, args.seq), generator=g)
+            ids = one.repeat(K, 1)  # task-major, as the HTTP fan-out lays out its rows
+            mask = torch.ones_like(ids)
+            rows = K * n
+            fan_tasks = [t for t in names for _ in range(n)]
+            fns = {"single": lambda: bank(tasks=[names[0]] * rows, input_ids=ids, attention_mask=mask),
+                   "fanout": lambda fan_tasks=fan_tasks: bank(tasks=fan_tasks, input_ids=ids, attention_mask=mask)}
+            t = cpu_times(fns, args.repeats, ref="single")
+            r = t["ratio"]["fanout"]
+            worst = min(worst, r)
+            print(f"| {n} | {rows} | {rows / t['single']:,.1f} | {rows / t['fanout']:,.1f} | {r:.2f}x |", flush=True)
+        print(f"\nworst fan-out / single-task: {worst:.2f}x ({time.time() - t0:.0f} s)\n", flush=True)
+
+
 # ------------------------------------------------------------------------------ generation
 def build_lm(kind: str, n_tasks: int):
     """A random causal LM and ``n_tasks`` 'trained' BitFit tasks of it (in memory)."""
@@ -227,11 +267,17 @@ def main(argv=None) -> int:
     p.add_argument("--gen-mixes", default="1,2,8", help="task counts K in a generate call (default 1,2,8)")
     p.add_argument("--skip-classify", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--fanout", action="store_true", help="add the fan-out table: --fanout-tasks tasks on the same "
+                   "input(s) in one call against the same rows under one task")
+    p.add_argument("--fanout-tasks", type=int, default=8, help="tasks in a fan-out call (default 8)")
+    p.add_argument("--fanout-inputs", default="1", help="inputs per fan-out call (default 1; comma list)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     header(args)
     if not args.skip_classify:
         classify(args)
+    if args.fanout:
+        fanout(args)
     if not args.skip_generate:
         generate(args)
     return 0
