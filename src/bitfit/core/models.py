@@ -123,7 +123,25 @@ def load_gguf_model(folder: str, cls, **kwargs):
     import transformers
 
     kwargs.setdefault("quantization_config", transformers.GgufConfig(dequantize=True))
+    if gguf_attention_bias(os.path.join(os.path.expanduser(str(folder)), kwargs["gguf_file"])):
+        kwargs.setdefault("attention_bias", True)
     return dequantized(cls.from_pretrained(folder, **kwargs))
+
+
+def gguf_attention_bias(path: str) -> bool:
+    """Whether the GGUF file ``path`` is a LLaMA with attention biases (``blk.N.attn_q.bias`` ..., which llama.cpp
+    loads and a merged BitFit task writes): transformers' GGUF config for LLaMA leaves ``attention_bias`` off and
+    would drop them."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+    except Exception:  # not readable here: transformers reports it on load
+        return False
+    field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if field is None or str(field.contents()) != "llama":
+        return False
+    return any(t.name.endswith(".bias") and ".attn_" in t.name for t in reader.tensors)
 
 
 # encoder-only families: their causal-LM class is a freshly initialised LM head on an encoder

@@ -72,6 +72,38 @@ def merge_run(run: str, output: str, base=None, gguf_file=None) -> Path:
     return out
 
 
+def merge_run_gguf(run: str, output: str, base=None, gguf_file=None) -> Path:
+    """Merge the run folder ``run`` (trained on a GGUF file) into that file and write the GGUF ``output`` for
+    llama.cpp / ollama (:func:`bitfit.serving.gguf_merge.write_merged_gguf`)."""
+    import bitfit
+
+    from ...core.models import split_gguf
+    from ...serving.gguf_merge import write_merged_gguf
+    from ...training.arguments import ModelArguments
+    from ...training.restore import load_trained
+    from ...training.runfolder import load_run
+
+    meta, _ = load_run(run)
+    model_name = base or meta.get("base_model")
+    folder, name = split_gguf(model_name) if model_name else (None, None)
+    name = gguf_file or name or (None if base else meta.get("gguf_file"))
+    if not name and model_name and os.path.isdir(os.path.expanduser(str(model_name))):
+        recorded = str(meta.get("base_model") or "")
+        name = meta.get("gguf_file") or (os.path.basename(recorded) if recorded.endswith(".gguf") else None)
+    path = os.path.join(os.path.expanduser(str(folder)), name) if name else None
+    if not path or not os.path.isfile(path):
+        raise BitFitError(f"--gguf needs a run trained on a GGUF file; {run} records the base {model_name!r}"
+                          f"{'' if not path else f' and {path} is not a file'}: pass --model path/to/base.gguf, "
+                          "or merge with --output DIR")
+    model, _, _ = load_trained(ModelArguments(adapter=run, model=base, gguf_file=gguf_file))
+    try:
+        merged = bitfit.merge(model)
+    except BitFitError as exc:  # e.g. added RMSNorm biases: no place in the model, so none in llama.cpp either
+        raise BitFitError(f"{exc}; for a GGUF file, train with --preset attention (q/k/v/output biases, which "
+                          "llama.cpp loads)") from None
+    return write_merged_gguf(path, merged, output)
+
+
 @command("merge", "merge a trained run into its base: a plain transformers folder (weights, tokenizer, model card)")
 def main(argv: list) -> int:
     from .train import _env
@@ -83,13 +115,23 @@ def main(argv: list) -> int:
         "transformers folder (config, weights, tokenizer, model card README.md) that loads without bitfit, e.g. "
         "transformers.pipeline('text-classification', model=DIR).")
     p.add_argument("run", metavar="RUN", help="the output folder of `bitfit train`")
-    p.add_argument("--output", required=True, metavar="DIR", help="new folder to write")
+    p.add_argument("--output", default=None, metavar="DIR", help="new folder to write")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="instead of a folder, write a new GGUF file for llama.cpp / ollama: the run's GGUF base "
+                   "with the trained biases added (attention q/k/v/output biases only)")
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="the base model (default: the one the run records)")
     p.add_argument("--gguf-file", default=None, metavar="NAME",
                    help="GGUF file inside --model's folder (default: the one the run records)")
     add_verbose(p)
     args = p.parse_args(argv)
+    if (args.output is None) == (args.gguf is None):
+        p.error("pass one of --output DIR (a transformers folder) or --gguf FILE (a GGUF file for llama.cpp)")
+    if args.gguf is not None:
+        out = merge_run_gguf(args.run, args.gguf, args.model, args.gguf_file)
+        print(f"bitfit merge: merged GGUF written to {out}", file=sys.stderr)
+        print(out)
+        return 0
     out = merge_run(args.run, args.output, args.model, args.gguf_file)
     print(f"bitfit merge: plain transformers model written to {out}", file=sys.stderr)
     print(out)
