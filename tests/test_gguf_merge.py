@@ -88,6 +88,14 @@ def test_merge_gguf_round_trip(setup, capsys):
     assert diff < moved / 10  # the task's logits (own runs bf16 frozen weights), not the base's
 
 
+def test_merge_gguf_with_the_folder_as_model(setup, capsys):
+    """--model FOLDER: the GGUF file the run records is read from that folder; the same file as without it."""
+    a, b = setup["root"] / "a.gguf", setup["root"] / "b.gguf"
+    assert main(["merge", setup["run"], "--gguf", str(a)]) == 0
+    assert main(["merge", setup["run"], "--model", str(setup["root"]), "--gguf", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_merge_gguf_refuses_existing_file_and_bad_flags(setup, capsys):
     out = setup["root"] / "exists.gguf"
     out.write_bytes(b"keep")
@@ -128,3 +136,21 @@ def test_merged_biases_refuses_llama_mlp_biases():
     assert sorted(names) == ["blk.0.attn_k.bias", "blk.0.attn_output.bias", "blk.0.attn_q.bias", "blk.0.attn_v.bias"]
     with pytest.raises(BitFitError, match="gpt2"):  # an architecture bitfit writes no GGUF biases for
         merged_biases(model, "gpt2")
+
+
+def test_merged_biases_qwen2_in_hf_order():
+    """Qwen2: q/k/v biases (llama.cpp's qwen2 slots), not permuted (its rotary layout is HF's)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from bitfit.serving.gguf_merge import merged_biases
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    out = merged_biases(model, "qwen2")
+    assert sorted(out) == ["blk.0.attn_k.bias", "blk.0.attn_q.bias", "blk.0.attn_v.bias"]
+    attn = model.model.layers[0].self_attn
+    assert (out["blk.0.attn_q.bias"] == attn.q_proj.bias.detach().numpy()).all()
+    assert (out["blk.0.attn_k.bias"] == attn.k_proj.bias.detach().numpy()).all()

@@ -1,5 +1,6 @@
 """`bitfit merge RUN --output DIR`: a run merged into its base as a plain transformers folder (weights with the
-trained biases folded in, config, tokenizer, model card) that loads with ``transformers.pipeline`` alone."""
+trained biases folded in, config, tokenizer, model card) that loads with ``transformers.pipeline`` alone;
+`bitfit merge RUN --gguf FILE`: a run on a GGUF base merged into a new GGUF file (serving/gguf_merge.py)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def main(argv: list) -> int:
         prog="bitfit merge",
         description="Fold a `bitfit train` run's trained biases and head into its base model and save a plain "
         "transformers folder (config, weights, tokenizer, model card README.md) that loads without bitfit, e.g. "
-        "transformers.pipeline('text-classification', model=DIR).")
+        "transformers.pipeline('text-classification', model=DIR); or, with --gguf FILE, a run trained on a GGUF "
+        "file merged into a new GGUF file for llama.cpp / ollama.")
     p.add_argument("run", metavar="RUN", help="the output folder of `bitfit train`")
     p.add_argument("--output", default=None, metavar="DIR", help="new folder to write")
     p.add_argument("--gguf", default=None, metavar="FILE",
