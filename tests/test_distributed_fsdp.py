@@ -91,6 +91,15 @@ def _run(rank: int, world: int, out: str) -> None:
     # `bitfit train`'s end-of-run save: every rank of a sharded model calls it (collective gathers), rank 0 writes
     saved = save_run_artifact(model, out / "run", {"task": "instruct"}, main=rank == 0)
     assert saved == ("bitfit" if rank == 0 else None)
+    from types import SimpleNamespace
+
+    from bitfit.training.trainer import _trainer_class
+
+    # the Trainer's checkpoint save: only the trained tensors, gathered on every rank of a sharded model
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls.__new__(trainer_cls)  # the save needs only the model and the arguments
+    trainer.model, trainer.args = model, SimpleNamespace(should_save=rank == 0, output_dir=str(out / "checkpoint"))
+    trainer.save_model() if world > 1 else trainer._save()
     try:  # added RMSNorm biases have no place in LLaMA: merge refuses on every rank, the model unchanged
         bitfit.merge(model)
         refused = None
@@ -180,6 +189,18 @@ def test_fsdp2_run_folder_saved_from_every_rank(runs):
     for name in ("bitfit_model.safetensors", "bitfit_config.json"):
         assert (two / "run" / name).read_bytes() == (one / "run" / name).read_bytes()
         assert (two / "run" / name).read_bytes() == (two / "artifact" / name).read_bytes()
+
+
+@pytest.mark.slow  # two spawned processes import torch and transformers: ~30 s on a shared CPU
+def test_fsdp2_trainer_checkpoint_holds_the_trained_tensors_only(runs):
+    from safetensors.torch import load_file
+
+    one, two = runs
+    a, b = (load_file(str(r / "checkpoint" / "model.safetensors")) for r in (one, two))
+    trained = {n for n, p in _model(preset="all", add_missing=True).named_parameters() if p.requires_grad}
+    assert set(a) == set(b) == trained
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_run_artifact_unsharded_written_by_the_main_process_only(tmp_path):

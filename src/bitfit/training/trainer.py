@@ -206,16 +206,34 @@ def _trainer_class():
             self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def save_model(self, output_dir=None, _internal_call=False):
+            from ..core.sharded import has_sharded
+
+            if self._bitfit() is not None and has_sharded(self.model):
+                # FSDP2: the Trainer would gather the whole state dict, frozen base included; a checkpoint
+                # needs only the trained tensors, gathered on every rank by _save
+                return self._save(output_dir)
+            return super().save_model(output_dir, _internal_call)
+
         def _save(self, output_dir=None, state_dict=None):
             if self._bitfit() is None:
                 return super()._save(output_dir, state_dict)
-            import safetensors.torch
+            from ..core.sharded import full, has_sharded, on_rank0
 
             output_dir = output_dir or self.args.output_dir
-            if not self.args.should_save:
+            sharded = has_sharded(self.model)  # DTensor parameters: every rank takes part in the gathers
+            if not (self.args.should_save or sharded):
                 return
+            trained = {n: full(p).detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                       if p.requires_grad}
+            if sharded:  # rank 0 writes, the others wait for it (an error there is raised on every rank)
+                return on_rank0(lambda: self._write_trained(output_dir, trained), "saving the checkpoint")
+            self._write_trained(output_dir, trained)
+
+        def _write_trained(self, output_dir, trained):
+            import safetensors.torch
+
             os.makedirs(output_dir, exist_ok=True)
-            trained = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
             tmp = os.path.join(output_dir, "model.safetensors.tmp")
             safetensors.torch.save_file(trained, tmp, metadata={"format": "pt", "bitfit": "trained-only"})
             os.replace(tmp, os.path.join(output_dir, "model.safetensors"))
