@@ -326,3 +326,36 @@ def test_artifact_bytes_do_not_depend_on_the_process(tmp_path):
     raw = (tmp_path / "a" / "bitfit_model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert raw[8:8 + n].startswith(b'{"__metadata__":{"bitfit":'), raw[8:60]
+
+
+@pytest.mark.slow  # torchrun with 2 processes: ~25 s on a shared CPU
+def test_train_with_fsdp_flags_on_cpu_says_it_runs_ddp(tmp_path):
+    import shutil
+
+    import transformers as T
+    from test_instruct import EXAMPLES, make_tokenizer
+
+    if shutil.which("torchrun") is None or shutil.which("bitfit") is None:
+        pytest.skip("torchrun or the bitfit command is not installed")
+    tok = make_tokenizer()
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                        bos_token_id=1, eos_token_id=2, attention_bias=True)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in EXAMPLES))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python",
+                        "bitfit", "train", "--model", str(tmp_path / "llama"), "--task", "instruct",
+                        "--train-file", str(data), "--output-dir", str(tmp_path / "run"), "--max_steps", "2",
+                        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
+                        "--use_cpu", "true", "--ddp_backend", "gloo", "--fsdp", "full_shard auto_wrap",
+                        "--fsdp_config", json.dumps({"fsdp_version": 2,
+                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Accelerate builds no FSDP plugin for CPU processes: the run is DDP, and says so once
+    assert r.stderr.count("--fsdp is not in effect") == 1
+    assert (tmp_path / "run" / "bitfit_model.safetensors").exists()

@@ -219,6 +219,10 @@ def _run_train(model_args: ModelArguments, data_args: DataArguments, training_ar
     Trainer = _trainer_class()
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, compute_metrics=compute_metrics, callbacks=callbacks)
+    if getattr(training_args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", True) \
+            and training_args.process_index == 0:  # Accelerate shards only on accelerators, not with use_cpu
+        print("bitfit: --fsdp is not in effect: Accelerate runs FSDP only on an accelerator (GPU), not on the CPU; "
+              "every rank trains a whole copy of the model (DDP)", file=sys.stderr)
     is_bitfit = target is not None
     if not is_bitfit and (role_mult or model_args.layer_lr_decay is not None or model_args.norm_weight_l2):
         raise BitFitConfigError(f"--role_lr_multipliers, --layer_lr_decay and --norm_weight_l2 apply to BitFit runs; "
