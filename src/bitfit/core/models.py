@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import BitFitError
+from .ggufcheck import check_gguf_file
 
 # Short names for real pretrained models that ship inside PyPI packages (work offline).
 PACKAGED = {
@@ -45,6 +46,8 @@ def dropout_overrides(name: str, p: float, **kwargs) -> dict:
 
     if not 0.0 <= p < 1.0:
         raise BitFitConfigError(f"--dropout must be in [0, 1), got {p}")
+    if kwargs.get("gguf_file"):
+        check_gguf_file(os.path.join(os.path.expanduser(str(name)), kwargs["gguf_file"]))
     try:
         path = name if kwargs.get("gguf_file") else resolve_model(name)  # a GGUF's folder has no config.json
         config = transformers.AutoConfig.from_pretrained(path, **kwargs)
@@ -122,6 +125,7 @@ def load_gguf_model(folder: str, cls, **kwargs):
     quantizer state cleared (:func:`dequantized`), so the model trains like any other."""
     import transformers
 
+    check_gguf_file(os.path.join(os.path.expanduser(str(folder)), kwargs["gguf_file"]))
     kwargs.setdefault("quantization_config", transformers.GgufConfig(dequantize=True))
     if gguf_attention_bias(os.path.join(os.path.expanduser(str(folder)), kwargs["gguf_file"])):
         kwargs.setdefault("attention_bias", True)
@@ -206,6 +210,8 @@ def load_model(name: str, num_labels: Optional[int] = None, task: str = "base", 
         if kwargs.get("gguf_file"):
             return load_gguf_model(path, cls, **kwargs)
         return cls.from_pretrained(path, **kwargs)
+    except BitFitError:  # already one line naming the problem (a damaged GGUF file)
+        raise
     except (OSError, ValueError, RuntimeError) as exc:
         if Path(path).exists():
             raise BitFitError(f"could not load model folder {path!r}: {exc}") from None
@@ -221,6 +227,8 @@ def load_tokenizer(name: str, **kwargs):
     if gguf and not kwargs.get("gguf_file"):
         name, kwargs = folder, dict(kwargs, gguf_file=gguf)
     path = name if kwargs.get("gguf_file") else resolve_model(name)
+    if kwargs.get("gguf_file"):
+        check_gguf_file(os.path.join(os.path.expanduser(str(path)), kwargs["gguf_file"]))
     try:
         return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import InitVar, dataclass, field
 from typing import Optional, Union
 
@@ -11,7 +12,7 @@ from peft.utils import PeftType
 
 from ..core.config import BitFitConfig
 from ..errors import BitFitConfigError
-from .convert import LEGACY_DEFAULTS, PEFT_TYPE, SELECTION_FIELDS
+from .convert import LEGACY_DEFAULTS, PEFT_CONFIG_NAME, PEFT_TYPE, SELECTION_FIELDS, check_header, read_peft_config
 
 
 def ensure_peft_type() -> PeftType:
@@ -81,6 +82,24 @@ class BitFitPeftConfig(PeftConfig):
         },
     )
     modules_to_save: InitVar[Optional[list[str]]] = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """peft's loader, with a local folder's damaged ``adapter_config.json`` refused clearly (naming the folder
+        and the fix); the folder is remembered so that loading checks its tensors before the base model is
+        prepared (see BitFitModel.inject_adapter)."""
+        path = str(pretrained_model_name_or_path)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        local = os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME))
+        if local:
+            meta = read_peft_config(path).get("bitfit_meta")
+            if meta is not None:  # None: a new adapter's config (save_pretrained of the config alone)
+                check_header(meta, path)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if local:
+            config._bitfit_source = path
+        return config
 
     @classmethod
     def check_kwargs(cls, **kwargs):

@@ -133,8 +133,18 @@ def to_artifact(packed: Packed, where: Optional[PathLike] = None):
     ``where`` is the folder its error messages name."""
     from ..artifacts import read_artifact
 
+    from ..artifacts import CONFIG_NAME, WEIGHTS_NAME
+
     with tempfile.TemporaryDirectory(prefix="bitfit-peft-") as d:
-        art = read_artifact(write_bitfit_dir(packed, Path(d) / "artifact"))
+        tmp = Path(d) / "artifact"
+        try:
+            art = read_artifact(write_bitfit_dir(packed, tmp))
+        except ArtifactError as exc:
+            # the checks run on a converted copy in a temporary folder: the message names the adapter's own
+            # folder and files instead
+            msg = str(exc).replace(str(tmp), str(where) if where is not None else "(adapter)")
+            msg = msg.replace(WEIGHTS_NAME, PEFT_WEIGHTS_NAME).replace(CONFIG_NAME, PEFT_CONFIG_NAME)
+            raise ArtifactError(msg) from None
     art.path = Path(where) if where is not None else None
     return art
 
@@ -219,14 +229,82 @@ def with_stored_encoding(meta: dict, tensors: dict) -> dict:
     return dict(meta, slots=slots)
 
 
-def from_peft_tensors(meta: Optional[dict], tensors: dict, where="", stored_encoding: bool = False) -> Packed:
-    """The :class:`Packed` artifact of a peft adapter's header (``bitfit_meta``) and tensors.
-    ``stored_encoding``: the slots' encodings come from the tensors (see :func:`with_stored_encoding`)."""
+def check_header(meta, where="") -> None:
+    """Refuse an adapter header (``bitfit_meta``) whose structure is not the one save_pretrained writes."""
     if not isinstance(meta, dict) or not isinstance(meta.get("slots"), dict) or not isinstance(meta.get("head"), dict):
         raise ArtifactError(
             f"adapter {where} has no bitfit header (adapter_config.json field 'bitfit_meta'); it was not written "
             "by bitfit.peft. Save it again with save_pretrained of a BitFit peft model"
         )
+    bad = [f"slots[{name!r}]" for name, entry in meta["slots"].items() if not isinstance(entry, dict)]
+    if not isinstance(meta["head"].get("params", {}), dict):
+        bad.append("head.params")
+    for name in ("base_model", "bitfit_config"):
+        if meta.get(name) is not None and not isinstance(meta[name], dict):
+            bad.append(name)
+    if bad:
+        raise ArtifactError(
+            f"adapter {where}: {PEFT_CONFIG_NAME} is damaged: bitfit_meta.{bad[0]} is not a JSON object (as "
+            "save_pretrained writes it); restore the folder from a good copy or save the adapter again"
+        )
+
+
+def read_peft_config(path: PathLike) -> dict:
+    """The content of ``path/adapter_config.json``; a file that is not a JSON object is refused clearly."""
+    p = Path(os.path.expanduser(str(path)))
+    cfg_file = p / PEFT_CONFIG_NAME
+    fix = "restore the folder from a good copy or save the adapter again (save_pretrained)"
+    try:
+        cfg = json.loads(cfg_file.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"no peft adapter at {p}: {PEFT_CONFIG_NAME} is missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"adapter {p}: {PEFT_CONFIG_NAME} cannot be read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"adapter {p}: {PEFT_CONFIG_NAME} is not valid JSON ({exc}); the file is damaged: "
+                            f"{fix}") from None
+    except RecursionError:
+        raise ArtifactError(f"adapter {p}: {PEFT_CONFIG_NAME} is nested too deeply to be an adapter config; the "
+                            f"file is damaged: {fix}") from None
+    if not isinstance(cfg, dict):
+        kind = {list: "a list", type(None): "null", str: "a string", bool: "true/false"}.get(type(cfg), "a number")
+        raise ArtifactError(f"adapter {p}: {PEFT_CONFIG_NAME} holds {kind}, not the JSON object of an adapter "
+                            f"config; the file is damaged: {fix}")
+    return cfg
+
+
+def read_peft_tensors(path: PathLike) -> dict:
+    """The tensors of ``path/adapter_model.safetensors``; a missing or damaged file is refused clearly."""
+    p = Path(os.path.expanduser(str(path)))
+    w_file = p / PEFT_WEIGHTS_NAME
+    if not w_file.is_file():
+        raise ArtifactError(f"adapter {p} is incomplete: {PEFT_WEIGHTS_NAME} is missing; copy the whole adapter "
+                            "folder again, or save the adapter again (save_pretrained)")
+    try:
+        return safetensors.torch.load_file(str(w_file))
+    except Exception as exc:
+        size = w_file.stat().st_size
+        raise ArtifactError(
+            f"adapter {p}: {PEFT_WEIGHTS_NAME} ({size} bytes) cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is damaged or truncated: copy the adapter "
+            "folder again from a good copy, or save the adapter again (save_pretrained)"
+        ) from None
+
+
+def check_peft_dir(path: PathLike) -> None:
+    """Every check ``PeftModel.from_pretrained`` of a local BitFit adapter folder needs, before the base model is
+    touched: the config, the header, the tensors and bitfit's artifact checks, each naming the folder and file."""
+    p = Path(os.path.expanduser(str(path)))
+    cfg = read_peft_config(p)
+    check_header(cfg.get("bitfit_meta"), p)
+    packed = from_peft_tensors(cfg.get("bitfit_meta"), read_peft_tensors(p), p, stored_encoding=True)
+    to_artifact(packed, p)
+
+
+def from_peft_tensors(meta: Optional[dict], tensors: dict, where="", stored_encoding: bool = False) -> Packed:
+    """The :class:`Packed` artifact of a peft adapter's header (``bitfit_meta``) and tensors.
+    ``stored_encoding``: the slots' encodings come from the tensors (see :func:`with_stored_encoding`)."""
+    check_header(meta, where)
     if stored_encoding:
         meta = with_stored_encoding(meta, tensors)
     raw = {}
@@ -288,26 +366,14 @@ def is_peft_adapter(path) -> bool:
 def read_peft_dir(path: PathLike) -> tuple[dict, Packed]:
     """(adapter_config.json content, the artifact it holds) of a peft-format BitFit adapter folder."""
     p = Path(os.path.expanduser(str(path)))
-    cfg_file, w_file = p / PEFT_CONFIG_NAME, p / PEFT_WEIGHTS_NAME
-    if not cfg_file.is_file():
-        raise ArtifactError(f"no peft adapter at {p}: {PEFT_CONFIG_NAME} is missing")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"adapter {p}: {PEFT_CONFIG_NAME} is not valid JSON ({exc})") from None
-    kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    cfg = read_peft_config(p)
+    kind = cfg.get("peft_type")
     if kind != PEFT_TYPE:
         raise ArtifactError(
             f"{p} holds a peft {kind} adapter, not a BitFit one (peft_type {PEFT_TYPE}); load it with "
             "peft.PeftModel.from_pretrained"
         )
-    if not w_file.is_file():
-        raise ArtifactError(f"adapter {p} is incomplete: {PEFT_WEIGHTS_NAME} is missing")
-    try:
-        tensors = safetensors.torch.load_file(str(w_file))
-    except Exception as exc:
-        raise ArtifactError(f"adapter {p}: {PEFT_WEIGHTS_NAME} cannot be read ({type(exc).__name__})") from None
-    return cfg, from_peft_tensors(cfg.get("bitfit_meta"), tensors, p)
+    return cfg, from_peft_tensors(cfg.get("bitfit_meta"), read_peft_tensors(p), p)
 
 
 def peft_files(packed: Packed, config: dict) -> dict:

@@ -11,6 +11,7 @@ under peft's names (see :mod:`bitfit.peft.convert`).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,7 +24,8 @@ from ..errors import ArtifactError, BitFitConfigError
 from ..core.models import dequantized, gguf_quantized
 from ..core.prepare import apply, get_state, trainable_bias_param
 from .config import BitFitPeftConfig
-from .convert import Packed, from_peft_tensors, pack, to_artifact, to_peft_tensors
+from .convert import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, Packed, check_peft_dir, from_peft_tensors, pack,
+                      read_peft_config, to_artifact, to_peft_tensors)
 
 if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the per-method state-dict hooks came in 0.21
     import peft
@@ -39,6 +41,7 @@ class _Adapters:
     packed: dict = field(default_factory=dict)  # adapter name -> Packed, or None (new, never trained)
     params: list = field(default_factory=list)  # the live adapter's trainable tensors
     disabled: Optional[dict] = None  # while disable_adapter() runs: the live values put aside
+    merged: bool = False  # merge_and_unload() folded the live adapter into the weights
 
 
 class BitFitStatus(nn.Module, BaseTunerLayer):
@@ -65,6 +68,19 @@ class BitFitStatus(nn.Module, BaseTunerLayer):
         raise RuntimeError("BitFitStatus is not a layer of the model")
 
 
+class _Configs(dict):
+    """The tuner's ``peft_config``: a dict whose ``name in configs`` refuses a list of names clearly (BitFit runs
+    one adapter at a time; peft's own check would raise a raw TypeError: unhashable type)."""
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, (list, tuple, set)):
+            raise BitFitConfigError(
+                f"BitFit runs one adapter at a time; got the adapter names {list(key)}: pass one name, e.g. "
+                f"set_adapter({next(iter(key), 'default')!r})"
+            )
+        return super().__contains__(key)
+
+
 def _tuner_of(model: nn.Module) -> "BitFitModel":
     for m in model.modules():
         if isinstance(m, BitFitModel):
@@ -88,6 +104,8 @@ class BitFitModel(BaseTuner):
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["_adapters"] = _Adapters()  # BaseTuner.__init__ injects the first adapter
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self.peft_config = _Configs(self.peft_config)
+        self.model.peft_config = self.peft_config
         self.bitfit_status = BitFitStatus()
         self._sync_status()
 
@@ -169,6 +187,11 @@ class BitFitModel(BaseTuner):
             # quantized, and Trainer / TRL's SFTTrainer then refuse to train it: the mark is cleared (a GGUF model
             # that kept packed weights is refused here)
             dequantized(model)
+        source = getattr(cfg, "_bitfit_source", None)
+        if source is not None and (cfg.bitfit_meta is not None or os.path.isfile(os.path.join(source, PEFT_WEIGHTS_NAME))):
+            # an adapter folder being loaded: a damaged or incomplete one is refused now, naming its folder and
+            # files, before the base model is prepared (peft would fall back to the Hub for missing weights)
+            check_peft_dir(source)
         self._check_head_names(model, cfg)
         self._check_base(model, cfg, adapter_name)
         ad = self._adapters
@@ -290,6 +313,12 @@ class BitFitModel(BaseTuner):
 
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist")
+        if len(self.peft_config) == 1:
+            raise ArtifactError(
+                f"adapter {adapter_name!r} is this model's only BitFit adapter, and the model cannot run without one: "
+                "use unload() for the base model (merge_and_unload() to keep the adapter in the weights), or add "
+                "another adapter first"
+            )
         ad = self._adapters
         del self.peft_config[adapter_name]
         ad.packed.pop(adapter_name, None)
@@ -309,6 +338,12 @@ class BitFitModel(BaseTuner):
         from ..artifacts import merge as bitfit_merge
         from ..artifacts import unmerge
 
+        if self._adapters.merged:
+            raise ArtifactError(
+                "this model's BitFit adapter was already merged into its weights by merge_and_unload(); the base "
+                f"values are gone, so {'merge_and_unload' if merge else 'unload'}() cannot give a model again: use the "
+                "model merge_and_unload() returned, or load a fresh base model (and the adapter) for the unmerged base"
+            )
         if adapter_names:
             if len(adapter_names) != 1:
                 raise ValueError(f"BitFit merges one adapter at a time; got {list(adapter_names)}")
@@ -322,6 +357,7 @@ class BitFitModel(BaseTuner):
         if get_state(model) is not None:
             (bitfit_merge if merge else unmerge)(model)
         ad.live, ad.params, ad.packed = None, [], {}
+        ad.merged = merge
         if "peft_config" in model.__dict__:
             del model.peft_config
         return model
@@ -331,7 +367,13 @@ class BitFitModel(BaseTuner):
         ad = self._adapters
         if adapter_name == ad.live:
             if ad.disabled is not None:
-                raise ValueError("save the adapter outside of the disable_adapter() context")
+                # inside disable_adapter() the live tensors hold the base values: the adapter's own values are put
+                # back for the save (as a LoRA adapter saves its weights there), then the base values again
+                self._enable_adapter_layers(True)
+                try:
+                    return pack(self.model)
+                finally:
+                    self._enable_adapter_layers(False)
             return pack(self.model)
         packed = ad.packed.get(adapter_name)
         if packed is None:  # added but never active: what it holds is what bitfit.apply starts from
@@ -377,6 +419,36 @@ class BitFitModel(BaseTuner):
         return {}
 
 
+def _check_local_configs() -> None:
+    """Have peft's config-type lookup (the first read of ``PeftModel.from_pretrained`` / ``load_adapter``) refuse a
+    local folder's damaged ``adapter_config.json`` with one clear line naming the folder, the file and the fix,
+    where peft itself would raise a raw JSONDecodeError, TypeError, RecursionError or KeyError. Folders that read
+    well go to peft's own lookup unchanged."""
+    from peft.config import PeftConfigMixin
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    lookup = PeftConfigMixin.__dict__.get("_get_peft_type")
+    original = getattr(lookup, "__func__", None)
+    if original is None or getattr(original, "_bitfit_checked", False):  # another peft layout, or done already
+        return
+
+    def _get_peft_type(cls, model_id, **hf_hub_download_kwargs):
+        subfolder = hf_hub_download_kwargs.get("subfolder")
+        path = os.path.join(str(model_id), subfolder) if subfolder is not None else str(model_id)
+        if os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME)):
+            kind = read_peft_config(path).get("peft_type")
+            if not isinstance(kind, str) or kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+                raise ArtifactError(
+                    f"adapter {path}: {PEFT_CONFIG_NAME} names peft_type {kind!r}, which is not a method this peft "
+                    f"knows (a BitFit adapter has {'BITFIT'!r}); the file is damaged, or the adapter needs a newer "
+                    "peft or the library that registers its method: restore the folder from a good copy"
+                )
+        return original(cls, model_id, **hf_hub_download_kwargs)
+
+    _get_peft_type._bitfit_checked = True
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+
+
 def register() -> None:
     """Register ``bitfit`` with peft (idempotent): get_peft_model / PeftModel.from_pretrained then know it."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -385,6 +457,7 @@ def register() -> None:
     from .config import ensure_peft_type
 
     peft_type = ensure_peft_type()
+    _check_local_configs()
     have = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if have is BitFitModel:
         return

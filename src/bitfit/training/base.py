@@ -33,6 +33,8 @@ def load_base(model_args: ModelArguments, info: Optional[TaskInfo], dropout_requ
         name, gguf = str(p.parent), p.name
     if gguf:
         kwargs["gguf_file"] = gguf
+        # a damaged local file is named as such (not "loading it from the Hub failed") before anything reads it
+        models.check_gguf_file(os.path.join(os.path.expanduser(name), gguf))
     tok_kwargs = dict(kwargs)
     if model_args.dropout is not None:
         try:
