@@ -188,6 +188,15 @@ class BiasBank:
             "inputs": {True: "pairs", False: "texts"}.get(t.pairs, "any"),
         }
 
+    def _row_groups(self, tasks: list, device) -> list:
+        """(task, its row indices) per task of a call, in first-seen order; under the lock, tables packed."""
+        self._packed()
+        order: dict[str, list] = {}
+        for i, t in enumerate(tasks):
+            self._get(t)
+            order.setdefault(t, []).append(i)
+        return [(self._tasks[t], torch.tensor(r, dtype=torch.long, device=device)) for t, r in order.items()]
+
     def _get(self, name: str) -> BankTask:
         try:
             return self._tasks[name]
@@ -324,15 +333,7 @@ class BiasBank:
         with self._gate:
             pass  # a thread adding or removing a task goes first
         with self._lock:
-            self._packed()
-            order: dict[str, list] = {}
-            for i, t in enumerate(tasks):
-                self._get(t)
-                order.setdefault(t, []).append(i)
-            device = next(iter(row_inputs.values())).device
-            groups = [
-                (self._tasks[t], torch.tensor(rows, dtype=torch.long, device=device)) for t, rows in order.items()
-            ]
+            groups = self._row_groups(tasks, next(iter(row_inputs.values())).device)
             if strategy == "auto":
                 strategy = choose_strategy(n, len(groups))
                 if strategy == "gather" and not self._gather_ok:
@@ -462,13 +463,8 @@ class BiasBank:
         with self._gate:
             pass  # a thread adding or removing a task goes first
         with self._lock:
-            self._packed()
-            order: dict[str, list] = {}
-            for i, t in enumerate(rows):
-                self._get(t)
-                order.setdefault(t, []).append(i)
             device = input_ids.device
-            groups = [(self._tasks[t], torch.tensor(r, dtype=torch.long, device=device)) for t, r in order.items()]
+            groups = self._row_groups(rows, device)
             row_task = None if len(groups) == 1 else self._row_task(groups, len(rows), device)
             was_training = self.base.training
             if was_training:
