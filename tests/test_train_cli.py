@@ -137,6 +137,13 @@ def test_own_files_train_eval_predict(sentiment_run, capsys):
     test = write_csv(out.parent / "test.csv", [("good great", "pos"), ("awful sad", "neg")])
     assert main(["predict", "--adapter", str(out), "--test-file", test, "--output", str(out.parent / "p.tsv")]) == 0
     assert (out.parent / "p.tsv").read_text() == "index\tprediction\n0\tpos\n1\tneg\n"
+    # eval and predict take --max-rows as train does
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out), "--test-file", test, "--output", str(out.parent / "q.tsv"),
+                 "--max-rows", "1"]) == 1
+    assert "more than 1 rows, the limit of --max-rows" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(out), "--validation-file", dev, "--max-rows", "1"]) == 1
+    assert "the limit of --max-rows" in capsys.readouterr().err
 
 
 def test_only_biases_and_head_changed(sentiment_run):

@@ -63,7 +63,7 @@ def evaluate_run(model_args: ModelArguments, data_args: DataArguments, split: st
             raise DataError(f"pass --{'train' if split == 'train' else 'validation'}-file to evaluate on your "
                             "own data")
         part = files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
-                               info.label_names or None, info.regression)
+                               info.label_names or None, info.regression, max_rows=data_args.max_rows)
         if data_args.eval_size is not None:
             if data_args.eval_size <= 0:
                 raise DataError(f"--eval-size must be a positive number of rows, got {data_args.eval_size}")
@@ -104,7 +104,8 @@ def predict_run(model_args: ModelArguments, data_args: DataArguments, split: str
         if not path:
             raise DataError(f"pass --{'test' if split == 'test' else 'validation'}-file with your data to predict")
         parts = [files.load_file(path, info.text_column, info.text_pair_column, info.label_column,
-                                 info.label_names or None, info.regression, labeled=False)]
+                                 info.label_names or None, info.regression, labeled=False,
+                                 max_rows=data_args.max_rows)]
     else:
         _, splits = load_splits(data_args if data_args.task else dataclasses.replace(data_args, task=info.task),
                                 (split,), info=info)
