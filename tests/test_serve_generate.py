@@ -19,8 +19,8 @@ WINDOW_MS = 400
 NEW = 6
 
 
-@pytest.fixture(scope="module")
-def setup():
+def tiny_llama_tasks() -> dict:
+    """A tiny LLaMA and two BitFit tasks over it (biases moved by seeded noise), with their tokenizer."""
     import transformers as T
     from test_instruct import make_tokenizer
 
@@ -41,6 +41,11 @@ def setup():
                     p.add_(torch.randn(p.shape, generator=g) * 0.8)
         models[name] = m.eval()
     return {"tok": tok, "base": base, "models": models}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_llama_tasks()
 
 
 @pytest.fixture(scope="module")

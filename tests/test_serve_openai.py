@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 
-import bitfit
 from bitfit.serving.bank import BiasBank
 
 httpx = pytest.importorskip("httpx")
@@ -18,7 +17,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from test_serve import running  # noqa: E402
-from test_serve_generate import greedy_answer  # noqa: E402
+from test_serve_generate import greedy_answer, tiny_llama_tasks  # noqa: E402
 
 WINDOW_MS = 300
 NEW = 6
@@ -29,26 +28,7 @@ ALPACA_TEMPLATE = ("{{ bos_token }}Below is an instruction that describes a task
 
 @pytest.fixture(scope="module")
 def setup():
-    import transformers as T
-    from test_instruct import make_tokenizer
-
-    tok = make_tokenizer()
-    tok.pad_token = tok.eos_token
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    base = T.LlamaForCausalLM(cfg).eval()
-    models = {}
-    for seed, name in enumerate(["chat", "echo"], start=1):
-        m = bitfit.apply(copy.deepcopy(base), add_missing=True)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.8)
-        models[name] = m.eval()
-    return {"tok": tok, "base": base, "models": models}
+    return tiny_llama_tasks()
 
 
 @pytest.fixture(scope="module")
