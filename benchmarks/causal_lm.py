@@ -183,8 +183,19 @@ def child(shape: str, method: str, args) -> dict:
     lean = get_lean(model)
     return {"peak": _status("VmHWM") - base, "reset": reset, "cpu": cpu, "wall": wall, "losses": losses,
             "trainable": trainable, "total": sum(p.numel() for p in model.parameters()), "build_cpu": build_cpu,
-            "frozen_dtype": str(lean.frozen_dtype).replace("torch.", "") if lean and lean.frozen_dtype else "float32",
+            "frozen_dtype": _precision(lean),
             "labelled": int((batch["labels"][:, 1:] != IGNORE).sum())}
+
+
+def _precision(lean) -> str:
+    """The frozen weights' precision as the table shows it: their dtype, or the int8 mode their matmuls run in."""
+    if lean is None:
+        return "float32"
+    if lean.int8_fbgemm:
+        return "int8-fbgemm"
+    if lean.int8:
+        return "int8"
+    return str(lean.frozen_dtype).replace("torch.", "") if lean.frozen_dtype else "float32"
 
 
 def run_child(shape: str, method: str, args) -> dict | None:
@@ -390,9 +401,9 @@ def main(argv=None) -> int:
         return loss_curve_report(args)
     if args.from_json:
         return from_json(args)
-    from bitfit.fast.hardware import choose_frozen_dtype, cpu_flags, cpu_model
+    from bitfit.fast.hardware import choose_frozen_dtype, cpu_summary
 
-    head = (f"CPU {cpu_model()} [{' '.join(cpu_flags()) or 'flags unknown'}]; frozen_dtype=auto -> "
+    head = (f"CPU {cpu_summary()}; frozen_dtype=auto -> "
             f"{choose_frozen_dtype('cpu').dtype}; torch {torch.__version__}, 1 thread; {time.strftime('%Y-%m-%d')}")
     print(head, flush=True)
     out = [head]

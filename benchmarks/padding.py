@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import bitfit
     from bitfit.fast import subbatch
     from bitfit.data import glue
-    from bitfit.fast.hardware import cpu_flags, cpu_model
+    from bitfit.fast.hardware import cpu_summary
     from bitfit.fast.lean import set_lean
     from bitfit.core.models import resolve_model
 
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     model = T.AutoModelForSequenceClassification.from_pretrained(name, num_labels=2, hidden_dropout_prob=0.0,
                                                                  attention_probs_dropout_prob=0.0)
     bitfit.apply(model, frozen_dtype="auto")
+    precision = next((m for m in bitfit.report(model).modes if not m.startswith("lean")), "float32")
     model.train()
 
     def whole_step(b):
@@ -104,8 +105,8 @@ def main(argv=None) -> int:
             for b in batches:
                 fn(b)
             times[w].append((time.process_time() - t0) / len(batches) * 1000)
-    print(f"CPU: {cpu_model()} ({', '.join(cpu_flags()) or 'no matmul extensions'}); torch {torch.__version__}, "
-          f"{args.threads} thread(s)")
+    print(f"CPU: {cpu_summary()}; {args.threads} thread(s)")
+    print(f"frozen weights: {precision}")
     print(f"{glue.get_task(args.task).folder}: {args.batches} random batches of {args.batch} rows, "
           f"{real / args.batches:.0f} real tokens a batch, padded to {padded / args.batches:.0f} ({padded / real:.2f}x)")
     base = statistics.median(times["padded"])

@@ -281,6 +281,16 @@ def test_bitfit_train_instruct_loss_curve_equals_plain(tmp_path, frozen_dtype, r
     assert args.get("activation_checkpointing", args.get("gradient_checkpointing")) is True
 
 
+def test_causal_lm_benchmark_names_the_int8_modes():
+    from bitfit.fast.lean import LeanState
+
+    precision = _causal_lm_bench()._precision
+    assert precision(None) == "float32"
+    assert precision(LeanState(frozen_dtype=torch.bfloat16)) == "bfloat16"
+    assert precision(LeanState(int8_fbgemm=["q"])) == "int8-fbgemm"  # weights float32, matmuls on fbgemm
+    assert precision(LeanState(frozen_dtype=torch.bfloat16, int8=["q"])) == "int8"
+
+
 def test_instruct_checkpointing_default_and_opt_out(tmp_path):
     from bitfit.cli.trainargs import parse_train_args
     from bitfit.training.defaults import instruct_checkpointing

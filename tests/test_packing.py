@@ -356,6 +356,8 @@ def test_the_padding_benchmark_runs_every_way(glue_dir, capsys):
     for way in ("padded", "sub-batches", "packed", "no padding (bound)"):
         assert f"  {way} " in out
     assert "RTE: 1 random batches of 4 rows" in out
+    # the log names the machine (kernel level and any instruction-set cap) and the precision `auto` chose
+    assert "kernels" in out and "\nfrozen weights: " in out
 
 
 def test_bert_as_a_causal_decoder_keeps_padded_layers(monkeypatch):
