@@ -1,10 +1,11 @@
-"""Summarise `scripts/run_results.sh grid|sizes|fidelity` into the tables and figures of docs/RESULTS.md.
+"""Summarise `scripts/run_results.sh grid|sizes|fidelity|precisions` into the tables and figures of docs/RESULTS.md.
 
     python scripts/results_summary.py [RESULTS_DIR] [--figures docs/figures]
 
 Reads every finished run (``run.json``) under RESULTS_DIR/grid and every ``metrics.json`` under
 RESULTS_DIR/fidelity, so it also summarises a grid that is still running or was stopped early
-(the seed count per cell says how far it got). Prints Markdown; writes PNGs to --figures.
+(the seed count per cell says how far it got), and every ``metrics.json`` under RESULTS_DIR/precisions.
+Prints Markdown; writes PNGs to --figures.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def bias_change(runs: list, size: int, out: Path) -> str:
 
 
 def fidelity_table(root: Path) -> str:
-    lines = ["| task | metric | `bitfit train` defaults (bf16 base) | seeds' recipe | full FT (issue) | epochs | wall |",
+    lines = ["| task | metric | `bitfit train` defaults (bf16 base) | seeds' recipe | full FT (reference) | epochs | wall |",
              "|---|---|---:|---:|---:|---:|---:|"]
     ours = []
     for t in TASKS:
@@ -204,6 +205,40 @@ def fidelity_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def precisions_table(root: Path) -> str:
+    """`run_results.sh precisions`: the 1,000-row grid with `bitfit train`'s defaults, one row per
+    ``--frozen-dtype`` (RESULTS_DIR/precisions/<dtype>/<task>-s<seed>/metrics.json), the same seeds in each."""
+    found = {}
+    for f in sorted((root / "precisions").glob("*/*-s*/metrics.json")):
+        task, _, seed = f.parent.name.rpartition("-s")
+        m = json.loads(f.read_text())
+        command = json.loads((f.parent / "command.json").read_text()) if (f.parent / "command.json").is_file() else {}
+        ran = (command.get("frozen_dtype_choice") or {}).get("dtype") or f.parent.parent.name
+        found[f.parent.parent.name, task, int(seed)] = (100 * m[SHOW[task][2]], m.get("step_cpu_s"), ran)
+    if not found:
+        return ""
+    modes = sorted({k[0] for k in found}, key=lambda d: (d != "float32", d))
+    seeds = sorted({k[2] for k in found})
+    lines = ["| `--frozen-dtype` (ran as) | " + " | ".join(SHOW[t][0].replace(" acc / F1", " F1") for t in TASKS)
+             + " | average (per seed) | step CPU x float32 |", "|---|" + "---:|" * (len(TASKS) + 2)]
+    base_steps = {(t, s): v[1] for (d, t, s), v in found.items() if d == "float32"}
+    for d in modes:
+        cells, per_seed, ratios = [], [], []
+        for t in TASKS:
+            xs = [found[d, t, s][0] for s in seeds if (d, t, s) in found]
+            cells.append(f"{statistics.fmean(xs):.1f} ({', '.join(f'{x:.1f}' for x in xs)})" if xs else "–")
+            ratios += [found[d, t, s][1] / base_steps[t, s] for s in seeds
+                       if (d, t, s) in found and base_steps.get((t, s)) and found[d, t, s][1]]
+        for s in seeds:
+            if all((d, t, s) in found for t in TASKS):
+                per_seed.append(statistics.fmean(found[d, t, s][0] for t in TASKS))
+        avg = (f"{statistics.fmean(per_seed):.2f} ({', '.join(f'{x:.2f}' for x in per_seed)})" if per_seed else "–")
+        ran = "/".join(sorted({v[2] for k, v in found.items() if k[0] == d}))
+        ratio = f"{statistics.median(ratios):.2f}x" if ratios else "–"
+        lines.append(f"| {d} ({ran}) | " + " | ".join(cells) + f" | {avg} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", nargs="?", default="results")
@@ -212,8 +247,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = Path(args.root)
     runs = load_runs(root)
+    precisions = precisions_table(root)
+    if precisions:
+        print("## Frozen-weight precisions (1,000-row grid, defaults)\n\n" + precisions + "\n")
     if not runs and not (root / "fidelity").is_dir():
-        print(f"no runs under {root}/grid or {root}/fidelity: run scripts/run_results.sh first", file=sys.stderr)
+        if precisions:
+            return 0
+        print(f"no runs under {root}/grid, {root}/fidelity or {root}/precisions: run scripts/run_results.sh first",
+              file=sys.stderr)
         return 1
     table, _ = grid_table(runs, args.size)
     print("## Grid\n\n" + table + "\n\n" + cost_table(runs, args.size) + "\n")

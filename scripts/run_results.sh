@@ -11,6 +11,8 @@
 #                                  # rows), one seed (~1.5 CPU-hours, 1 thread)
 #   scripts/run_results.sh ablation  # candidate defaults (head warm start, dropout ...) on 1,000-row subsets (~1.5 CPU-hours)
 #   scripts/run_results.sh e2e       # benchmarks/end_to_end.py (~30 CPU-minutes)
+#   scripts/run_results.sh precisions  # the 1,000-row grid with `bitfit train` defaults, --frozen-dtype float32
+#                                  # against auto (PRECISIONS="float32 auto"), 3 seeds (~1.2 CPU-hours capped to AVX2)
 #   scripts/run_results.sh probes  # CoLA with one change each (lr, batch, --dropout 0); --dropout 0 on
 #                                  # MRPC and SST-2 (~3 CPU-hours, 1 thread)
 #
@@ -101,6 +103,24 @@ ablation)
     done
   done
   ;;
+precisions)
+  # The frozen-weight precision `auto` picks on this machine against float32, everything else the
+  # defaults, on the grid's 1,000-row subsets (5 epochs, batch 16) and the same seeds. For a CPU's
+  # AVX2 path on a newer CPU, run it under ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+  # ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2. One thread per run; PRECISIONS splits the
+  # work between processes. scripts/results_summary.py prints the table.
+  for seed in ${SEEDS:-42 43 44}; do
+    for dtype in ${PRECISIONS:-float32 auto}; do
+      for task in ${TASKS:-sst2 cola stsb mrpc rte}; do
+        dest="$OUT/precisions/$dtype/$task-s$seed"
+        [ -f "$dest/metrics.json" ] && continue
+        OMP_NUM_THREADS=1 bitfit train --model "$MODEL" --task "$task" --data-dir "$GLUE" --train-size 1000 \
+          --num_train_epochs 5 --per_device_train_batch_size 16 --seed "$seed" --frozen-dtype "$dtype" \
+          --output-dir "$dest"
+      done
+    done
+  done
+  ;;
 e2e)
   # End-to-end cost on SST-2 (5,000 rows): the tutorial recipe against `bitfit train`'s defaults.
   python3 benchmarks/end_to_end.py --data-dir "$GLUE" --json "$OUT/end_to_end.json"
@@ -123,7 +143,7 @@ sizes)
     --output-dir "$OUT/grid/sst2"
   ;;
 *)
-  echo "usage: $0 quick|grid|fidelity|ablation|e2e|probes|full|sizes" >&2
+  echo "usage: $0 quick|grid|fidelity|ablation|precisions|e2e|probes|full|sizes" >&2
   exit 2
   ;;
 esac
