@@ -69,6 +69,21 @@ def test_a_corrupt_cache_is_probed_again(cache_dir):
     assert json.loads((path / "frozen_dtype.json").read_text())  # rewritten whole
 
 
+def test_cached_timings_are_read_under_the_current_rules(cache_dir):
+    """The cache keeps the probe's timings; a choice stored by an older rule set is re-picked from them, so
+    a change to the rules applies on the next run without a new probe."""
+    path, calls = cache_dir
+    hardware.choose_frozen_dtype("cpu")
+    stored = json.loads((path / "frozen_dtype.json").read_text())
+    (key,) = stored
+    stored[key].update(dtype="int8", reason="an older rule")
+    (path / "frozen_dtype.json").write_text(json.dumps(stored))
+    again = hardware.choose_frozen_dtype("cpu")
+    assert again.cached and len(calls) == 1
+    assert (again.dtype, again.reason) == hardware.pick(stored[key]["timings_ms"]) == ("bfloat16", again.reason)
+    assert "3.3x faster" in again.reason
+
+
 def test_env_override_and_its_error(cache_dir, monkeypatch):
     _, calls = cache_dir
     monkeypatch.setenv("BITFIT_FROZEN_DTYPE", "fp32")

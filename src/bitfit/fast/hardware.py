@@ -268,8 +268,9 @@ def choose_frozen_dtype(device=None, *, use_cache: bool = True) -> DtypeChoice:
             cache = {}
         hit = cache.get(key)
         if isinstance(hit, dict) and hit.get("dtype") in MODES and isinstance(hit.get("timings_ms"), dict):
-            return DtypeChoice(hit["dtype"], hit.get("reason", "cached probe"), "cpu", cpu_model(),
-                               hit["timings_ms"], cached=True, measured=hit.get("measured"), cache_file=str(path))
+            mode, reason = pick(hit["timings_ms"])  # the cached timings under the current rules
+            return DtypeChoice(mode, reason, "cpu", cpu_model(), hit["timings_ms"], cached=True,
+                               measured=hit.get("measured"), cache_file=str(path))
     timings = probe_cpu()
     mode, reason = pick(timings)
     choice = DtypeChoice(mode, reason, "cpu", cpu_model(), {k: round(v, 2) for k, v in timings.items()},
