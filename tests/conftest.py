@@ -17,6 +17,17 @@ GLUE_DIR = Path(os.environ.get("BITFIT_GLUE_DIR", SHARED / "data" / "glue"))
 BERT_BASE_DIR = SHARED / "models" / "bert-base-uncased-noweights"
 
 
+def repo_module(folder: str, name: str):
+    """Import ``name`` from the repository's ``folder`` (benchmarks/, scripts/), which are not packages."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / folder))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / folder))
+
+
 @pytest.fixture
 def glue_dir():
     if not GLUE_DIR.exists():

@@ -250,16 +250,9 @@ def test_lean_auto_and_gradient_checkpointing(family, monkeypatch):
 
 
 def _causal_lm_bench():
-    import importlib
-    import sys
+    from conftest import repo_module
 
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("causal_lm")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return repo_module("benchmarks", "causal_lm")
 
 
 @pytest.mark.parametrize("frozen_dtype,rel", [("float32", 1e-4), pytest.param("bfloat16", 2e-3, marks=pytest.mark.slow)])

@@ -340,16 +340,9 @@ def test_dynamic_biases_which_pool_each_row_keep_the_padded_layers(monkeypatch):
 
 
 def test_the_padding_benchmark_runs_every_way(glue_dir, capsys):
-    import importlib
-    import sys
+    from conftest import repo_module
 
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        bench = importlib.import_module("padding")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench = repo_module("benchmarks", "padding")
     assert bench.main(["--data-dir", str(glue_dir), "--task", "rte", "--batch", "4", "--batches", "1",
                        "--rounds", "1"]) == 0
     out = capsys.readouterr().out

@@ -1,18 +1,12 @@
 """scripts/results_summary.py: the precisions table reads `run_results.sh precisions` run folders."""
 
-import importlib
 import json
-import sys
 
-from conftest import REPO
+from conftest import repo_module
 
 
 def _summary():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        return importlib.import_module("results_summary")
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    return repo_module("scripts", "results_summary")
 
 
 def _run(root, dtype, task, seed, score, step, ran=None):
