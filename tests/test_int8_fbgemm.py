@@ -276,6 +276,13 @@ def test_config_names_the_mode():
     ({"float32": 100.0, "bfloat16": 25.0, "int8-fbgemm": 45.0, "int8": 28.0}, "bfloat16"),
     # AVX512-VNNI without AMX: _int_mm int8 MARGIN faster than the fbgemm mode it passes
     ({"float32": 100.0, "bfloat16": 50.0, "int8-fbgemm": 40.0, "int8": 25.0}, "int8"),
+    # AVX512-VNNI (AMD EPYC, 2026-12-07): the two int8 modes' matmuls within MARGIN of each other; with bf16
+    # native, int8 (bf16 outside the matmuls and in evaluation) is tried first and fbgemm must beat it by MARGIN
+    ({"float32": 59.4, "bfloat16": 23.4, "int8-fbgemm": 16.0, "int8": 15.0}, "int8"),
+    ({"float32": 59.4, "bfloat16": 23.4, "int8-fbgemm": 15.0, "int8": 16.0}, "int8"),
+    ({"float32": 100.0, "bfloat16": 50.0, "int8-fbgemm": 30.0, "int8": 40.0}, "int8-fbgemm"),
+    # bf16 native but slower than float32: the more exact int8-fbgemm comes first again
+    ({"float32": 100.0, "bfloat16": 120.0, "int8-fbgemm": 55.0, "int8": 50.0}, "int8-fbgemm"),
     # fbgemm a little faster than bf16 but not by MARGIN: the more exact bf16 stays
     ({"float32": 100.0, "bfloat16": 50.0, "int8-fbgemm": 46.0}, "bfloat16"),
     # native fp16 (AVX512-FP16): preferred to bf16 unless bf16 is MARGIN faster

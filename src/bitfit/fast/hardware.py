@@ -220,14 +220,24 @@ def probe_cpu(tokens: int = 512, d_in: int = 768, d_out: int = 3072, repeats: in
 def pick(timings: dict) -> tuple[str, str]:
     """(mode, reason) from probe timings: walk MODES from float32 down in precision, moving to a mode only
     when it is at least MARGIN faster than the current pick (modes without a timing are passed over).
-    ``int8`` runs everything outside the frozen Linears (attention, the head) in bf16, so it is passed over
-    where bf16 is more than SCREEN_SLOWER times slower than float32 (bf16 emulated: CPUs without
-    AVX512-BF16/AMX, where ``torch._int_mm`` may still be fast)."""
+
+    The probe times only the frozen Linears' matmuls, and the two int8 modes differ in what else they
+    run: ``int8`` runs everything outside the frozen Linears (attention, activations, the head) and its
+    evaluation in bf16, ``int8-fbgemm`` in float32. So ``int8`` is passed over where bf16 is more than
+    SCREEN_SLOWER times slower than float32 (bf16 emulated: CPUs without AVX512-BF16/AMX, where
+    ``torch._int_mm`` may still be fast), and where bf16 runs at least as fast as float32 it is tried
+    before ``int8-fbgemm``, which must then beat it by MARGIN: with bf16 outside the matmuls its whole
+    run is faster than the matmuls alone show (docs/PERFORMANCE.md, AMD EPYC with AVX-512)."""
     if "float32" not in timings:
         return "float32", "no probe timing for float32"
-    bf16_slow = timings.get("bfloat16", float("inf")) > SCREEN_SLOWER * timings["float32"]
+    bf16 = timings.get("bfloat16", float("inf"))
+    bf16_slow = bf16 > SCREEN_SLOWER * timings["float32"]
+    order = list(MODES[1:])
+    if bf16 <= timings["float32"]:
+        order.remove("int8")
+        order.insert(order.index("int8-fbgemm"), "int8")
     choice = "float32"
-    for mode in MODES[1:]:
+    for mode in order:
         if mode == "int8" and bf16_slow:
             continue
         if mode in timings and timings[mode] * MARGIN <= timings[choice]:
