@@ -261,6 +261,20 @@ def test_a_run_killed_right_after_its_artifact_can_be_evaluated(tiny, data, tmp_
 
 
 # ----------------------------------------------------------------------------- one run per folder
+def test_the_run_folder_lock_removes_the_folders_it_made_when_left_empty(tmp_path):
+    from bitfit.training.resume import run_folder_lock
+
+    out = tmp_path / "a" / "b" / "run"
+    with run_folder_lock(str(out)):
+        assert (out / ".bitfit.lock").is_file()
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with run_folder_lock(str(kept / "run")):
+        (kept / "run" / "metrics.json").write_text("{}")
+    assert sorted(p.name for p in (kept / "run").iterdir()) == ["metrics.json"]  # results stay, the lock goes
+
+
 def test_one_run_folder_lock_per_folder_threads(tmp_path):
     from bitfit.training.resume import run_folder_lock
 
@@ -290,7 +304,10 @@ def test_one_run_folder_lock_per_folder_threads(tmp_path):
     # no pid yet and says "another process"
     assert all(re.search(r"is in use by another bitfit train run \((pid \d+|another process)", r)
                for r in results if r != "held"), results
-    assert not out.exists()  # the folders the lock made are removed again when empty
+    # the lock file goes with the holder; the folders the holder made go too, but when the threads race, the
+    # one that made them may be a refused one, which cannot remove them while the holder works in them:
+    # an empty folder may then stay, never a lock file
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 
 def test_a_second_train_into_a_held_folder_fails_at_once(tiny, data, tmp_path, capsys):

@@ -118,7 +118,9 @@ def write_checkpoint_record(folder: str, record: Optional[dict]) -> None:
 def run_folder_lock(output_dir: Optional[str]):
     """Hold the run folder ``output_dir`` for the whole run (bitfit.artifacts.store.hold_folder): a second run
     into it fails at once, naming the process that holds it. Only the main process (RANK 0, which alone
-    writes there) takes it. Folders it had to create are removed again if the run leaves them empty."""
+    writes there) takes it. Folders it had to create are removed again if the run leaves them empty (when
+    two runs race for a new folder, the one that created it may be the refused one: the folder then stays,
+    empty)."""
     from ..artifacts.store import FolderBusyError, hold_folder
 
     if not output_dir or int(os.environ.get("RANK", "0") or 0) != 0:
